@@ -1,0 +1,31 @@
+# The two commands of the README: `make demo` and `make test`. Each installs what
+# it needs first (Debian packages, .venv, the project) via scripts/install-deps.sh.
+VENV := .venv
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: deps demo test lint typecheck pytest bench clean
+
+deps:
+	bash scripts/install-deps.sh
+
+demo: deps
+	$(PY) scripts/demo.py
+
+lint: deps
+	$(VENV)/bin/ruff check fetchd stage1 tests benchmarks scripts
+	$(VENV)/bin/ruff format --check fetchd stage1 tests benchmarks scripts
+
+typecheck: deps
+	$(VENV)/bin/mypy --strict fetchd stage1
+
+pytest: deps
+	$(VENV)/bin/pytest -q tests
+
+test: lint typecheck pytest
+
+bench: deps
+	$(PY) benchmarks/pull_registry.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+from fetchd.cli import main
+
+main()

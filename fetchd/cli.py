@@ -1,0 +1,259 @@
+"""The command line (DESIGN.md §5): parse arguments, call the library, print, exit.
+
+Exit codes: 0 ok · 1 failure (one line ``error: …`` on stderr) · 2 usage.
+Only this module configures logging and decides what reaches the terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from fetchd import __version__
+from fetchd.config import PULL_POLICIES, Config, default_store, parse_insecure, parse_resolve
+from fetchd.engine import Engine, PullResult
+from fetchd.errors import FetchdError, UsageError
+from fetchd.model import Platform
+from fetchd.progress import Progress, TerminalBars
+from fetchd.store import Store
+from fetchd.store import maintenance as mt
+
+log = logging.getLogger("fetchd")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        raise UsageError(message)
+
+
+def _size_arg(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    mult = units.get(t[-1:], 1)
+    num = t[:-1] if t[-1:] in units else t
+    try:
+        return int(float(num) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 500M, 20G)") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fetchd", description="Fetch container images into a verified store.")
+    p.add_argument("--version", action="version", version=f"fetchd {__version__}")
+    p.add_argument("--store", type=Path, help="the store directory (default: $FETCHD_STORE, …)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-v", "--verbose", action="count", default=0)
+    g.add_argument("-q", "--quiet", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def fetch_options(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--platform", help="OS/ARCH[/VARIANT] to select from an index")
+        sp.add_argument("--pull-policy", choices=PULL_POLICIES, default="new")
+        sp.add_argument("--insecure-options", default="none", metavar="LIST")
+        sp.add_argument("--resolve", action="append", default=[], metavar="HOST:PORT:ADDR")
+        sp.add_argument(
+            "--stall-timeout",
+            type=float,
+            default=30.0,
+            metavar="SECONDS",
+            help="give up on a connection that sends nothing for this long (default 30)",
+        )
+
+    sp = sub.add_parser("pull", help="fetch images into the store")
+    sp.add_argument("refs", nargs="+", metavar="REF")
+    fetch_options(sp)
+
+    sp = sub.add_parser("prefetch", help="pull all concurrently; idempotent; the pre-launch hook")
+    sp.add_argument("refs", nargs="*", metavar="REF")
+    sp.add_argument("--from", dest="from_file", type=Path, help="a file with one REF per line")
+    fetch_options(sp)
+
+    sp = sub.add_parser("images", help="list what the store holds")
+    sp.add_argument("--json", action="store_true")
+
+    sp = sub.add_parser("rm", help="forget names (gc frees the blobs)")
+    sp.add_argument("refs", nargs="+", metavar="REF|DIGEST")
+
+    sp = sub.add_parser("gc", help="remove unreferenced blobs and stale ingests")
+    sp.add_argument("--max-size", type=_size_arg, help="evict least recently used images to N")
+
+    sub.add_parser("fsck", help="re-hash every blob; quarantine what is wrong")
+
+    sp = sub.add_parser("export", help="write an image as an OCI layout (or .tar)")
+    sp.add_argument("ref", metavar="REF")
+    sp.add_argument("dest", type=Path, metavar="DIR")
+    return p
+
+
+def _config(args: argparse.Namespace, store: Path, progress: bool) -> Config:
+    if args.stall_timeout <= 0:
+        raise UsageError("--stall-timeout must be positive")
+    return Config(
+        store=store,
+        insecure=parse_insecure(args.insecure_options),
+        resolve=parse_resolve(args.resolve),
+        platform=Platform.parse(args.platform) if args.platform else Platform.host(),
+        pull_policy=args.pull_policy,
+        stall_timeout=args.stall_timeout,
+        progress=progress,
+    )
+
+
+async def _pull_all(
+    store: Store, config: Config, refs: list[str]
+) -> list[PullResult | FetchdError]:
+    progress = Progress()
+    bars = TerminalBars(progress) if config.progress else None
+    async with Engine(store, config, progress) as engine:
+
+        async def one(ref: str) -> PullResult | FetchdError:
+            try:
+                return await engine.pull(ref)
+            except FetchdError as exc:
+                return exc
+
+        async def every() -> list[PullResult | FetchdError]:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(one(r)) for r in refs]
+            return [t.result() for t in tasks]
+
+        if bars is None:
+            return await every()
+        async with bars.running():
+            return await every()
+
+
+def cmd_pull(args: argparse.Namespace, store: Store, prefetch: bool = False) -> int:
+    refs = list(args.refs)
+    if prefetch and args.from_file:
+        try:
+            lines = args.from_file.read_text().splitlines()
+        except OSError as exc:
+            raise FetchdError(f"cannot read {args.from_file}: {exc.strerror}") from exc
+        refs += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not refs:
+        raise UsageError("no image references given")
+    tty = sys.stderr.isatty() and not args.quiet
+    config = _config(args, store.root, progress=tty)
+    started = time.monotonic()
+    results = asyncio.run(_pull_all(store, config, refs))
+    failed = 0
+    for res in results:
+        if isinstance(res, FetchdError):
+            failed += 1
+            print(f"error: {res}", file=sys.stderr)
+            continue
+        if not prefetch:
+            print(res.digest)
+        log.info("%s: %s (%s)", res.name, res.digest, "fetched" if res.fetched else "present")
+    log.debug("done in %.2f s", time.monotonic() - started)
+    return 1 if failed else 0
+
+
+def cmd_images(args: argparse.Namespace, store: Store) -> int:
+    infos = mt.images(store)
+    if args.json:
+        print(json.dumps([i.to_json() for i in infos], indent=2))
+        return 0
+    print(f"{'NAME':<50} {'DIGEST':<20} {'SIZE':>10}  LAST USED")
+    for i in infos:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(i.last_used)) if i.last_used else "-"
+        print(f"{i.name:<50} {i.digest[:19]:<20} {_human(i.size):>10}  {used}")
+    return 0
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(n)
+
+
+def cmd_rm(args: argparse.Namespace, store: Store) -> int:
+    for name in mt.remove(store, args.refs):
+        print(name)
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace, store: Store) -> int:
+    r = mt.gc(store, args.max_size)
+    for name in r.evicted_images or []:
+        print(f"evicted {name}")
+    print(
+        f"removed {r.removed_blobs} blobs ({_human(r.freed_bytes)}), "
+        f"{r.removed_ingests} stale ingests"
+    )
+    return 0
+
+
+def cmd_fsck(args: argparse.Namespace, store: Store) -> int:
+    r = mt.fsck(store)
+    for d in r.corrupt or []:
+        print(f"corrupt: {d} (moved to {store.quarantine})")
+    for m in r.missing or []:
+        print(f"missing: {m}")
+    print(f"checked {r.checked} blobs: {'ok' if r.ok else 'PROBLEMS FOUND'}")
+    if not r.ok:
+        raise FetchdError("the store has problems (listed above); pull the affected images again")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, store: Store) -> int:
+    print(mt.export(store, args.ref, args.dest))
+    return 0
+
+
+def run(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(argv)
+    level = (
+        logging.WARNING
+        if not args.verbose
+        else (logging.INFO if args.verbose == 1 else logging.DEBUG)
+    )
+    if args.quiet:
+        level = logging.ERROR
+    logging.basicConfig(
+        level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    store = Store.open(args.store or default_store())
+    commands = {
+        "pull": cmd_pull,
+        "images": cmd_images,
+        "rm": cmd_rm,
+        "gc": cmd_gc,
+        "fsck": cmd_fsck,
+        "export": cmd_export,
+    }
+    if args.command == "prefetch":
+        return cmd_pull(args, store, prefetch=True)
+    return commands[args.command](args, store)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
+    try:
+        code = run(list(argv) if argv is not None else sys.argv[1:])
+    except FetchdError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        code = 130
+    except Exception as exc:  # a bug: still one line unless -v asks for the traceback
+        if verbose:
+            raise
+        print(
+            f"error: internal error: {type(exc).__name__}: {exc} (run with -v for details)",
+            file=sys.stderr,
+        )
+        code = 1
+    sys.exit(code)

@@ -1,0 +1,72 @@
+"""Config: built once by the CLI (or a test) and passed down, never read from globals."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fetchd.errors import UsageError
+from fetchd.model import Platform
+
+INSECURE_OPTIONS = frozenset({"none", "http", "tls", "image", "pubkey", "all-fetch"})
+PULL_POLICIES = ("new", "update", "never")
+
+
+def default_store() -> Path:
+    """``$FETCHD_STORE``, else /var/lib/fetchd for root, else the XDG data directory."""
+    env = os.environ.get("FETCHD_STORE")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/fetchd")
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "fetchd"
+
+
+def parse_insecure(text: str) -> frozenset[str]:
+    """rkt's ``--insecure-options``: a comma list; ``all-fetch`` means every fetch check."""
+    opts = {o.strip() for o in text.split(",") if o.strip()}
+    unknown = opts - INSECURE_OPTIONS
+    if unknown:
+        raise UsageError(
+            f"unknown --insecure-options {', '.join(sorted(unknown))} "
+            f"(choose from {', '.join(sorted(INSECURE_OPTIONS))})"
+        )
+    if "all-fetch" in opts:
+        opts |= {"http", "tls", "image", "pubkey"}
+    opts -= {"none", "all-fetch"}
+    return frozenset(opts)
+
+
+def parse_resolve(items: list[str]) -> dict[tuple[str, int], str]:
+    """curl's ``--resolve HOST:PORT:ADDR`` (ADDR may be a bracketed IPv6 address)."""
+    out: dict[tuple[str, int], str] = {}
+    for item in items:
+        host, sep1, rest = item.partition(":")
+        port, sep2, addr = rest.partition(":")
+        if not (sep1 and sep2 and host and port.isdigit() and addr):
+            raise UsageError(f"--resolve {item!r} is not HOST:PORT:ADDR")
+        out[(host.lower(), int(port))] = addr.strip("[]")
+    return out
+
+
+@dataclass(frozen=True)
+class Config:
+    store: Path
+    insecure: frozenset[str] = frozenset()
+    resolve: Mapping[tuple[str, int], str] = field(default_factory=dict)
+    platform: Platform = field(default_factory=Platform.host)
+    pull_policy: str = "new"
+    #: seconds without a byte before a transfer counts as stalled
+    stall_timeout: float = 30.0
+    connect_timeout: float = 15.0
+    #: attempts per request (connection errors, stalls, 429/5xx) before giving up
+    attempts: int = 5
+    #: blobs transferred at once across the whole process
+    max_parallel_blobs: int = 8
+    #: longest Retry-After fetchd honours; longer waits fail instead
+    max_retry_after: float = 60.0
+    auth_file: Path | None = None
+    progress: bool = False

@@ -1,0 +1,187 @@
+"""pull(): a name → its manifest → every blob, concurrently, into the verified store.
+
+Order matters for "nothing unverified is ever visible" and "nothing is lost": blobs
+first (each committed only after verification), then the manifest (and index) blobs,
+then the index.json entry. A crash at any point leaves the store consistent: at worst
+some committed blobs no name uses yet (gc frees them) and partial ingests (resumed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import aiohttp
+
+from fetchd.config import Config
+from fetchd.errors import (
+    FetchdError,
+    ImageNotInStore,
+    ManifestInvalid,
+    ReferenceInvalid,
+    unwrap,
+)
+from fetchd.manifest import ImageIndex, ImageManifest, parse_manifest
+from fetchd.model import Descriptor, Digest, Reference
+from fetchd.progress import Progress
+from fetchd.sources.http import new_session
+from fetchd.sources.registry import Registry
+from fetchd.store import layout
+from fetchd.store.cas import Store
+from fetchd.store.meta import Meta
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class PullResult:
+    name: str
+    #: what the registry reported for the name (the index digest of a multi-arch image)
+    digest: Digest
+    manifest: Descriptor
+    #: False when policy ``new`` found the image complete in the store (no network)
+    fetched: bool
+
+
+def parse_registry_ref(text: str) -> Reference:
+    """The registry reference in ``text``; other kinds are refused with a clear message."""
+    if text.startswith("docker://"):
+        return Reference.parse(text)
+    if "://" in text or text.startswith("magnet:") or text.endswith((".torrent", ".aci")):
+        raise ReferenceInvalid(
+            f"{text[:80]!r}: this fetchd pulls docker:// references only; "
+            "URL, appc and BitTorrent sources are not implemented yet"
+        )
+    raise ReferenceInvalid(
+        f"{text[:80]!r}: write registry images as docker://HOST/NAME:TAG "
+        "(a bare HOST/NAME is an appc name, which this fetchd cannot discover yet)"
+    )
+
+
+class Engine:
+    """Pulls images into one store. Use as ``async with Engine(...) as e``.
+
+    Many pulls may run at once on one engine; they share a connection pool, a bound
+    on parallel blob transfers, and single flight (one transfer per digest).
+    """
+
+    def __init__(self, store: Store, config: Config, progress: Progress | None = None) -> None:
+        self.store = store
+        self.config = config
+        self.progress = progress or Progress()
+        self.meta = Meta(store.db_path)
+        self._session: aiohttp.ClientSession | None = None
+        self._registries: dict[str, Registry] = {}
+        self._blob_slots = asyncio.Semaphore(config.max_parallel_blobs)
+        self._inflight: dict[Digest, asyncio.Future[None]] = {}
+
+    async def __aenter__(self) -> Engine:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _registry(self, host: str) -> Registry:
+        if self._session is None:
+            self._session = new_session(self.config)
+        reg = self._registries.get(host)
+        if reg is None:
+            reg = self._registries[host] = Registry(self._session, self.config, host)
+        return reg
+
+    # --- the store side ------------------------------------------------------------
+
+    def complete(self, entry: layout.Entry) -> bool:
+        """Every blob of the entry is in the store."""
+        try:
+            return all(self.store.has(d.digest) for d in layout.image_blobs(self.store, entry))
+        except FetchdError:
+            return False
+
+    # --- pull ----------------------------------------------------------------------
+
+    async def pull(self, text: str) -> PullResult:
+        ref = parse_registry_ref(text)
+        name = str(ref)
+        policy = self.config.pull_policy
+        if policy in ("new", "never"):
+            entry = await asyncio.to_thread(layout.find, self.store, name)
+            present = entry is not None and await asyncio.to_thread(self.complete, entry)
+            if entry is not None and present:
+                await asyncio.to_thread(
+                    self.meta.touch_image, name, str(entry.top_digest), pulled=False
+                )
+                return PullResult(name, entry.top_digest, entry.manifest, fetched=False)
+            if policy == "never":
+                raise ImageNotInStore(
+                    f"{name} is not in the store and --pull-policy never forbids fetching it"
+                )
+        registry = self._registry(ref.host)
+        raw, ctype, top = await registry.manifest(ref)
+        parsed = parse_manifest(raw, ctype, name)
+        index_raw: bytes | None = None
+        if isinstance(parsed, ImageIndex):
+            index_raw = raw
+            chosen = parsed.select(self.config.platform, name)
+            raw, ctype, mdigest = await registry.manifest(ref, chosen)
+            parsed = parse_manifest(
+                raw, ctype or chosen.media_type, f"{name} ({chosen.digest.short})"
+            )
+            if not isinstance(parsed, ImageManifest):
+                raise ManifestInvalid(f"{name}: an index inside an index is not supported")
+            annotations = {layout.INDEX_DIGEST_ANNOTATION: str(top)}
+            manifest = Descriptor(
+                parsed.media_type, mdigest, len(raw), (), annotations, chosen.platform
+            )
+        else:
+            manifest = Descriptor(parsed.media_type, top, len(raw))
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for desc in parsed.blobs():
+                    tg.create_task(self.ensure_blob(registry, ref.name, desc))
+        except BaseExceptionGroup as group:
+            raise unwrap(group) from None
+        await asyncio.to_thread(self.store.put, raw, manifest.digest)
+        if index_raw is not None:
+            await asyncio.to_thread(self.store.put, index_raw, top)
+        await asyncio.to_thread(layout.set_entry, self.store, name, manifest)
+        await asyncio.to_thread(self.meta.touch_image, name, str(top), pulled=True)
+        return PullResult(name, top, manifest, fetched=True)
+
+    async def ensure_blob(self, registry: Registry, name: str, desc: Descriptor) -> None:
+        """Make ``desc`` present in the store; one transfer per digest (single flight)."""
+        if self.store.has(desc.digest):
+            return
+        waiting = self._inflight.get(desc.digest)
+        if waiting is not None:
+            await asyncio.shield(waiting)
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._inflight[desc.digest] = done
+        try:
+            await self._transfer(registry, name, desc)
+            done.set_result(None)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                done.cancel()
+            else:
+                done.set_exception(exc)
+                done.exception()  # retrieved: the waiters re-raise it, if any
+            raise
+        finally:
+            del self._inflight[desc.digest]
+
+    async def _transfer(self, registry: Registry, name: str, desc: Descriptor) -> None:
+        key = str(desc.digest)
+        async with self._blob_slots, self.store.ingest(desc.digest, desc.size) as ingest:
+            if ingest.exists:
+                return  # another process committed it while we waited for the lock
+            if ingest.resumed_from:
+                log.info("%s: resuming at %d bytes", desc.digest.short, ingest.resumed_from)
+            self.progress.start(key, desc.digest.short, desc.size, ingest.resumed_from)
+            await registry.fetch_blob(name, desc, ingest, lambda n: self.progress.advance(key, n))
+            self.progress.finish(key)

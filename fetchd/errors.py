@@ -1,0 +1,147 @@
+"""The whole exception hierarchy of fetchd, in one file.
+
+Every error fetchd raises on purpose derives from :class:`FetchdError`. Its message is
+one sentence that says what failed and, where there is one, what to do about it; the
+CLI prints it as ``error: <message>`` and exits with :attr:`FetchdError.exit_code`.
+Foreign exceptions (aiohttp, ssl, OSError, json) are translated into these at the seam
+where the foreign library is called, always with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+
+class FetchdError(Exception):
+    """Base of every deliberate fetchd failure. ``exit_code`` is the CLI's exit status."""
+
+    exit_code = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(FetchdError):
+    """The command line itself is wrong (exit 2)."""
+
+    exit_code = 2
+
+
+# --- input that does not parse -------------------------------------------------------
+
+
+class ReferenceInvalid(FetchdError):
+    """A reference (docker://…, URL, name) does not follow its grammar."""
+
+
+class DigestInvalid(FetchdError):
+    """A digest string is malformed or names an algorithm fetchd does not support."""
+
+
+class ManifestInvalid(FetchdError):
+    """A manifest or index is not valid JSON of a supported schema."""
+
+
+class ManifestTooLarge(ManifestInvalid):
+    """A manifest is larger than the limit (4 MiB, as the distribution spec suggests)."""
+
+
+class UnsupportedMediaType(FetchdError):
+    """A manifest or layer has a media type fetchd cannot handle."""
+
+
+class PlatformNotFound(FetchdError):
+    """An image index has no manifest for the requested platform."""
+
+
+# --- verification --------------------------------------------------------------------
+
+
+class DigestMismatch(FetchdError):
+    """Bytes received do not hash to the digest that was asked for; they were discarded."""
+
+    def __init__(self, what: str, expected: str, actual: str) -> None:
+        super().__init__(
+            f"{what}: content does not match its digest (expected {expected}, got {actual}); "
+            "the data was discarded — the source is corrupt or tampered with"
+        )
+        self.expected = expected
+        self.actual = actual
+
+
+class SizeMismatch(FetchdError):
+    """A blob is larger or smaller than its descriptor says; the data was discarded."""
+
+    def __init__(self, what: str, expected: int, actual: int) -> None:
+        relation = "more than" if actual > expected else "only"
+        super().__init__(
+            f"{what}: the source sent {relation} {actual} bytes but the descriptor says "
+            f"{expected}; the data was discarded"
+        )
+        self.expected = expected
+        self.actual = actual
+
+
+# --- sources -------------------------------------------------------------------------
+
+
+class SourceError(FetchdError):
+    """A remote source failed in a way that is not the content's fault."""
+
+
+class BlobNotFound(SourceError):
+    """The source does not have the blob."""
+
+
+class ManifestNotFound(SourceError):
+    """The source has no manifest for that name and tag or digest."""
+
+
+class AuthenticationFailed(SourceError):
+    """The registry refused the credentials (or wants some and none were configured)."""
+
+
+class AccessDenied(SourceError):
+    """Authenticated, but not allowed to read this repository."""
+
+
+class TransferTimeout(SourceError):
+    """A source stopped sending bytes for longer than the stall timeout."""
+
+
+class TransferFailed(SourceError):
+    """A connection or HTTP exchange failed and retries did not help."""
+
+
+class InsecureRefused(SourceError):
+    """Plain HTTP or unverified TLS would be needed; the user did not allow it."""
+
+
+# --- the store -----------------------------------------------------------------------
+
+
+class StoreError(FetchdError):
+    """The store on disk is unusable or inconsistent."""
+
+
+class ImageNotInStore(StoreError):
+    """The name is not in the store (and the pull policy forbids fetching it)."""
+
+
+class StoreCorrupt(StoreError):
+    """fsck found blobs whose bytes do not match their digest."""
+
+
+def unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error to report for a failed TaskGroup: its first FetchdError, else the group.
+
+    Sibling tasks are cancelled when one fails, so the first real failure is the cause.
+    """
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            exc = unwrap(exc)
+        if isinstance(exc, FetchdError):
+            return exc
+    return group

@@ -1,0 +1,119 @@
+"""Parsing manifests and indexes (OCI image spec, Docker schema 2) into values.
+
+Parsing is strict about structure (every descriptor must parse, digests must use a
+supported algorithm, sizes must be integers) and lenient where real tools are: umoci
+writes OCI manifests without a top-level ``mediaType``, so the type is inferred.
+Digest verification of the manifest bytes is the caller's job (the registry source).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from fetchd.errors import ManifestInvalid, PlatformNotFound, UnsupportedMediaType
+from fetchd.model import (
+    INDEX_TYPES,
+    LAYER_TYPES,
+    MANIFEST_TYPES,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Descriptor,
+    Platform,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageManifest:
+    media_type: str
+    config: Descriptor
+    layers: tuple[Descriptor, ...]
+
+    def blobs(self) -> tuple[Descriptor, ...]:
+        return (self.config, *self.layers)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageIndex:
+    media_type: str
+    manifests: tuple[Descriptor, ...]
+
+    def select(self, platform: Platform, where: str) -> Descriptor:
+        """The first manifest for ``platform`` (OCI image spec: first match wins)."""
+        for d in self.manifests:
+            if d.media_type in MANIFEST_TYPES and d.platform and platform.matches(d.platform):
+                return d
+        have = sorted(
+            {
+                "/".join(
+                    str(v)
+                    for v in (
+                        d.platform.get("os"),
+                        d.platform.get("architecture"),
+                        d.platform.get("variant"),
+                    )
+                    if v
+                )
+                for d in self.manifests
+                if d.platform
+            }
+        )
+        raise PlatformNotFound(
+            f"{where} has no image for {platform} (it has: {', '.join(have) or 'none'}); "
+            "choose one with --platform"
+        )
+
+
+def _load(raw: bytes, where: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ManifestInvalid(f"{where}: the manifest is not valid JSON ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise ManifestInvalid(f"{where}: the manifest is not a JSON object")
+    if doc.get("schemaVersion") != 2:
+        raise UnsupportedMediaType(
+            f"{where}: manifest schemaVersion {doc.get('schemaVersion')!r} is not supported "
+            "(only schema 2: OCI and Docker v2s2)"
+        )
+    return doc
+
+
+def media_type_of(doc: dict[str, Any], content_type: str | None) -> str:
+    """The manifest's media type: its own field, else the Content-Type, else by shape."""
+    mt = doc.get("mediaType")
+    if isinstance(mt, str) and mt:
+        return mt
+    ct = (content_type or "").split(";")[0].strip()
+    if ct in INDEX_TYPES or ct in MANIFEST_TYPES:
+        return ct
+    if "manifests" in doc:
+        return OCI_INDEX
+    return OCI_MANIFEST
+
+
+def parse_manifest(raw: bytes, content_type: str | None, where: str) -> ImageManifest | ImageIndex:
+    doc = _load(raw, where)
+    mt = media_type_of(doc, content_type)
+    if mt in INDEX_TYPES:
+        ms = doc.get("manifests")
+        if not isinstance(ms, list):
+            raise ManifestInvalid(f"{where}: an index needs a 'manifests' list")
+        return ImageIndex(
+            mt, tuple(Descriptor.from_json(m, f"{where} manifests[{i}]") for i, m in enumerate(ms))
+        )
+    if mt in MANIFEST_TYPES:
+        layers = doc.get("layers")
+        if not isinstance(layers, list):
+            raise ManifestInvalid(f"{where}: a manifest needs a 'layers' list")
+        config = Descriptor.from_json(doc.get("config"), f"{where} config")
+        descs = tuple(Descriptor.from_json(x, f"{where} layers[{i}]") for i, x in enumerate(layers))
+        for d in descs:
+            if d.media_type not in LAYER_TYPES:
+                raise UnsupportedMediaType(
+                    f"{where}: layer {d.digest.short} has media type {d.media_type!r}, "
+                    "which fetchd cannot unpack"
+                )
+        return ImageManifest(mt, config, descs)
+    raise UnsupportedMediaType(f"{where}: manifest media type {mt!r} is not supported")

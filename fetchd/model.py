@@ -1,0 +1,267 @@
+"""Values parsed at the edge: Digest, Descriptor, Reference, Platform.
+
+Everything past the CLI and the network parsers works with these frozen values, never
+with raw strings. Grammars follow the OCI image and distribution specs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform as _platform
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fetchd.errors import DigestInvalid, ManifestInvalid, ReferenceInvalid
+
+# --- media types ---------------------------------------------------------------------
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+
+INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
+MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
+#: Accept header for manifests, most preferred first.
+MANIFEST_ACCEPT = (OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST)
+
+LAYER_TYPES = frozenset(
+    {
+        "application/vnd.oci.image.layer.v1.tar",
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+        "application/vnd.oci.image.layer.v1.tar+zstd",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+        "application/vnd.docker.image.rootfs.diff.tar.gzip",
+        "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+    }
+)
+NONDISTRIBUTABLE_TYPES = frozenset(
+    t for t in LAYER_TYPES if "nondistributable" in t or "foreign" in t
+)
+
+REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
+MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+
+# --- digests -------------------------------------------------------------------------
+
+_HEX_LEN = {"sha256": 64, "sha512": 128}
+_DIGEST_RE = re.compile(r"^([a-z0-9]+(?:[.+_-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)$")
+
+
+@dataclass(frozen=True, slots=True)
+class Digest:
+    """A content digest, ``algorithm:hex``. Only sha256 and sha512 are accepted."""
+
+    algorithm: str
+    hex: str
+
+    @classmethod
+    def parse(cls, text: str) -> Digest:
+        m = _DIGEST_RE.match(text)
+        if not m:
+            raise DigestInvalid(f"{text[:80]!r} is not a digest (expected sha256:<64 hex>)")
+        alg, hexpart = m.group(1), m.group(2)
+        want = _HEX_LEN.get(alg)
+        if want is None:
+            raise DigestInvalid(
+                f"digest algorithm {alg!r} is not supported (only sha256 and sha512)"
+            )
+        if len(hexpart) != want or not re.fullmatch(r"[0-9a-f]+", hexpart):
+            raise DigestInvalid(f"{text[:80]!r} is not a valid {alg} digest")
+        return cls(alg, hexpart)
+
+    @classmethod
+    def of(cls, data: bytes, algorithm: str = "sha256") -> Digest:
+        return cls(algorithm, hashlib.new(algorithm, data).hexdigest())
+
+    def hasher(self) -> Any:
+        return hashlib.new(self.algorithm)
+
+    @property
+    def short(self) -> str:
+        return f"{self.algorithm}:{self.hex[:12]}"
+
+    def __str__(self) -> str:
+        return f"{self.algorithm}:{self.hex}"
+
+
+# --- platforms -----------------------------------------------------------------------
+
+_MACHINE_TO_ARCH = {
+    "x86_64": "amd64",
+    "amd64": "amd64",
+    "aarch64": "arm64",
+    "arm64": "arm64",
+    "armv7l": "arm",
+    "i686": "386",
+    "i386": "386",
+    "ppc64le": "ppc64le",
+    "s390x": "s390x",
+    "riscv64": "riscv64",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Platform:
+    os: str
+    architecture: str
+    variant: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Platform:
+        parts = text.split("/")
+        if len(parts) not in (2, 3) or not all(re.fullmatch(r"[a-z0-9_.-]+", p) for p in parts):
+            raise ReferenceInvalid(f"platform {text!r} is not OS/ARCH[/VARIANT]")
+        return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
+
+    @classmethod
+    def host(cls) -> Platform:
+        machine = _platform.machine().lower()
+        return cls("linux", _MACHINE_TO_ARCH.get(machine, machine))
+
+    def matches(self, other: Mapping[str, Any]) -> bool:
+        """True if the OCI ``platform`` object ``other`` satisfies this platform."""
+        if other.get("os") != self.os or other.get("architecture") != self.architecture:
+            return False
+        return self.variant is None or other.get("variant") == self.variant
+
+    def __str__(self) -> str:
+        return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
+
+
+# --- descriptors ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Descriptor:
+    """An OCI content descriptor: what a blob is, how big, and its digest."""
+
+    media_type: str
+    digest: Digest
+    size: int
+    urls: tuple[str, ...] = ()
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    platform: Mapping[str, Any] | None = None
+
+    @classmethod
+    def from_json(cls, obj: object, where: str) -> Descriptor:
+        if not isinstance(obj, dict):
+            raise ManifestInvalid(f"{where}: a descriptor must be a JSON object")
+        media_type = obj.get("mediaType", "")
+        size = obj.get("size")
+        digest = obj.get("digest")
+        if not isinstance(media_type, str):
+            raise ManifestInvalid(f"{where}: mediaType must be a string")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ManifestInvalid(f"{where}: size must be a non-negative integer")
+        if not isinstance(digest, str):
+            raise ManifestInvalid(f"{where}: digest must be a string")
+        urls = obj.get("urls") or []
+        annotations = obj.get("annotations") or {}
+        plat = obj.get("platform")
+        if not (isinstance(urls, list) and all(isinstance(u, str) for u in urls)):
+            raise ManifestInvalid(f"{where}: urls must be a list of strings")
+        if not isinstance(annotations, dict):
+            raise ManifestInvalid(f"{where}: annotations must be an object")
+        if plat is not None and not isinstance(plat, dict):
+            raise ManifestInvalid(f"{where}: platform must be an object")
+        return cls(media_type, Digest.parse(digest), size, tuple(urls), annotations, plat)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "mediaType": self.media_type,
+            "digest": str(self.digest),
+            "size": self.size,
+        }
+        if self.urls:
+            out["urls"] = list(self.urls)
+        if self.annotations:
+            out["annotations"] = dict(self.annotations)
+        if self.platform:
+            out["platform"] = dict(self.platform)
+        return out
+
+
+# --- references ----------------------------------------------------------------------
+
+_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+_NAME_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
+_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_HOST_RE = re.compile(
+    r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+    r"|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$"
+)
+MAX_NAME_LENGTH = 255
+DOCKER_HUB = "docker.io"
+
+
+@dataclass(frozen=True, slots=True)
+class Reference:
+    """A registry image reference: ``HOST[:PORT]/NAME[:TAG][@DIGEST]``, normalised.
+
+    ``docker.io`` is the default host and single-component names on it gain ``library/``,
+    as docker and podman do. ``tag`` is ``latest`` when neither tag nor digest is given.
+    """
+
+    host: str
+    name: str
+    tag: str | None
+    digest: Digest | None
+
+    @classmethod
+    def parse(cls, text: str) -> Reference:
+        raw = text.removeprefix("docker://")
+        if not raw or len(raw) > 1024:
+            raise ReferenceInvalid(f"{text[:80]!r} is not an image reference")
+        rest, _, digest_text = raw.partition("@")
+        digest = Digest.parse(digest_text) if digest_text else None
+        first, slash, remainder = rest.partition("/")
+        if slash and ("." in first or ":" in first or first == "localhost"):
+            host, path = first, remainder
+            if not _HOST_RE.match(host):
+                raise ReferenceInvalid(f"{text[:80]!r}: {host!r} is not a valid registry host")
+        else:
+            host, path = DOCKER_HUB, rest
+        name, tag = path, None
+        colon = path.rfind(":")
+        if colon > path.rfind("/"):
+            name, tag = path[:colon], path[colon + 1 :]
+            if not _TAG_RE.match(tag):
+                raise ReferenceInvalid(f"{text[:80]!r}: {tag[:80]!r} is not a valid tag")
+        if host == DOCKER_HUB and "/" not in name:
+            name = f"library/{name}"
+        if len(name) > MAX_NAME_LENGTH or not _NAME_RE.match(name):
+            raise ReferenceInvalid(
+                f"{text[:80]!r}: the repository name must be lowercase components "
+                "[a-z0-9] separated by '/', '.', '_' or '-' (no '..', no empty parts)"
+            )
+        if tag is None and digest is None:
+            tag = "latest"
+        return cls(host, name, tag, digest)
+
+    @property
+    def repository(self) -> str:
+        """``HOST/NAME`` — the part that names a repository."""
+        return f"{self.host}/{self.name}"
+
+    def with_digest(self, digest: Digest) -> Reference:
+        return Reference(self.host, self.name, self.tag, digest)
+
+    def __str__(self) -> str:
+        """The full, normalised reference: the store's ``ref.name`` annotation."""
+        out = self.repository
+        if self.tag:
+            out += f":{self.tag}"
+        if self.digest:
+            out += f"@{self.digest}"
+        return out
+
+
+def is_valid_repository_name(name: str) -> bool:
+    return len(name) <= MAX_NAME_LENGTH and bool(_NAME_RE.match(name))

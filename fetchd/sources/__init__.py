@@ -1,0 +1,1 @@
+"""Sources: resolvers (name → digest, from an authority) and fetchers (digest → bytes)."""

@@ -1,0 +1,152 @@
+"""The one seam to aiohttp: sessions, TLS, ``--resolve``, and error translation.
+
+Everything else in fetchd calls HTTP through the session built here, and every
+aiohttp/ssl exception that escapes a request is translated by :func:`translate`
+into a :class:`~fetchd.errors.FetchdError` with ``raise … from exc``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import ssl
+from collections.abc import Mapping
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
+
+from fetchd.config import Config
+from fetchd.errors import FetchdError, TransferFailed, TransferTimeout
+
+USER_AGENT = "fetchd/0.1"
+READ_BUFSIZE = 1 << 20
+
+
+class PinnedResolver(AbstractResolver):
+    """curl's ``--resolve``: fixed addresses for some host:port pairs, DNS for the rest."""
+
+    def __init__(self, pins: Mapping[tuple[str, int], str]) -> None:
+        self._pins = dict(pins)
+        self._default = DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        addr = self._pins.get((host.lower(), port))
+        if addr is None:
+            return await self._default.resolve(host, port, family)
+        fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        return [
+            ResolveResult(
+                hostname=host,
+                host=addr,
+                port=port,
+                family=fam,
+                proto=0,
+                flags=socket.AI_NUMERICHOST,
+            )
+        ]
+
+    async def close(self) -> None:
+        await self._default.close()
+
+
+def ssl_context(config: Config) -> ssl.SSLContext | bool:
+    """Verified TLS with the system CAs (and ``SSL_CERT_FILE``), unless ``tls`` is insecure.
+
+    Built at call time, not at import, so ``SSL_CERT_FILE`` set by the caller counts.
+    """
+    if "tls" in config.insecure:
+        return False
+    return ssl.create_default_context()
+
+
+def new_session(config: Config, *, limit_per_host: int = 16) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(
+        limit=64,
+        limit_per_host=limit_per_host,
+        ssl=ssl_context(config),
+        resolver=PinnedResolver(config.resolve),
+    )
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=config.connect_timeout, sock_read=config.stall_timeout
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        headers={"User-Agent": USER_AGENT},
+        read_bufsize=READ_BUFSIZE,
+        auto_decompress=False,
+        trust_env=False,
+    )
+
+
+def redact(url: str) -> str:
+    """A URL fit for logs and errors: no userinfo, no query (it may carry tokens)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def origin(url: str) -> tuple[str, str, int | None]:
+    p = urlsplit(url)
+    port = p.port or {"http": 80, "https": 443}.get(p.scheme)
+    return p.scheme, (p.hostname or "").lower(), port
+
+
+def retry_after(headers: Mapping[str, str], default: float) -> float:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
+    value = headers.get("Retry-After", "").strip()
+    if not value:
+        return default
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return default
+    import datetime as _dt
+
+    return max(0.0, (when - _dt.datetime.now(_dt.UTC)).total_seconds())
+
+
+def backoff(attempt: int, base: float = 0.2, cap: float = 10.0) -> float:
+    """Exponential backoff with full jitter (attempt 1 → up to ``base`` seconds)."""
+    return random.uniform(0, min(cap, base * (2 ** (attempt - 1))))
+
+
+def translate(exc: BaseException, what: str, config: Config) -> FetchdError:
+    """Turn an aiohttp/ssl/OS exception from a transfer into a FetchdError."""
+    if isinstance(exc, FetchdError):
+        return exc
+    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        return TransferTimeout(
+            f"{what}: no data for {config.stall_timeout:g} s; the source stalled "
+            "(check the network or the server, or raise --stall-timeout)"
+        )
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError | ssl.SSLCertVerificationError):
+        return TransferFailed(
+            f"{what}: the TLS certificate is not trusted ({_reason(exc)}); add its CA to the "
+            "system store or SSL_CERT_FILE, or pass --insecure-options tls"
+        )
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return TransferFailed(f"{what}: cannot connect ({_reason(exc)})")
+    if isinstance(exc, aiohttp.ClientError | OSError):
+        return TransferFailed(f"{what}: {type(exc).__name__}: {_reason(exc)}")
+    return TransferFailed(f"{what}: {type(exc).__name__}: {exc}")
+
+
+def _reason(exc: BaseException) -> str:
+    text: Any = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return str(text).splitlines()[0][:200]
+
+
+#: exceptions worth retrying (the next attempt may succeed)
+RETRYABLE = (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)

@@ -1,0 +1,312 @@
+"""The registry source: OCI distribution / Docker Registry HTTP API v2, pull side.
+
+A :class:`Registry` is the authority that turns ``NAME:TAG`` into a manifest digest
+(:meth:`Registry.manifest`) and a fetcher of blobs by digest (:meth:`Registry.fetch_blob`).
+
+Who verifies: manifests are checked here against the digest asked for (by-digest
+references, a parent descriptor) or reported (``Docker-Content-Digest``); blobs are
+handed to an :class:`~fetchd.store.Ingest`, whose ``commit`` verifies them. Retries
+(connection errors, stalls, 429/502/503/504 with ``Retry-After``), authentication
+challenges and redirects are handled here; ``Authorization`` is never sent to a host
+other than the registry's (blob storage behind a redirect gets none).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections.abc import Callable
+from urllib.parse import urljoin
+
+import aiohttp
+
+from fetchd.config import Config
+from fetchd.errors import (
+    AccessDenied,
+    AuthenticationFailed,
+    BlobNotFound,
+    DigestMismatch,
+    FetchdError,
+    InsecureRefused,
+    ManifestNotFound,
+    ManifestTooLarge,
+    SizeMismatch,
+    TransferFailed,
+)
+from fetchd.model import MANIFEST_ACCEPT, MAX_MANIFEST_SIZE, Descriptor, Digest, Reference
+from fetchd.sources.auth import Authenticator, load_credentials
+from fetchd.sources.http import RETRYABLE, backoff, origin, redact, retry_after, translate
+from fetchd.store.cas import Ingest
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 5
+WRITE_CHUNK = 1 << 20
+_CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+
+
+class _ShortBody(Exception):
+    """The body ended before the blob did: resume from where it stopped."""
+
+
+class Registry:
+    """One registry host. Calls may overlap (one instance serves a whole pull)."""
+
+    def __init__(self, session: aiohttp.ClientSession, config: Config, host: str) -> None:
+        self.session = session
+        self.config = config
+        self.host = host
+        # docker.io names the registry; its API lives on another host (as docker does).
+        self.api_host = "registry-1.docker.io" if host == "docker.io" else host
+        self.auth = Authenticator(host, load_credentials(host, config.auth_file))
+        self._base: str | None = None
+        self._base_lock = asyncio.Lock()
+
+    # --- the base URL: https, or http when the user allowed it ---------------------
+
+    async def base(self) -> str:
+        """``https://HOST`` or, if TLS fails to connect and ``http`` is allowed, ``http://``."""
+        async with self._base_lock:
+            if self._base is None:
+                self._base = await self._probe()
+            return self._base
+
+    async def _probe(self) -> str:
+        https = f"https://{self.api_host}"
+        try:
+            async with self.session.get(f"{https}/v2/", allow_redirects=False) as resp:
+                await resp.read()
+            return https
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise translate(exc, f"registry {self.host}", self.config) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            if "http" not in self.config.insecure:
+                err = translate(exc, f"registry {self.host}", self.config)
+                raise InsecureRefused(
+                    f"{err}; if {self.host} serves plain HTTP, pass --insecure-options http"
+                ) from exc
+        return f"http://{self.api_host}"
+
+    # --- requests ------------------------------------------------------------------
+
+    async def _send(
+        self, method: str, path: str, scope: str, headers: dict[str, str], what: str
+    ) -> aiohttp.ClientResponse:
+        """Send a request with auth, redirects and retries; the caller releases the response.
+
+        Returns the final response whatever its status, except: 401 after the
+        challenge was answered raises :class:`AuthenticationFailed`; 429/5xx are
+        retried up to ``config.attempts`` times, honouring ``Retry-After``.
+        """
+        url = f"{await self.base()}{path}"
+        attempt = 0
+        auth_rounds = 0
+        while True:
+            attempt += 1
+            sent = dict(headers)
+            authz = self.auth.header(scope)
+            if authz:
+                sent["Authorization"] = authz
+            try:
+                resp = await self._follow(method, url, sent)
+            except aiohttp.ClientConnectorCertificateError as exc:
+                raise translate(exc, what, self.config) from exc
+            except RETRYABLE as exc:
+                if attempt >= self.config.attempts:
+                    raise translate(exc, what, self.config) from exc
+                log.info("%s: %s; retrying", what, exc)
+                await asyncio.sleep(backoff(attempt))
+                continue
+            if resp.status == 401:
+                challenge = resp.headers.get("WWW-Authenticate", "")
+                resp.release()
+                if auth_rounds >= 2:
+                    raise AuthenticationFailed(
+                        f"registry {self.host} keeps refusing access to {what} (HTTP 401); "
+                        "check your credentials"
+                    )
+                auth_rounds += 1
+                attempt -= 1  # answering a challenge is not a failed attempt
+                self.auth.forget(scope)
+                await self.auth.answer(self.session, challenge, scope)
+                continue
+            if resp.status in RETRY_STATUSES and attempt < self.config.attempts:
+                delay = retry_after(resp.headers, backoff(attempt))
+                resp.release()
+                if delay > self.config.max_retry_after:
+                    raise TransferFailed(
+                        f"{what}: the registry answered HTTP {resp.status} and asks to retry "
+                        f"after {delay:.0f} s; try again later"
+                    )
+                log.info("%s: HTTP %d, retrying in %.1f s", what, resp.status, delay)
+                await asyncio.sleep(delay)
+                continue
+            return resp
+
+    async def _follow(
+        self, method: str, url: str, headers: dict[str, str]
+    ) -> aiohttp.ClientResponse:
+        first = origin(url)
+        for _ in range(MAX_REDIRECTS + 1):
+            resp = await self.session.request(method, url, headers=headers, allow_redirects=False)
+            location = resp.headers.get("Location")
+            if resp.status not in REDIRECT_STATUSES or not location:
+                return resp
+            resp.release()
+            url = urljoin(url, location)
+            if origin(url) != first:
+                # Blob storage (S3, a CDN) gets no registry credentials.
+                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+        raise TransferFailed(f"{redact(url)}: more than {MAX_REDIRECTS} redirects")
+
+    async def _error(self, resp: aiohttp.ClientResponse, what: str) -> FetchdError:
+        """Translate a non-success status (OCI error body included) into an error."""
+        detail = ""
+        try:
+            body = await resp.content.read(64 * 1024)
+            errors = json.loads(body).get("errors") or []
+            if errors and isinstance(errors[0], dict):
+                detail = f" ({errors[0].get('code', '')}: {errors[0].get('message', '')})"
+        except (TimeoutError, ValueError, AttributeError, aiohttp.ClientError):
+            pass
+        if resp.status == 401:
+            return AuthenticationFailed(f"{what}: registry {self.host} requires login{detail}")
+        if resp.status == 403:
+            return AccessDenied(f"{what}: registry {self.host} denies access{detail}")
+        if resp.status == 404:
+            cls = ManifestNotFound if "manifest" in what else BlobNotFound
+            return cls(f"{what}: not found on {self.host}{detail}")
+        return TransferFailed(f"{what}: registry {self.host} answered HTTP {resp.status}{detail}")
+
+    # --- manifests -----------------------------------------------------------------
+
+    async def manifest(
+        self, ref: Reference, expected: Descriptor | None = None
+    ) -> tuple[bytes, str | None, Digest]:
+        """Fetch the manifest for ``ref`` (or for ``expected``, a child of an index).
+
+        Returns (bytes, Content-Type, digest). The digest is verified against the one
+        asked for (a by-digest reference or ``expected``) or, for a tag, against the
+        registry's ``Docker-Content-Digest`` when it sends one.
+        """
+        want = expected.digest if expected else ref.digest
+        target = str(want) if want else str(ref.tag)
+        what = f"manifest {ref.repository}{'@' if want else ':'}{target}"
+        resp = await self._send(
+            "GET",
+            f"/v2/{ref.name}/manifests/{target}",
+            f"repository:{ref.name}:pull",
+            {"Accept": ", ".join(MANIFEST_ACCEPT)},
+            what,
+        )
+        async with resp:
+            if resp.status != 200:
+                raise await self._error(resp, what)
+            if resp.content_length is not None and resp.content_length > MAX_MANIFEST_SIZE:
+                raise ManifestTooLarge(
+                    f"{what} is {resp.content_length} bytes, over the {MAX_MANIFEST_SIZE} limit"
+                )
+            try:
+                raw = await resp.content.read(MAX_MANIFEST_SIZE + 1)
+                while len(raw) <= MAX_MANIFEST_SIZE and not resp.content.at_eof():
+                    more = await resp.content.read(MAX_MANIFEST_SIZE + 1 - len(raw))
+                    if not more:
+                        break
+                    raw += more
+            except RETRYABLE as exc:
+                raise translate(exc, what, self.config) from exc
+            if len(raw) > MAX_MANIFEST_SIZE:
+                raise ManifestTooLarge(f"{what} is over the {MAX_MANIFEST_SIZE} byte limit")
+            content_type = resp.headers.get("Content-Type")
+            reported = resp.headers.get("Docker-Content-Digest")
+        if want is None and reported:
+            want = Digest.parse(reported.strip())
+        digest = Digest.of(raw, want.algorithm if want else "sha256")
+        if want is not None and digest != want:
+            raise DigestMismatch(what, str(want), str(digest))
+        if expected is not None and len(raw) != expected.size:
+            raise SizeMismatch(what, expected.size, len(raw))
+        return raw, content_type, digest
+
+    # --- blobs ---------------------------------------------------------------------
+
+    async def fetch_blob(
+        self, name: str, desc: Descriptor, ingest: Ingest, on_bytes: Callable[[int], None]
+    ) -> None:
+        """Stream blob ``desc`` of repository ``name`` into ``ingest`` and commit it.
+
+        Resumes from ``ingest.offset`` with ``Range``; restarts if the server ignores
+        it. Raises :class:`DigestMismatch`/:class:`SizeMismatch` (data discarded) or a
+        :class:`SourceError` once retries are exhausted (partial data kept to resume).
+        """
+        what = f"blob {desc.digest.short} of {self.host}/{name}"
+        failures = 0
+        while ingest.offset < desc.size or desc.size == 0:
+            before = ingest.offset
+            try:
+                await self._stream(name, desc, ingest, on_bytes, what)
+                break
+            except (*RETRYABLE, _ShortBody) as exc:
+                # Progress resets the count: a flaky but moving transfer goes on.
+                failures = 1 if ingest.offset > before else failures + 1
+                if failures >= self.config.attempts:
+                    if isinstance(exc, _ShortBody):
+                        raise TransferFailed(
+                            f"{what}: the source keeps ending the body early "
+                            f"({ingest.offset} of {desc.size} bytes)"
+                        ) from None
+                    raise translate(exc, what, self.config) from exc
+                log.info("%s: %s at %d bytes; resuming", what, type(exc).__name__, ingest.offset)
+                await asyncio.sleep(backoff(failures))
+        await ingest.commit()
+
+    async def _stream(
+        self,
+        name: str,
+        desc: Descriptor,
+        ingest: Ingest,
+        on_bytes: Callable[[int], None],
+        what: str,
+    ) -> None:
+        headers = {}
+        if ingest.offset:
+            headers["Range"] = f"bytes={ingest.offset}-"
+        resp = await self._send(
+            "GET", f"/v2/{name}/blobs/{desc.digest}", f"repository:{name}:pull", headers, what
+        )
+        async with resp:
+            if resp.status == 206:
+                m = _CONTENT_RANGE_RE.match(resp.headers.get("Content-Range", ""))
+                if not m or int(m.group(1)) != ingest.offset:
+                    await ingest.restart()
+                    raise _ShortBody("bad Content-Range")
+            elif resp.status == 200:
+                if ingest.offset:
+                    await ingest.restart()  # the server ignored Range: take it whole
+            elif resp.status == 416:
+                await ingest.restart()
+                raise _ShortBody("range not satisfiable")
+            else:
+                raise await self._error(resp, what)
+            pending: list[bytes] = []
+            buffered = 0
+            try:
+                async for piece in resp.content.iter_any():
+                    pending.append(piece)
+                    buffered += len(piece)
+                    if buffered >= WRITE_CHUNK:
+                        await ingest.write(b"".join(pending))
+                        on_bytes(buffered)
+                        pending, buffered = [], 0
+            finally:
+                # keep what arrived before a cut: the next attempt resumes after it
+                if pending and not ingest.finished:
+                    await ingest.write(b"".join(pending))
+                    on_bytes(buffered)
+        await ingest.flush()
+        if ingest.offset < desc.size:
+            raise _ShortBody(f"body ended at {ingest.offset}")

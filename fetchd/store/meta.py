@@ -1,0 +1,62 @@
+"""sqlite metadata beside the layout: when each name was pulled and last used.
+
+The layout (index.json + blobs) is the truth about *what* the store holds; this
+database only adds *when* (for ``images`` and LRU gc). Losing it loses no content.
+Connections are short-lived and use WAL with a busy timeout, so CLI pulls and a
+server can share it. Calls block briefly: call them from a thread on hot paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (
+    name      TEXT PRIMARY KEY,
+    digest    TEXT NOT NULL,
+    pulled_at REAL NOT NULL,
+    last_used REAL NOT NULL
+);
+"""
+
+
+class Meta:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(_SCHEMA)
+            yield conn
+        finally:
+            conn.close()
+
+    def touch_image(self, name: str, digest: str, *, pulled: bool) -> None:
+        now = time.time()
+        with self._db() as db:
+            if pulled:
+                db.execute(
+                    "INSERT INTO images(name, digest, pulled_at, last_used) VALUES (?,?,?,?) "
+                    "ON CONFLICT(name) DO UPDATE SET digest=excluded.digest, "
+                    "pulled_at=excluded.pulled_at, last_used=excluded.last_used",
+                    (name, digest, now, now),
+                )
+            else:
+                db.execute("UPDATE images SET last_used=? WHERE name=?", (now, name))
+
+    def times(self) -> dict[str, tuple[float, float]]:
+        """name → (pulled_at, last_used)."""
+        with self._db() as db:
+            rows = db.execute("SELECT name, pulled_at, last_used FROM images").fetchall()
+        return {r[0]: (r[1], r[2]) for r in rows}
+
+    def forget(self, names: list[str]) -> None:
+        with self._db() as db:
+            db.executemany("DELETE FROM images WHERE name=?", [(n,) for n in names])

@@ -1,0 +1,1 @@
+"""stage1: run an image from a fetchd store, unprivileged. Imports nothing from fetchd."""
