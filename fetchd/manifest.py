@@ -14,9 +14,12 @@ from typing import Any
 
 from fetchd.errors import ManifestInvalid, PlatformNotFound, UnsupportedMediaType
 from fetchd.model import (
+    DOCKER_CONFIG,
+    DOCKER_MANIFEST,
     INDEX_TYPES,
     LAYER_TYPES,
     MANIFEST_TYPES,
+    OCI_CONFIG,
     OCI_INDEX,
     OCI_MANIFEST,
     Descriptor,
@@ -117,3 +120,31 @@ def parse_manifest(raw: bytes, content_type: str | None, where: str) -> ImageMan
                 )
         return ImageManifest(mt, config, descs)
     raise UnsupportedMediaType(f"{where}: manifest media type {mt!r} is not supported")
+
+
+_DOCKER_TO_OCI_LAYER = {
+    "application/vnd.docker.image.rootfs.diff.tar.gzip": (
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+    ),
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": (
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+    ),
+}
+
+
+def docker_to_oci(raw: bytes) -> bytes:
+    """The OCI form of a Docker schema 2 manifest, as ``skopeo copy … oci:`` writes it.
+
+    Only media types change; config and layer blobs (and so their digests) stay. The
+    OCI layout needs it: skopeo's and umoci's layout readers ignore Docker media types.
+    """
+    doc = json.loads(raw)
+    if media_type_of(doc, None) != DOCKER_MANIFEST:
+        raise ManifestInvalid("only Docker schema 2 manifests can be converted")
+    doc["mediaType"] = OCI_MANIFEST
+    config = doc["config"]
+    if config.get("mediaType") == DOCKER_CONFIG:
+        config["mediaType"] = OCI_CONFIG
+    for layer in doc["layers"]:
+        layer["mediaType"] = _DOCKER_TO_OCI_LAYER.get(layer["mediaType"], layer["mediaType"])
+    return json.dumps(doc, separators=(",", ":")).encode()

@@ -22,8 +22,8 @@ from fetchd.errors import (
     ReferenceInvalid,
     unwrap,
 )
-from fetchd.manifest import ImageIndex, ImageManifest, parse_manifest
-from fetchd.model import Descriptor, Digest, Reference
+from fetchd.manifest import ImageIndex, ImageManifest, docker_to_oci, parse_manifest
+from fetchd.model import DOCKER_MANIFEST, OCI_MANIFEST, Descriptor, Digest, Reference
 from fetchd.progress import Progress
 from fetchd.sources.http import new_session
 from fetchd.sources.registry import Registry
@@ -122,9 +122,11 @@ class Engine:
         registry = self._registry(ref.host)
         raw, ctype, top = await registry.manifest(ref)
         parsed = parse_manifest(raw, ctype, name)
-        index_raw: bytes | None = None
+        keep: dict[Digest, bytes] = {top: raw}  # what the registry served, kept as blobs
+        annotations: dict[str, str] = {}
+        platform = None
+        mdigest = top
         if isinstance(parsed, ImageIndex):
-            index_raw = raw
             chosen = parsed.select(self.config.platform, name)
             raw, ctype, mdigest = await registry.manifest(ref, chosen)
             parsed = parse_manifest(
@@ -132,12 +134,15 @@ class Engine:
             )
             if not isinstance(parsed, ImageManifest):
                 raise ManifestInvalid(f"{name}: an index inside an index is not supported")
-            annotations = {layout.INDEX_DIGEST_ANNOTATION: str(top)}
-            manifest = Descriptor(
-                parsed.media_type, mdigest, len(raw), (), annotations, chosen.platform
-            )
-        else:
-            manifest = Descriptor(parsed.media_type, top, len(raw))
+            keep[mdigest] = raw
+            annotations[layout.INDEX_DIGEST_ANNOTATION] = str(top)
+            platform = chosen.platform
+        if parsed.media_type == DOCKER_MANIFEST:
+            annotations[layout.SOURCE_DIGEST_ANNOTATION] = str(mdigest)
+            raw = docker_to_oci(raw)
+            mdigest = Digest.of(raw)
+            keep[mdigest] = raw
+        manifest = Descriptor(OCI_MANIFEST, mdigest, len(raw), (), annotations, platform)
 
         try:
             async with asyncio.TaskGroup() as tg:
@@ -145,9 +150,8 @@ class Engine:
                     tg.create_task(self.ensure_blob(registry, ref.name, desc))
         except BaseExceptionGroup as group:
             raise unwrap(group) from None
-        await asyncio.to_thread(self.store.put, raw, manifest.digest)
-        if index_raw is not None:
-            await asyncio.to_thread(self.store.put, index_raw, top)
+        for digest, data in keep.items():
+            await asyncio.to_thread(self.store.put, data, digest)
         await asyncio.to_thread(layout.set_entry, self.store, name, manifest)
         await asyncio.to_thread(self.meta.touch_image, name, str(top), pulled=True)
         return PullResult(name, top, manifest, fetched=True)

@@ -4,7 +4,9 @@ Every entry is the descriptor of an image manifest with the annotation
 ``org.opencontainers.image.ref.name`` = the full reference, so ``skopeo`` and ``umoci``
 read the store as they read any OCI layout. When the name resolved to an index (a
 multi-arch image), the index is kept as a blob too and named by the annotation
-``io.fetchd.index.digest`` so gc keeps it and a mirror can serve it.
+``io.fetchd.index.digest``; a Docker schema 2 manifest is stored in its OCI form (what
+skopeo and umoci read) and the original, named by ``io.fetchd.source.digest``, is kept
+too — so gc keeps both and a mirror can serve what the registry served.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from fetchd.store.cas import Store, atomic_write
 from fetchd.store.locks import locked
 
 INDEX_DIGEST_ANNOTATION = "io.fetchd.index.digest"
+SOURCE_DIGEST_ANNOTATION = "io.fetchd.source.digest"
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,8 +36,11 @@ class Entry:
     @property
     def top_digest(self) -> Digest:
         """What the registry reported for the name: the index if there was one."""
-        text = self.manifest.annotations.get(INDEX_DIGEST_ANNOTATION)
-        return Digest.parse(text) if text else self.manifest.digest
+        for key in (INDEX_DIGEST_ANNOTATION, SOURCE_DIGEST_ANNOTATION):
+            text = self.manifest.annotations.get(key)
+            if text:
+                return Digest.parse(text)
+        return self.manifest.digest
 
 
 def read_index(store: Store) -> dict[str, Any]:
@@ -105,11 +111,11 @@ def image_blobs(store: Store, entry: Entry) -> Iterator[Descriptor]:
     Raises :class:`StoreError` if the manifest itself is missing or unreadable.
     """
     yield entry.manifest
-    top = entry.manifest.annotations.get(INDEX_DIGEST_ANNOTATION)
-    if top:
-        digest = Digest.parse(top)
-        size = store.blob_size(digest) or 0
-        yield Descriptor("application/vnd.oci.image.index.v1+json", digest, size)
+    for key in (INDEX_DIGEST_ANNOTATION, SOURCE_DIGEST_ANNOTATION):
+        text = entry.manifest.annotations.get(key)
+        if text:
+            digest = Digest.parse(text)
+            yield Descriptor("application/octet-stream", digest, store.blob_size(digest) or 0)
     try:
         raw = store.read_blob(entry.manifest.digest, MAX_MANIFEST_SIZE)
         manifest = parse_manifest(raw, entry.manifest.media_type, f"{entry.name}")

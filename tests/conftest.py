@@ -1,0 +1,22 @@
+"""Shared fixtures: the real peers (tests.support.fixtures) and a runner for the fetchd CLI.
+
+fetchd is always run as a separate process, exactly as a user or a script runs it, so
+tests see real exit codes, real stderr, and real concurrency between processes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.support.cli import Fetchd
+
+pytest_plugins = ["tests.support.fixtures"]
+
+
+@pytest.fixture
+def fetchd(tmp_path: Path) -> Fetchd:
+    home = tmp_path / "home"
+    home.mkdir()
+    return Fetchd(tmp_path / "store", home)

@@ -1,0 +1,1 @@
+"""Test support: real peers (registry, skopeo, token server, fault proxy) started on 127.0.0.1."""

@@ -1,0 +1,64 @@
+"""Small HTTP servers of our own (test doubles of other people's servers), each in a thread."""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any
+
+JOIN_TIMEOUT = 10.0
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """A request handler that keeps HTTP/1.1 connections and does not log to stderr."""
+
+    protocol_version = "HTTP/1.1"
+
+    @property
+    def owner(self) -> Any:
+        """The ServerThread this request arrived at."""
+        return getattr(self.server, "owner")  # noqa: B009 - set by ServerThread
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class ServerThread:
+    """A ThreadingHTTPServer on 127.0.0.1 (port from the OS) serving from a thread.
+
+    Handlers reach this object as `self.owner`. `stopping` is set first thing in stop(), so
+    a handler that holds a connection open can wait on it. A context manager.
+    """
+
+    def __init__(self, handler: type[QuietHandler]) -> None:
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server.owner = self  # type: ignore[attr-defined]
+        self.stopping = threading.Event()
+        self.port: int = self._server.server_address[1]
+        self.host = f"127.0.0.1:{self.port}"
+        self.url = f"http://{self.host}"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop serving and close the socket; idempotent."""
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(JOIN_TIMEOUT)
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
