@@ -29,6 +29,7 @@ from fetchd.sources.http import new_session
 from fetchd.sources.registry import Registry
 from fetchd.store import layout
 from fetchd.store.cas import Store
+from fetchd.store.maintenance import remove_unreferenced
 from fetchd.store.meta import Meta
 
 log = logging.getLogger(__name__)
@@ -144,20 +145,45 @@ class Engine:
             keep[mdigest] = raw
         manifest = Descriptor(OCI_MANIFEST, mdigest, len(raw), (), annotations, platform)
 
+        blobs = parsed.blobs()
+        committed: set[Digest] = set()
         try:
-            async with asyncio.TaskGroup() as tg:
-                for desc in parsed.blobs():
-                    tg.create_task(self.ensure_blob(registry, ref.name, desc))
-        except BaseExceptionGroup as group:
-            raise unwrap(group) from None
-        for digest, data in keep.items():
-            await asyncio.to_thread(self.store.put, data, digest)
-        await asyncio.to_thread(layout.set_entry, self.store, name, manifest)
+            # Twice at most: a gc running at the same moment may delete a blob we saw
+            # present before we publish the name (set_entry checks under gc's lock).
+            for attempt in (1, 2):
+                try:
+                    async with asyncio.TaskGroup() as tg:
+                        for desc in blobs:
+                            tg.create_task(self.ensure_blob(registry, ref.name, desc, committed))
+                except BaseExceptionGroup as group:
+                    raise unwrap(group) from None
+                for digest, data in keep.items():
+                    if await asyncio.to_thread(self.store.put, data, digest):
+                        committed.add(digest)
+                try:
+                    await asyncio.to_thread(
+                        layout.set_entry, self.store, name, manifest, [d.digest for d in blobs]
+                    )
+                    break
+                except layout.BlobsMissing:
+                    if attempt == 2:
+                        raise
+        except BaseException:
+            # Leave the store as it was: blobs this pull added that no name uses go again
+            # (partial ingests stay, to be resumed).
+            if committed:
+                await asyncio.to_thread(remove_unreferenced, self.store, committed)
+            raise
         await asyncio.to_thread(self.meta.touch_image, name, str(top), pulled=True)
         return PullResult(name, top, manifest, fetched=True)
 
-    async def ensure_blob(self, registry: Registry, name: str, desc: Descriptor) -> None:
-        """Make ``desc`` present in the store; one transfer per digest (single flight)."""
+    async def ensure_blob(
+        self, registry: Registry, name: str, desc: Descriptor, committed: set[Digest]
+    ) -> None:
+        """Make ``desc`` present in the store; one transfer per digest (single flight).
+
+        Adds the digest to ``committed`` if this call's transfer committed it.
+        """
         if self.store.has(desc.digest):
             return
         waiting = self._inflight.get(desc.digest)
@@ -167,7 +193,8 @@ class Engine:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._inflight[desc.digest] = done
         try:
-            await self._transfer(registry, name, desc)
+            if await self._transfer(registry, name, desc):
+                committed.add(desc.digest)
             done.set_result(None)
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
@@ -179,13 +206,15 @@ class Engine:
         finally:
             del self._inflight[desc.digest]
 
-    async def _transfer(self, registry: Registry, name: str, desc: Descriptor) -> None:
+    async def _transfer(self, registry: Registry, name: str, desc: Descriptor) -> bool:
+        """Fetch and commit ``desc``; False if another process committed it meanwhile."""
         key = str(desc.digest)
         async with self._blob_slots, self.store.ingest(desc.digest, desc.size) as ingest:
             if ingest.exists:
-                return  # another process committed it while we waited for the lock
+                return False  # another process committed it while we waited for the lock
             if ingest.resumed_from:
                 log.info("%s: resuming at %d bytes", desc.digest.short, ingest.resumed_from)
             self.progress.start(key, desc.digest.short, desc.size, ingest.resumed_from)
             await registry.fetch_blob(name, desc, ingest, lambda n: self.progress.advance(key, n))
             self.progress.finish(key)
+            return True

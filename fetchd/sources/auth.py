@@ -143,7 +143,9 @@ class Authenticator:
             raise AuthenticationFailed(
                 f"registry {self.host} asks for unsupported authentication {ch.scheme!r}"
             )
-        if "error" in ch.params and ch.params["error"] == "insufficient_scope":
+        if ch.params.get("error") == "insufficient_scope":
+            if self.credentials is None:
+                raise AuthenticationFailed(self._need_login())
             raise AccessDenied(
                 f"registry {self.host} denies access to {scope or 'this resource'} "
                 "(insufficient_scope); check the name and your permissions"

@@ -38,7 +38,7 @@ from fetchd.errors import (
 from fetchd.model import MANIFEST_ACCEPT, MAX_MANIFEST_SIZE, Descriptor, Digest, Reference
 from fetchd.sources.auth import Authenticator, load_credentials
 from fetchd.sources.http import RETRYABLE, backoff, origin, redact, retry_after, translate
-from fetchd.store.cas import Ingest
+from fetchd.store.cas import Ingest, ResumedDataBad
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ class Registry:
                 raise await self._error(resp, what)
             if resp.content_length is not None and resp.content_length > MAX_MANIFEST_SIZE:
                 raise ManifestTooLarge(
-                    f"{what} is {resp.content_length} bytes, over the {MAX_MANIFEST_SIZE} limit"
+                    f"{what} is {resp.content_length} bytes, over the {MAX_MANIFEST_SIZE} byte limit"
                 )
             try:
                 raw = await resp.content.read(MAX_MANIFEST_SIZE + 1)
@@ -244,6 +244,22 @@ class Registry:
         :class:`SourceError` once retries are exhausted (partial data kept to resume).
         """
         what = f"blob {desc.digest.short} of {self.host}/{name}"
+        try:
+            await self._fill(name, desc, ingest, on_bytes, what)
+            await ingest.commit()
+        except ResumedDataBad:
+            log.warning("%s: resumed data did not verify; fetching it whole", what)
+            await self._fill(name, desc, ingest, on_bytes, what)
+            await ingest.commit()
+
+    async def _fill(
+        self,
+        name: str,
+        desc: Descriptor,
+        ingest: Ingest,
+        on_bytes: Callable[[int], None],
+        what: str,
+    ) -> None:
         failures = 0
         while ingest.offset < desc.size or desc.size == 0:
             before = ingest.offset
@@ -255,6 +271,8 @@ class Registry:
                 failures = 1 if ingest.offset > before else failures + 1
                 if failures >= self.config.attempts:
                     if isinstance(exc, _ShortBody):
+                        # Not a flaky network: the source disagrees with the descriptor.
+                        await ingest.discard()
                         raise TransferFailed(
                             f"{what}: the source keeps ending the body early "
                             f"({ingest.offset} of {desc.size} bytes)"
@@ -262,7 +280,6 @@ class Registry:
                     raise translate(exc, what, self.config) from exc
                 log.info("%s: %s at %d bytes; resuming", what, type(exc).__name__, ingest.offset)
                 await asyncio.sleep(backoff(failures))
-        await ingest.commit()
 
     async def _stream(
         self,

@@ -33,6 +33,10 @@ from fetchd.store.locks import alocked
 _REHASH_CHUNK = 4 * 1024 * 1024
 
 
+class ResumedDataBad(DigestMismatch):
+    """A resumed blob failed verification; the ingest was reset to fetch it whole."""
+
+
 class Store:
     """A fetchd store rooted at ``root`` (see DESIGN.md §3). Safe for many processes."""
 
@@ -114,14 +118,18 @@ class Store:
             finally:
                 await ing.close()
 
-    def put(self, data: bytes, expected: Digest) -> None:
-        """Commit a small in-memory blob (manifests, configs) after verifying it."""
+    def put(self, data: bytes, expected: Digest) -> bool:
+        """Commit a small in-memory blob (a manifest) after verifying it.
+
+        Returns False if it was already there.
+        """
         actual = Digest.of(data, expected.algorithm)
         if actual != expected:
             raise DigestMismatch(f"blob {expected.short}", str(expected), str(actual))
         if self.has(expected):
-            return
+            return False
         atomic_write(self.blob_path(expected), data)
+        return True
 
 
 class Ingest:
@@ -179,13 +187,13 @@ class Ingest:
             raise StoreError(f"ingest of {self.digest.short} is already finished")
         if self.size is not None and self.offset + len(chunk) > self.size:
             # An endless or lying response: what came is not this blob. Drop it all.
-            await self.flush()
-            await asyncio.to_thread(self._discard)
+            await self.discard()
             raise SizeMismatch(f"blob {self.digest.short}", self.size, self.offset + len(chunk))
         # Chunks must be hashed and written in order: wait for the previous one, then
         # hand this one over and return while it is processed.
         await self.flush()
-        self._pending = asyncio.get_running_loop().run_in_executor(None, self._append, chunk)
+        loop = asyncio.get_running_loop()
+        self._pending = loop.run_in_executor(None, self._append, chunk, self.offset)
         self.offset += len(chunk)
 
     async def flush(self) -> None:
@@ -194,18 +202,19 @@ class Ingest:
         if pending is not None:
             await pending
 
-    def _append(self, chunk: bytes) -> None:
+    def _append(self, chunk: bytes, at: int) -> None:
+        # Explicit offsets (pwrite): the fd's own position is not part of the state.
         self._hasher.update(chunk)
         view = memoryview(chunk)
         while view:
-            n = os.write(self._fd, view)
+            n = os.pwrite(self._fd, view, at)
             view = view[n:]
+            at += n
 
     async def restart(self) -> None:
         """Throw away the partial data (the source cannot resume it)."""
         await self.flush()
         await asyncio.to_thread(os.ftruncate, self._fd, 0)
-        os.lseek(self._fd, 0, os.SEEK_SET)
         self._hasher = self.digest.hasher()
         self.offset = self.resumed_from = 0
 
@@ -225,6 +234,12 @@ class Ingest:
             raise SizeMismatch(what, self.size, self.offset)
         actual = self._hasher.hexdigest()
         if actual != self.digest.hex:
+            if self.resumed_from:
+                # The bad bytes may be an earlier run's: start over once, cleanly.
+                os.ftruncate(self._fd, 0)
+                self._hasher = self.digest.hasher()
+                self.offset = self.resumed_from = 0
+                raise ResumedDataBad(what, str(self.digest), f"{self.digest.algorithm}:{actual}")
             self._discard()
             raise DigestMismatch(what, str(self.digest), f"{self.digest.algorithm}:{actual}")
         target = self.store.blob_path(self.digest)
@@ -235,6 +250,11 @@ class Ingest:
             os.rename(self.data_path, target)
             _fsync_dir(target.parent)
         self._done = True
+
+    async def discard(self) -> None:
+        """Drop the partial data for good (it cannot be the blob); no more writes."""
+        await self.flush()
+        await asyncio.to_thread(self._discard)
 
     def _discard(self) -> None:
         os.ftruncate(self._fd, 0)

@@ -12,7 +12,7 @@ too — so gc keeps both and a mirror can serve what the registry served.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,8 +73,19 @@ def find(store: Store, name: str) -> Entry | None:
     return None
 
 
-def _update(store: Store, change: Callable[[list[Any]], list[Any]]) -> None:
+class BlobsMissing(StoreError):
+    """A name was about to be published while some of its blobs are gone (gc ran)."""
+
+    def __init__(self, name: str, missing: list[Digest]) -> None:
+        super().__init__(f"{name}: blobs vanished before it was recorded: {missing}")
+        self.missing = missing
+
+
+def _update(
+    store: Store, change: Callable[[list[Any]], list[Any]], check: Callable[[], None] = lambda: None
+) -> None:
     with locked(store.index_lock):
+        check()
         doc = read_index(store)
         doc["manifests"] = change(list(doc.get("manifests", [])))
         atomic_write(store.index_path, json.dumps(doc, indent=2).encode())
@@ -89,11 +100,24 @@ def _name_of(obj: Any) -> str | None:
     return None
 
 
-def set_entry(store: Store, name: str, manifest: Descriptor) -> None:
-    """Point ``name`` at ``manifest`` (replacing what it named before)."""
+def set_entry(
+    store: Store, name: str, manifest: Descriptor, required: Iterable[Digest] = ()
+) -> None:
+    """Point ``name`` at ``manifest`` (replacing what it named before).
+
+    ``required`` (the image's blobs) are checked under the index lock, the lock gc
+    deletes under: :class:`BlobsMissing` if any is gone, and nothing is written.
+    """
     obj = manifest.to_json()
     obj.setdefault("annotations", {})[REF_NAME_ANNOTATION] = name
-    _update(store, lambda ms: [m for m in ms if _name_of(m) != name] + [obj])
+    needed = [manifest.digest, *required]
+
+    def check() -> None:
+        missing = [d for d in needed if not store.has(d)]
+        if missing:
+            raise BlobsMissing(name, missing)
+
+    _update(store, lambda ms: [m for m in ms if _name_of(m) != name] + [obj], check)
 
 
 def remove_entries(store: Store, match: Callable[[Entry], bool]) -> list[Entry]:

@@ -114,6 +114,26 @@ def store_size(store: Store) -> int:
     return sum(p.stat().st_size for _, p in store.iter_blobs())
 
 
+def remove_unreferenced(store: Store, candidates: set[Digest] | None = None) -> dict[Digest, int]:
+    """Delete blobs no name references (only among ``candidates``, if given).
+
+    Holds the index lock while deciding and deleting; a pull publishes a name under
+    the same lock after checking its blobs are present (:func:`layout.set_entry`), so
+    no name can ever point at a blob deleted here. Returns digest → bytes freed.
+    """
+    freed: dict[Digest, int] = {}
+    with locked(store.index_lock):
+        keep = referenced(store)
+        for digest, path in list(store.iter_blobs()):
+            if digest in keep or (candidates is not None and digest not in candidates):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                size = path.stat().st_size
+                path.unlink()
+                freed[digest] = size
+    return freed
+
+
 def gc(
     store: Store, max_size: int | None = None, *, ingest_age: float = STALE_INGEST_SECONDS
 ) -> GcReport:
@@ -128,18 +148,8 @@ def gc(
             Meta(store.db_path).forget([victim.name])
             assert report.evicted_images is not None
             report.evicted_images.append(victim.name)
-    # Hold the index lock while deciding and deleting, so no pull can publish a name
-    # for a blob between our reading the index and our unlinking that blob.
-    with locked(store.index_lock):
-        keep = referenced(store)
-        for digest, path in list(store.iter_blobs()):
-            if digest in keep:
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                size = path.stat().st_size
-                path.unlink()
-                report.removed_blobs += 1
-                report.freed_bytes += size
+    freed = remove_unreferenced(store)
+    report.removed_blobs, report.freed_bytes = len(freed), sum(freed.values())
     now = time.time()
     for d in store.ingests.iterdir() if store.ingests.is_dir() else []:
         lock = d / "lock"

@@ -79,7 +79,9 @@ class Fetchd:
 
 def ok(result: subprocess.CompletedProcess[str]) -> str:
     """stdout of a run that must have succeeded (else fail with its stderr)."""
-    assert result.returncode == 0, f"exit {result.returncode}\nstderr:\n{result.stderr}"
+    assert result.returncode == 0, (
+        f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    )
     return result.stdout
 
 

@@ -1,0 +1,146 @@
+"""TLS and authentication against the real registry: a test CA, htpasswd, token auth."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.support.cli import Fetchd, failed, ok
+from tests.support.images import (
+    MANIFEST_ACCEPT,
+    Layer,
+    build_image,
+    push,
+    registry_manifest_digest,
+)
+from tests.support.registry import start_registry
+from tests.support.tls import TestCA
+from tests.support.tokenserver import start_token_server
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory: pytest.TempPathFactory, busybox_layer: Layer) -> Path:
+    path = tmp_path_factory.mktemp("auth-images") / "layout"
+    build_image(path, "app", [busybox_layer])
+    return path
+
+
+def auth_file(path: Path, host: str, user: str, password: str) -> Path:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    path.write_text(json.dumps({"auths": {host: {"auth": token}}}))
+    return path
+
+
+def test_tls_registry_trusted_through_ssl_cert_file(
+    tls_ca: TestCA, layout: Path, fetchd: Fetchd, tmp_path: Path
+) -> None:
+    cert, key = tls_ca.issue_server(tmp_path / "cert")
+    with start_registry(tmp_path / "reg", tls=(cert, key)) as reg:
+        push(
+            layout,
+            "app",
+            f"{reg.host}/app:1",
+            tls_verify=True,
+            cert_dir=tls_ca.cert_dir(tmp_path / "cd"),
+        )
+        want = registry_manifest_digest(reg.host, "app", "1", ssl_context=tls_ca.ssl_context())
+        ref = f"docker://{reg.host}/app:1"
+
+        untrusted = failed(fetchd("pull", ref), "certificate is not trusted", "SSL_CERT_FILE")
+        assert reg.host in untrusted
+        assert fetchd.blobs() == set()
+
+        out = ok(fetchd("pull", ref, env={"SSL_CERT_FILE": str(tls_ca.ca_path)}))
+        assert out.strip() == want
+
+        # --insecure-options tls skips verification (a second store, so it really fetches)
+        other = Fetchd(tmp_path / "store2", fetchd.home)
+        assert ok(other("pull", "--insecure-options", "tls", ref)).strip() == want
+
+
+def test_resolve_pins_a_name_to_an_address(
+    tls_ca: TestCA, layout: Path, fetchd: Fetchd, tmp_path: Path
+) -> None:
+    cert, key = tls_ca.issue_server(tmp_path / "cert", names=("registry.test", "127.0.0.1"))
+    with start_registry(tmp_path / "reg", tls=(cert, key)) as reg:
+        push(
+            layout,
+            "app",
+            f"{reg.host}/app:1",
+            tls_verify=True,
+            cert_dir=tls_ca.cert_dir(tmp_path / "cd"),
+        )
+        env = {"SSL_CERT_FILE": str(tls_ca.ca_path)}
+        ref = f"docker://registry.test:{reg.port}/app:1"
+        failed(fetchd("pull", ref, env=env), "cannot connect")
+        out = ok(fetchd("pull", "--resolve", f"registry.test:{reg.port}:127.0.0.1", ref, env=env))
+        assert out.strip() == registry_manifest_digest(
+            reg.host, "app", "1", ssl_context=tls_ca.ssl_context()
+        )
+        assert fetchd.entry(f"registry.test:{reg.port}/app:1")
+
+
+def test_token_auth_registry(layout: Path, fetchd: Fetchd, tmp_path: Path) -> None:
+    with (
+        start_token_server(tmp_path / "tok", users={"alice": "s3cret"}) as tokens,
+        start_registry(tmp_path / "reg", auth=tokens.registry_auth_config()) as reg,
+    ):
+        push(layout, "app", f"{reg.host}/team/app:1", creds="alice:s3cret")
+        ref = f"docker://{reg.host}/team/app:1"
+        http = ("--insecure-options", "http")
+
+        failed(fetchd("pull", *http, ref), "requires credentials")
+        wrong = auth_file(tmp_path / "wrong.json", reg.host, "alice", "nope")
+        failed(
+            fetchd("pull", *http, ref, env={"REGISTRY_AUTH_FILE": str(wrong)}),
+            "refused the credentials of user 'alice'",
+        )
+        assert fetchd.blobs() == set()
+
+        right = auth_file(tmp_path / "auth.json", reg.host, "alice", "s3cret")
+        tokens.requests.clear()
+        out = ok(fetchd("pull", *http, ref, env={"REGISTRY_AUTH_FILE": str(right)}))
+
+        assert out.strip().startswith("sha256:")
+        asked = [r for r in tokens.requests if r.user == "alice"]
+        assert asked and all(r.scopes == ("repository:team/app:pull",) for r in asked)
+        # one token serves the manifest and every blob: the cache works
+        assert len(asked) == 1
+        assert "ok" in ok(fetchd("fsck"))
+
+
+def test_basic_auth_registry(layout: Path, fetchd: Fetchd, tmp_path: Path) -> None:
+    htpasswd = tmp_path / "htpasswd"
+    line = subprocess.run(
+        ["htpasswd", "-Bbn", "bob", "hunter2"], capture_output=True, text=True, check=True
+    ).stdout
+    htpasswd.write_text(line)
+    auth = {"htpasswd": {"realm": "fetchd-test", "path": str(htpasswd)}}
+    with start_registry(tmp_path / "reg", auth=auth) as reg:
+        push(layout, "app", f"{reg.host}/app:1", creds="bob:hunter2")
+        ref = f"docker://{reg.host}/app:1"
+        http = ("--insecure-options", "http")
+        failed(fetchd("pull", *http, ref), "requires credentials")
+        bad = auth_file(tmp_path / "bad.json", reg.host, "bob", "wrong")
+        failed(fetchd("pull", *http, ref, env={"REGISTRY_AUTH_FILE": str(bad)}), "refused")
+        good = auth_file(tmp_path / "good.json", reg.host, "bob", "hunter2")
+        # ~/.docker/config.json works as well as $REGISTRY_AUTH_FILE
+        (fetchd.home / ".docker").mkdir()
+        (fetchd.home / ".docker/config.json").write_text(good.read_text())
+        out = ok(fetchd("pull", *http, ref))
+        assert out.strip() == registry_manifest_digest_basic(reg.host, "app", "1", "bob", "hunter2")
+
+
+def registry_manifest_digest_basic(host: str, name: str, tag: str, user: str, pw: str) -> str:
+    token = base64.b64encode(f"{user}:{pw}".encode()).decode()
+    req = urllib.request.Request(
+        f"http://{host}/v2/{name}/manifests/{tag}",
+        headers={"Accept": MANIFEST_ACCEPT, "Authorization": f"Basic {token}"},
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return str(resp.headers["Docker-Content-Digest"])
