@@ -46,6 +46,7 @@ RETRY_STATUSES = frozenset({429, 502, 503, 504})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 WRITE_CHUNK = 1 << 20
+MAX_PIECES = 256  # pieces per write: pwritev takes at most IOV_MAX (1024) buffers
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 
@@ -208,7 +209,8 @@ class Registry:
                 raise await self._error(resp, what)
             if resp.content_length is not None and resp.content_length > MAX_MANIFEST_SIZE:
                 raise ManifestTooLarge(
-                    f"{what} is {resp.content_length} bytes, over the {MAX_MANIFEST_SIZE} byte limit"
+                    f"{what} is {resp.content_length} bytes, "
+                    f"over the {MAX_MANIFEST_SIZE} byte limit"
                 )
             try:
                 raw = await resp.content.read(MAX_MANIFEST_SIZE + 1)
@@ -315,14 +317,14 @@ class Registry:
                 async for piece in resp.content.iter_any():
                     pending.append(piece)
                     buffered += len(piece)
-                    if buffered >= WRITE_CHUNK:
-                        await ingest.write(b"".join(pending))
+                    if buffered >= WRITE_CHUNK or len(pending) >= MAX_PIECES:
+                        await ingest.write(pending)
                         on_bytes(buffered)
                         pending, buffered = [], 0
             finally:
                 # keep what arrived before a cut: the next attempt resumes after it
                 if pending and not ingest.finished:
-                    await ingest.write(b"".join(pending))
+                    await ingest.write(pending)
                     on_bytes(buffered)
         await ingest.flush()
         if ingest.offset < desc.size:
