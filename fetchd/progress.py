@@ -61,14 +61,15 @@ def _bar(done: int, total: int, width: int = 24) -> str:
     return "[" + "#" * full + "." * (width - full) + "]"
 
 
-def _line(label: str, done: int, total: int, rate: float) -> str:
-    eta = ""
-    if rate > 0 and total > done:
-        eta = f" ETA {int((total - done) / rate)}s"
-    return (
-        f"{label:<22} {_bar(done, total)} {_size(done):>10} / {_size(total):<10} "
-        f"{_size(rate)}/s{eta}"
-    )
+def _line(label: str, done: int, total: int, rate: float | None) -> str:
+    """One bar; ``rate`` None means finished."""
+    if rate is None:
+        tail = "done"
+    else:
+        tail = f"{_size(rate)}/s"
+        if rate > 0 and total > done:
+            tail += f" ETA {int((total - done) / rate)}s"
+    return f"{label:<22} {_bar(done, total)} {_size(done):>10} / {_size(total):<10} {tail}"
 
 
 class TerminalBars:
@@ -87,7 +88,7 @@ class TerminalBars:
         total = done = fresh = 0
         for t in self.progress.transfers.values():
             rate = (t.done - t.resumed) / max(now - t.started, 1e-3)
-            lines.append(_line(t.label, t.done, t.total, 0 if t.finished else rate))
+            lines.append(_line(t.label, t.done, t.total, None if t.finished else rate))
             total += t.total
             done += t.done
             fresh += t.done - t.resumed
