@@ -1,101 +1,22 @@
 """Hostile registries: every bad answer gives ``error: …``, exit 1, and an unchanged store.
 
-The registry here is a test double of somebody else's misbehaving server: a few lines
-of real HTTP server on 127.0.0.1 that answers each path as a case dictates.
+The registry here is a test double of somebody else's misbehaving server
+(tests.support.fakeregistry), answering each path as a case dictates.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import pytest
 
-from tests.support.cli import Fetchd, failed
-from tests.support.servers import QuietHandler, ServerThread
-
-ENDLESS_LIMIT = 1 << 30  # the "endless" body stops here at the latest
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-@dataclass
-class Answer:
-    body: bytes = b""
-    headers: dict[str, str] = field(default_factory=dict)
-    status: int = 200
-    endless: bool = False
-    send_length: bool = True
-
-
-class _Handler(QuietHandler):
-    def do_GET(self) -> None:
-        answer = self.owner.routes.get(self.path.split("?")[0])
-        if answer is None:
-            answer = Answer(b'{"errors":[{"code":"NAME_UNKNOWN"}]}', status=404)
-        self.send_response(answer.status)
-        for k, v in answer.headers.items():
-            self.send_header(k, v)
-        if answer.endless or not answer.send_length:
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self._stream(answer)
-            return
-        self.send_header("Content-Length", str(len(answer.body)))
-        self.end_headers()
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            self.wfile.write(answer.body)
-
-    def _stream(self, answer: Answer) -> None:
-        chunk = answer.body or b"x" * 65536
-        sent = 0
-        try:
-            while sent < ENDLESS_LIMIT and not self.owner.stopping.is_set():
-                self.wfile.write(chunk)
-                sent += len(chunk)
-                if not answer.endless:
-                    break
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        self.close_connection = True
-
-
-class HostileRegistry(ServerThread):
-    def __init__(self) -> None:
-        self.routes: dict[str, Answer] = {}
-        super().__init__(_Handler)
-
-    def manifest(self, name: str, body: bytes, **headers: str) -> None:
-        self.routes[f"/v2/{name}/manifests/1"] = Answer(
-            body, {"Content-Type": OCI_MANIFEST, **headers}
-        )
-
-    def image(self, name: str, layer: dict[str, object], blob: Answer) -> None:
-        config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {}}).encode()
-        self.routes[f"/v2/{name}/blobs/{sha256(config)}"] = Answer(config)
-        self.routes[f"/v2/{name}/blobs/{layer['digest']}"] = blob
-        manifest = {
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {
-                "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": sha256(config),
-                "size": len(config),
-            },
-            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", **layer}],
-        }
-        self.manifest(name, json.dumps(manifest).encode())
+from tests.support.cli import Fetchd, failed, ok
+from tests.support.fakeregistry import OCI_MANIFEST, Answer, FakeRegistry, sha256
 
 
 @pytest.fixture(scope="module")
-def hostile() -> Iterator[HostileRegistry]:
-    with HostileRegistry() as server:
+def hostile() -> Iterator[FakeRegistry]:
+    with FakeRegistry() as server:
         blob = b"b" * 100
         server.manifest("malformed", b'{"schemaVersion": 2, "layers": [')
         server.manifest("huge", b" " * (5 << 20) + b"{}")
@@ -132,7 +53,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", CASES)
 def test_hostile_answer_is_refused_and_store_unchanged(
-    case: str, hostile: HostileRegistry, fetchd: Fetchd
+    case: str, hostile: FakeRegistry, fetchd: Fetchd
 ) -> None:
     result = fetchd("pull", "--insecure-options", "http", f"docker://{hostile.host}/{case}:1")
 
@@ -156,3 +77,24 @@ def test_hostile_answer_is_refused_and_store_unchanged(
 def test_bad_reference_is_refused_before_any_request(ref: str, fetchd: Fetchd) -> None:
     failed(fetchd("pull", "--insecure-options", "http", ref))
     assert fetchd.blobs() == set()
+
+
+def test_nondistributable_layer_comes_from_its_urls(fetchd: Fetchd) -> None:
+    """OCI image spec: a non-distributable layer is fetched from its descriptor's urls."""
+    blob = b"licensed bits\n" * 1000
+    with FakeRegistry() as server:
+        server.routes["/external/layer.tar"] = Answer(blob)
+        server.image(
+            "foreign",
+            {
+                "digest": sha256(blob),
+                "size": len(blob),
+                "urls": [f"{server.url}/external/layer.tar"],
+            },
+            Answer(b"", status=404),
+            media_type="application/vnd.oci.image.layer.nondistributable.v1.tar",
+        )
+        out = ok(fetchd("pull", "--insecure-options", "http", f"docker://{server.host}/foreign:1"))
+    assert out.strip().startswith("sha256:")
+    assert sha256(blob) in fetchd.blobs()
+    assert "ok" in ok(fetchd("fsck"))

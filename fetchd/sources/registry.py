@@ -33,9 +33,17 @@ from fetchd.errors import (
     ManifestNotFound,
     ManifestTooLarge,
     SizeMismatch,
+    SourceError,
     TransferFailed,
 )
-from fetchd.model import MANIFEST_ACCEPT, MAX_MANIFEST_SIZE, Descriptor, Digest, Reference
+from fetchd.model import (
+    MANIFEST_ACCEPT,
+    MAX_MANIFEST_SIZE,
+    NONDISTRIBUTABLE_TYPES,
+    Descriptor,
+    Digest,
+    Reference,
+)
 from fetchd.sources.auth import Authenticator, load_credentials
 from fetchd.sources.http import RETRYABLE, backoff, origin, redact, retry_after, translate
 from fetchd.store.cas import Ingest, ResumedDataBad
@@ -246,13 +254,26 @@ class Registry:
         :class:`SourceError` once retries are exhausted (partial data kept to resume).
         """
         what = f"blob {desc.digest.short} of {self.host}/{name}"
-        try:
-            await self._fill(name, desc, ingest, on_bytes, what)
-            await ingest.commit()
-        except ResumedDataBad:
-            log.warning("%s: resumed data did not verify; fetching it whole", what)
-            await self._fill(name, desc, ingest, on_bytes, what)
-            await ingest.commit()
+        # Non-distributable layers live where their descriptor's urls say (OCI image
+        # spec); the registry is asked when none of those answers.
+        urls: list[str | None] = []
+        if desc.media_type in NONDISTRIBUTABLE_TYPES:
+            urls += [u for u in desc.urls if u.startswith(("https://", "http://"))]
+        urls.append(None)
+        for url in urls:
+            try:
+                try:
+                    await self._fill(name, desc, ingest, on_bytes, what, url)
+                    await ingest.commit()
+                except ResumedDataBad:
+                    log.warning("%s: resumed data did not verify; fetching it whole", what)
+                    await self._fill(name, desc, ingest, on_bytes, what, url)
+                    await ingest.commit()
+                return
+            except SourceError as exc:
+                if url is None:
+                    raise
+                log.warning("%s: %s; trying the next source", what, exc)
 
     async def _fill(
         self,
@@ -261,12 +282,13 @@ class Registry:
         ingest: Ingest,
         on_bytes: Callable[[int], None],
         what: str,
+        url: str | None,
     ) -> None:
         failures = 0
         while ingest.offset < desc.size or desc.size == 0:
             before = ingest.offset
             try:
-                await self._stream(name, desc, ingest, on_bytes, what)
+                await self._stream(name, desc, ingest, on_bytes, what, url)
                 break
             except (*RETRYABLE, _ShortBody) as exc:
                 # Progress resets the count: a flaky but moving transfer goes on.
@@ -290,13 +312,22 @@ class Registry:
         ingest: Ingest,
         on_bytes: Callable[[int], None],
         what: str,
+        url: str | None,
     ) -> None:
+        """One GET of the blob from the registry (``url`` None) or from ``url``.
+
+        Appends to ``ingest`` from its offset; raises a RETRYABLE error or
+        :class:`_ShortBody` when the body ends early, after keeping what arrived.
+        """
         headers = {}
         if ingest.offset:
             headers["Range"] = f"bytes={ingest.offset}-"
-        resp = await self._send(
-            "GET", f"/v2/{name}/blobs/{desc.digest}", f"repository:{name}:pull", headers, what
-        )
+        if url is None:
+            resp = await self._send(
+                "GET", f"/v2/{name}/blobs/{desc.digest}", f"repository:{name}:pull", headers, what
+            )
+        else:  # another host: no registry credentials, ordinary redirects
+            resp = await self.session.get(url, headers=headers)
         async with resp:
             if resp.status == 206:
                 m = _CONTENT_RANGE_RE.match(resp.headers.get("Content-Range", ""))
@@ -321,11 +352,15 @@ class Registry:
                         await ingest.write(pending)
                         on_bytes(buffered)
                         pending, buffered = [], 0
-            finally:
+            except RETRYABLE:
                 # keep what arrived before a cut: the next attempt resumes after it
-                if pending and not ingest.finished:
+                if pending:
                     await ingest.write(pending)
                     on_bytes(buffered)
+                raise
+            if pending:
+                await ingest.write(pending)
+                on_bytes(buffered)
         await ingest.flush()
         if ingest.offset < desc.size:
             raise _ShortBody(f"body ended at {ingest.offset}")

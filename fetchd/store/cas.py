@@ -155,11 +155,6 @@ class Ingest:
         self._done = False
 
     @property
-    def finished(self) -> bool:
-        """Committed or discarded: no more writes."""
-        return self._done
-
-    @property
     def exists(self) -> bool:
         """The blob is already committed (by us or by anyone)."""
         return self.store.has(self.digest)
@@ -262,9 +257,8 @@ class Ingest:
         self._done = True
 
     async def discard(self) -> None:
-        """Drop the partial data for good (it cannot be the blob); no more writes."""
-        await self.flush()
-        await asyncio.to_thread(self._discard)
+        """Drop the partial data (it cannot be the blob); the ingest starts empty again."""
+        await self.restart()
 
     def _discard(self) -> None:
         os.ftruncate(self._fd, 0)

@@ -1,0 +1,96 @@
+"""A registry double for someone else's misbehaving registry: answers each path as told.
+
+A few lines of real HTTP server on 127.0.0.1 (ThreadingHTTPServer in a thread). Routes
+map a path to an :class:`Answer`; :meth:`FakeRegistry.image` lays out a one-layer image
+whose layer descriptor and blob answer are given, so each test states only what is bad.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from .servers import QuietHandler, ServerThread
+
+ENDLESS_LIMIT = 1 << 30  # the "endless" body stops here at the latest
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Answer:
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    status: int = 200
+    endless: bool = False
+    send_length: bool = True
+
+
+class _Handler(QuietHandler):
+    def do_GET(self) -> None:
+        answer = self.owner.routes.get(self.path.split("?")[0])
+        if answer is None:
+            answer = Answer(b'{"errors":[{"code":"NAME_UNKNOWN"}]}', status=404)
+        self.send_response(answer.status)
+        for k, v in answer.headers.items():
+            self.send_header(k, v)
+        if answer.endless or not answer.send_length:
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self._stream(answer)
+            return
+        self.send_header("Content-Length", str(len(answer.body)))
+        self.end_headers()
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self.wfile.write(answer.body)
+
+    def _stream(self, answer: Answer) -> None:
+        chunk = answer.body or b"x" * 65536
+        sent = 0
+        try:
+            while sent < ENDLESS_LIMIT and not self.owner.stopping.is_set():
+                self.wfile.write(chunk)
+                sent += len(chunk)
+                if not answer.endless:
+                    break
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        self.close_connection = True
+
+
+class FakeRegistry(ServerThread):
+    def __init__(self) -> None:
+        self.routes: dict[str, Answer] = {}
+        super().__init__(_Handler)
+
+    def manifest(self, name: str, body: bytes, **headers: str) -> None:
+        self.routes[f"/v2/{name}/manifests/1"] = Answer(
+            body, {"Content-Type": OCI_MANIFEST, **headers}
+        )
+
+    def image(
+        self,
+        name: str,
+        layer: dict[str, object],
+        blob: Answer,
+        media_type: str = "application/vnd.oci.image.layer.v1.tar",
+    ) -> None:
+        config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {}}).encode()
+        self.routes[f"/v2/{name}/blobs/{sha256(config)}"] = Answer(config)
+        self.routes[f"/v2/{name}/blobs/{layer['digest']}"] = blob
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": sha256(config),
+                "size": len(config),
+            },
+            "layers": [{"mediaType": media_type, **layer}],
+        }
+        self.manifest(name, json.dumps(manifest).encode())
