@@ -2,7 +2,8 @@
 
 Builds a small image from Debian's busybox-static, serves it from a real local
 docker-registry on a free loopback port, pushes it with skopeo, pulls it with
-`fetchd pull`, lists the store, and stops everything it started. The store is left in
+`fetchd pull`, lists the store, stops everything it started, and runs the image
+with stage1 (no root process creates the container). The store is left in
 ./demo-store for a look around (skopeo inspect oci:demo-store/layout:…, umoci unpack).
 """
 
@@ -66,7 +67,17 @@ def main() -> int:
                 "{{.Digest}} {{.Layers}}",
                 f"oci:{STORE}/layout:{ref}",
             )
-        step("registry stopped; the store stays in ./demo-store")
+        step("registry stopped; running the image with stage1 (unprivileged, from the store)")
+        stage1 = [sys.executable, "-m", "stage1", "--store", str(STORE), "run", ref]
+        run(*stage1)
+        run(
+            *stage1,
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo inside: $(id); echo host uid map: $(cat /proc/self/uid_map)",
+        )
+        step("done; the store stays in ./demo-store")
     return 0
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.cli import Fetchd
+from tests.support.stage1 import Stage1
 
 pytest_plugins = ["tests.support.fixtures"]
 
@@ -20,3 +21,9 @@ def fetchd(tmp_path: Path) -> Fetchd:
     home = tmp_path / "home"
     home.mkdir()
     return Fetchd(tmp_path / "store", home)
+
+
+@pytest.fixture
+def stage1(tmp_path: Path) -> Stage1:
+    """stage1 run by root, with a store inside the test's private (0700) temporary dir."""
+    return Stage1(tmp_path / "store")
