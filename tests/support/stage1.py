@@ -6,6 +6,8 @@ stage1 always runs as a separate process, as a user runs it: real exit codes, re
 
 from __future__ import annotations
 
+import atexit
+import functools
 import hashlib
 import json
 import os
@@ -33,7 +35,7 @@ from tests.support.images import (
     busybox_rootfs_layer,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent.parent
 RUN_TIMEOUT = 60.0
 # The host uid stage1 drops to when root starts it (stage1.cli.DEFAULT_ID).
 DEFAULT_ID = 2_000_000_000
@@ -65,7 +67,7 @@ class Stage1:
             self.user,
             "--",
             "env",
-            f"PYTHONPATH={REPO}",
+            f"PYTHONPATH={readable_stage1()}",
             "PYTHONDONTWRITEBYTECODE=1",
             SYSTEM_PYTHON,
             "-m",
@@ -179,6 +181,22 @@ def snapshot(top: Path) -> dict[str, Entry]:
                 st.st_mtime_ns,
             )
     return result
+
+
+@functools.cache
+def readable_stage1() -> Path:
+    """A copy of the stage1 package that any user can import.
+
+    The checkout may sit under a directory other users cannot enter (a 0700 home or
+    temporary directory), so stage1 run via runuser imports it from here.
+    """
+    base = Path(tempfile.mkdtemp(prefix="fetchd-stage1-"))
+    base.chmod(0o755)
+    shutil.copytree(REPO / "stage1", base / "stage1", ignore=shutil.ignore_patterns("__pycache__"))
+    for path in [base / "stage1", *(base / "stage1").rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    atexit.register(shutil.rmtree, base, True)
+    return base
 
 
 # --- users and stores ---------------------------------------------------------------------
