@@ -19,7 +19,7 @@ from fetchd import __version__
 from fetchd.config import PULL_POLICIES, Config, default_store, parse_insecure, parse_resolve
 from fetchd.engine import Engine, PullResult
 from fetchd.errors import FetchdError, UsageError
-from fetchd.model import Platform
+from fetchd.model import Digest, Platform
 from fetchd.progress import Progress, TerminalBars
 from fetchd.store import Store
 from fetchd.store import maintenance as mt
@@ -65,10 +65,28 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="SECONDS",
             help="give up on a connection that sends nothing for this long (default 30)",
         )
+        sp.add_argument(
+            "--max-connections",
+            type=int,
+            default=8,
+            metavar="N",
+            help="connections per download at most (adaptive below that; default 8)",
+        )
+        sp.add_argument(
+            "--deadline", type=float, metavar="SECONDS", help="fail a pull that takes longer"
+        )
 
     sp = sub.add_parser("pull", help="fetch images into the store")
     sp.add_argument("refs", nargs="+", metavar="REF")
     fetch_options(sp)
+    sp.add_argument("--digest", help="for https:// URLs: the sha256 the bytes must have")
+    sp.add_argument(
+        "--mirror",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="for https:// URLs: another URL with the same bytes (repeatable)",
+    )
 
     sp = sub.add_parser("prefetch", help="pull all concurrently; idempotent; the pre-launch hook")
     sp.add_argument("refs", nargs="*", metavar="REF")
@@ -95,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _config(args: argparse.Namespace, store: Path, progress: bool) -> Config:
     if args.stall_timeout <= 0:
         raise UsageError("--stall-timeout must be positive")
+    if not 1 <= args.max_connections <= 64:
+        raise UsageError("--max-connections must be between 1 and 64")
     return Config(
         store=store,
         insecure=parse_insecure(args.insecure_options),
@@ -103,11 +123,17 @@ def _config(args: argparse.Namespace, store: Path, progress: bool) -> Config:
         pull_policy=args.pull_policy,
         stall_timeout=args.stall_timeout,
         progress=progress,
+        max_connections=args.max_connections,
+        deadline=args.deadline,
     )
 
 
 async def _pull_all(
-    store: Store, config: Config, refs: list[str]
+    store: Store,
+    config: Config,
+    refs: list[str],
+    digest: Digest | None = None,
+    mirrors: tuple[str, ...] = (),
 ) -> list[PullResult | FetchdError]:
     progress = Progress()
     bars = TerminalBars(progress) if config.progress else None
@@ -115,9 +141,11 @@ async def _pull_all(
 
         async def one(ref: str) -> PullResult | FetchdError:
             try:
-                return await engine.pull(ref)
+                return await engine.pull(ref, digest, mirrors)
             except FetchdError as exc:
                 return exc
+            except TimeoutError:
+                return FetchdError(f"{ref}: not done within --deadline {config.deadline:g} s")
 
         async def every() -> list[PullResult | FetchdError]:
             async with asyncio.TaskGroup() as tg:
@@ -143,7 +171,11 @@ def cmd_pull(args: argparse.Namespace, store: Store, prefetch: bool = False) -> 
     tty = sys.stderr.isatty() and not args.quiet
     config = _config(args, store.root, progress=tty)
     started = time.monotonic()
-    results = asyncio.run(_pull_all(store, config, refs))
+    digest = Digest.parse(args.digest) if getattr(args, "digest", None) else None
+    mirrors = tuple(getattr(args, "mirror", ()))
+    if (digest or mirrors) and len(refs) != 1:
+        raise UsageError("--digest and --mirror need exactly one URL")
+    results = asyncio.run(_pull_all(store, config, refs, digest, mirrors))
     failed = 0
     for res in results:
         if isinstance(res, FetchdError):

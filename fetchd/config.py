@@ -70,3 +70,9 @@ class Config:
     max_retry_after: float = 60.0
     auth_file: Path | None = None
     progress: bool = False
+    #: connections per segmented download (adaptive up to this)
+    max_connections: int = 8
+    #: registry blobs at least this big come over several range requests
+    segmented_threshold: int = 64 << 20
+    #: seconds for a whole pull, if set
+    deadline: float | None = None

@@ -24,6 +24,7 @@ class Transfer:
     resumed: int = 0
     started: float = field(default_factory=time.monotonic)
     finished: bool = False
+    connections: int = 0
 
 
 class Progress:
@@ -39,6 +40,11 @@ class Progress:
         t = self.transfers.get(key)
         if t:
             t.done += n
+
+    def connections(self, key: str, n: int) -> None:
+        t = self.transfers.get(key)
+        if t:
+            t.connections = n
 
     def finish(self, key: str) -> None:
         t = self.transfers.get(key)
@@ -88,7 +94,8 @@ class TerminalBars:
         total = done = fresh = 0
         for t in self.progress.transfers.values():
             rate = (t.done - t.resumed) / max(now - t.started, 1e-3)
-            lines.append(_line(t.label, t.done, t.total, None if t.finished else rate))
+            label = f"{t.label} ×{t.connections}" if t.connections > 1 else t.label
+            lines.append(_line(label, t.done, t.total, None if t.finished else rate))
             total += t.total
             done += t.done
             fresh += t.done - t.resumed

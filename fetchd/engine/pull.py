@@ -9,8 +9,10 @@ some committed blobs no name uses yet (gc frees them) and partial ingests (resum
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 
 import aiohttp
 
@@ -18,19 +20,22 @@ from fetchd.config import Config
 from fetchd.errors import (
     FetchdError,
     ImageNotInStore,
+    InsecureRefused,
     ManifestInvalid,
     ReferenceInvalid,
+    UsageError,
     unwrap,
 )
 from fetchd.manifest import ImageIndex, ImageManifest, docker_to_oci, parse_manifest
 from fetchd.model import DOCKER_MANIFEST, OCI_MANIFEST, Descriptor, Digest, Reference
 from fetchd.progress import Progress
-from fetchd.sources.http import new_session
+from fetchd.sources.http import RETRYABLE, cache_max_age, new_session, redact, translate
+from fetchd.sources.ranges import Opener, SegmentedDownload, Source
 from fetchd.sources.registry import Registry
 from fetchd.store import layout
-from fetchd.store.cas import Store
+from fetchd.store.cas import SegmentedIngest, Store
 from fetchd.store.maintenance import remove_unreferenced
-from fetchd.store.meta import Meta
+from fetchd.store.meta import Meta, UrlRecord
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +50,18 @@ class PullResult:
     fetched: bool
 
 
+def is_url(text: str) -> bool:
+    return text.startswith(("https://", "http://"))
+
+
 def parse_registry_ref(text: str) -> Reference:
     """The registry reference in ``text``; other kinds are refused with a clear message."""
     if text.startswith("docker://"):
         return Reference.parse(text)
     if "://" in text or text.startswith("magnet:") or text.endswith((".torrent", ".aci")):
         raise ReferenceInvalid(
-            f"{text[:80]!r}: this fetchd pulls docker:// references only; "
-            "URL, appc and BitTorrent sources are not implemented yet"
+            f"{text[:80]!r}: this fetchd pulls docker:// references and https:// URLs; "
+            "appc and BitTorrent sources are not implemented yet"
         )
     raise ReferenceInvalid(
         f"{text[:80]!r}: write registry images as docker://HOST/NAME:TAG "
@@ -104,7 +113,21 @@ class Engine:
 
     # --- pull ----------------------------------------------------------------------
 
-    async def pull(self, text: str) -> PullResult:
+    async def pull(
+        self, text: str, digest: Digest | None = None, mirrors: tuple[str, ...] = ()
+    ) -> PullResult:
+        """Pull one reference: a registry image, or (``https://``) one blob by URL.
+
+        ``digest`` pins a URL's content; ``mirrors`` are more URLs serving the same bytes.
+        """
+        async with asyncio.timeout(self.config.deadline):
+            if is_url(text):
+                return await self.pull_url(text, digest, mirrors)
+            if digest is not None or mirrors:
+                raise UsageError("--digest and --mirror apply to https:// URLs only")
+            return await self._pull_image(text)
+
+    async def _pull_image(self, text: str) -> PullResult:
         ref = parse_registry_ref(text)
         name = str(ref)
         policy = self.config.pull_policy
@@ -154,7 +177,11 @@ class Engine:
                 try:
                     async with asyncio.TaskGroup() as tg:
                         for desc in blobs:
-                            tg.create_task(self.ensure_blob(registry, ref.name, desc, committed))
+                            tg.create_task(
+                                self.ensure_blob(
+                                    registry, ref.name, desc, committed, self._segment(desc, blobs)
+                                )
+                            )
                 except BaseExceptionGroup as group:
                     raise unwrap(group) from None
                 for digest, data in keep.items():
@@ -177,8 +204,20 @@ class Engine:
         await asyncio.to_thread(self.meta.touch_image, name, str(top), pulled=True)
         return PullResult(name, top, manifest, fetched=True)
 
+    def _segment(self, desc: Descriptor, blobs: tuple[Descriptor, ...]) -> bool:
+        """Fetch ``desc`` over several range requests? Only a big blob that dominates
+        the image: when several big blobs come at once they already fill the
+        connections, and segmenting them only costs requests and a re-read to hash."""
+        missing = sum(d.size for d in blobs if not self.store.has(d.digest))
+        return desc.size >= self.config.segmented_threshold and 2 * desc.size >= missing
+
     async def ensure_blob(
-        self, registry: Registry, name: str, desc: Descriptor, committed: set[Digest]
+        self,
+        registry: Registry,
+        name: str,
+        desc: Descriptor,
+        committed: set[Digest],
+        segmented: bool = False,
     ) -> None:
         """Make ``desc`` present in the store; one transfer per digest (single flight).
 
@@ -193,7 +232,7 @@ class Engine:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._inflight[desc.digest] = done
         try:
-            if await self._transfer(registry, name, desc):
+            if await self._transfer(registry, name, desc, segmented):
                 committed.add(desc.digest)
             done.set_result(None)
         except BaseException as exc:
@@ -206,10 +245,15 @@ class Engine:
         finally:
             del self._inflight[desc.digest]
 
-    async def _transfer(self, registry: Registry, name: str, desc: Descriptor) -> bool:
+    async def _transfer(
+        self, registry: Registry, name: str, desc: Descriptor, segmented: bool
+    ) -> bool:
         """Fetch and commit ``desc``; False if another process committed it meanwhile."""
         key = str(desc.digest)
-        async with self._blob_slots, self.store.ingest(desc.digest, desc.size) as ingest:
+        async with (
+            self._blob_slots,
+            self.store.ingest(desc.digest, desc.size, segmented=segmented) as ingest,
+        ):
             if ingest.exists:
                 return False  # another process committed it while we waited for the lock
             if ingest.resumed_from:
@@ -218,3 +262,121 @@ class Engine:
             await registry.fetch_blob(name, desc, ingest, lambda n: self.progress.advance(key, n))
             self.progress.finish(key)
             return True
+
+    # --- plain URLs ----------------------------------------------------------------------
+
+    def _session_for_urls(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = new_session(self.config)
+        return self._session
+
+    async def pull_url(
+        self, url: str, digest: Digest | None, mirrors: tuple[str, ...]
+    ) -> PullResult:
+        """One blob by URL, verified, with rkt's remote cache (ETag, Last-Modified, max-age)."""
+        for u in (url, *mirrors):
+            if not is_url(u):
+                raise ReferenceInvalid(f"{u[:80]!r} is not an http(s) URL")
+            if u.startswith("http://") and "http" not in self.config.insecure:
+                raise InsecureRefused(
+                    f"{redact(u)} is plain HTTP; pass --insecure-options http to allow it"
+                )
+        policy = self.config.pull_policy
+        now = time.time()
+        rec = await asyncio.to_thread(self.meta.url, url)
+        if rec and not self.store.has(Digest.parse(rec.digest)):
+            rec = None
+        if rec and digest is not None and Digest.parse(rec.digest) != digest:
+            rec = None
+        if digest is not None and self.store.has(digest) and policy != "update":
+            return self._url_result(url, digest, self.store.blob_size(digest) or 0, False)
+        if rec is not None and (policy == "never" or (policy == "new" and rec.fresh(now))):
+            await asyncio.to_thread(self.meta.put_url, replace(rec, last_used=now))
+            return self._url_result(url, Digest.parse(rec.digest), rec.size, False)
+        if policy == "never":
+            raise ImageNotInStore(
+                f"{redact(url)} is not in the store and --pull-policy never forbids fetching it"
+            )
+        session = self._session_for_urls()
+        if rec is not None and await self._still_valid(session, url, rec):
+            return self._url_result(url, Digest.parse(rec.digest), rec.size, False)
+        key = "url-" + hashlib.sha256(url.encode()).hexdigest()[:40]
+        label = redact(url)
+        async with self.store.ingest(digest, None, key=key, segmented=True) as ingest:
+            assert isinstance(ingest, SegmentedIngest)
+            if not ingest.exists:
+                sources = [Source(redact(u), _opener(session, u)) for u in (url, *mirrors)]
+                self.progress.start(label, _short_label(url), 0, ingest.offset)
+                download = SegmentedDownload(
+                    ingest,
+                    sources,
+                    self.config,
+                    lambda n: self.progress.advance(label, n),
+                    lambda n: self.progress.connections(label, n),
+                )
+                t = self.progress.transfers[label]
+                t.total = ingest.size or 0
+                await download.run()
+                t.total = download.size or t.done
+                await ingest.commit()
+                self.progress.finish(label)
+            got, size, meta = ingest.digest, ingest.size or 0, dict(ingest.meta)
+        await asyncio.to_thread(
+            self.meta.put_url,
+            UrlRecord(
+                url,
+                str(got),
+                size,
+                meta.get("etag"),
+                meta.get("last_modified"),
+                meta.get("max_age"),
+                now,
+                now,
+            ),
+        )
+        return self._url_result(url, got, size, True)
+
+    async def _still_valid(self, session: aiohttp.ClientSession, url: str, rec: UrlRecord) -> bool:
+        """A conditional GET: True (and the record refreshed) if the server says 304."""
+        headers = {}
+        if rec.etag:
+            headers["If-None-Match"] = rec.etag
+        if rec.last_modified:
+            headers["If-Modified-Since"] = rec.last_modified
+        if not headers:
+            return False
+        try:
+            async with session.get(url, headers=headers) as resp:
+                if resp.status != 304:
+                    return False
+                max_age = cache_max_age(resp.headers.get("Cache-Control"))
+        except RETRYABLE as exc:
+            raise translate(exc, redact(url), self.config) from exc
+        now = time.time()
+        await asyncio.to_thread(
+            self.meta.put_url,
+            replace(
+                rec,
+                max_age=max_age if max_age is not None else rec.max_age,
+                checked_at=now,
+                last_used=now,
+            ),
+        )
+        return True
+
+    def _url_result(self, url: str, digest: Digest, size: int, fetched: bool) -> PullResult:
+        return PullResult(
+            url, digest, Descriptor("application/octet-stream", digest, size), fetched
+        )
+
+
+def _opener(session: aiohttp.ClientSession, url: str) -> Opener:
+    async def open_(headers: dict[str, str]) -> aiohttp.ClientResponse:
+        return await session.get(url, headers=headers)
+
+    return open_
+
+
+def _short_label(url: str) -> str:
+    name = url.rstrip("/").rsplit("/", 1)[-1] or url
+    return name if len(name) <= 22 else name[:10] + "…" + name[-11:]

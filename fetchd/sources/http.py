@@ -8,6 +8,7 @@ into a :class:`~fetchd.errors.FetchdError` with ``raise … from exc``.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import random
 import socket
 import ssl
@@ -112,9 +113,21 @@ def retry_after(headers: Mapping[str, str], default: float) -> float:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return default
-    import datetime as _dt
+    return max(0.0, (when - datetime.datetime.now(datetime.UTC)).total_seconds())
 
-    return max(0.0, (when - _dt.datetime.now(_dt.UTC)).total_seconds())
+
+def cache_max_age(header: str | None) -> float | None:
+    """``max-age`` of a Cache-Control header; 0 for no-cache/no-store; None if absent."""
+    if not header:
+        return None
+    max_age = None
+    for part in header.lower().split(","):
+        name, _, value = part.strip().partition("=")
+        if name in ("no-cache", "no-store"):
+            return 0.0
+        if name == "max-age" and value.strip().isdigit():
+            max_age = float(value)
+    return max_age
 
 
 def backoff(attempt: int, base: float = 0.2, cap: float = 10.0) -> float:

@@ -46,7 +46,8 @@ from fetchd.model import (
 )
 from fetchd.sources.auth import Authenticator, load_credentials
 from fetchd.sources.http import RETRYABLE, backoff, origin, redact, retry_after, translate
-from fetchd.store.cas import Ingest, ResumedDataBad
+from fetchd.sources.ranges import SegmentedDownload, Source
+from fetchd.store.cas import Ingest, ResumedDataBad, SegmentedIngest
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +246,12 @@ class Registry:
     # --- blobs ---------------------------------------------------------------------
 
     async def fetch_blob(
-        self, name: str, desc: Descriptor, ingest: Ingest, on_bytes: Callable[[int], None]
+        self,
+        name: str,
+        desc: Descriptor,
+        ingest: Ingest,
+        on_bytes: Callable[[int], None],
+        on_connections: Callable[[int], None] = lambda n: None,
     ) -> None:
         """Stream blob ``desc`` of repository ``name`` into ``ingest`` and commit it.
 
@@ -260,6 +266,25 @@ class Registry:
         if desc.media_type in NONDISTRIBUTABLE_TYPES:
             urls += [u for u in desc.urls if u.startswith(("https://", "http://"))]
         urls.append(None)
+        if isinstance(ingest, SegmentedIngest):
+            # A big blob: several range requests at once (registries serve Range).
+            path = f"/v2/{name}/blobs/{desc.digest}"
+            scope = f"repository:{name}:pull"
+
+            async def open_registry(headers: dict[str, str]) -> aiohttp.ClientResponse:
+                return await self._send("GET", path, scope, headers, what)
+
+            sources = [Source(f"{self.host}/{name}@{desc.digest.short}", open_registry)]
+            download = SegmentedDownload(ingest, sources, self.config, on_bytes, on_connections)
+            try:
+                await download.run()
+                await ingest.commit()
+            except ResumedDataBad:
+                await SegmentedDownload(
+                    ingest, sources, self.config, on_bytes, on_connections
+                ).run()
+                await ingest.commit()
+            return
         for url in urls:
             try:
                 try:

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -101,16 +104,31 @@ class Store:
     # --- writing -------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def ingest(self, digest: Digest, size: int | None) -> AsyncIterator[Ingest]:
+    async def ingest(
+        self,
+        digest: Digest | None,
+        size: int | None,
+        *,
+        key: str | None = None,
+        segmented: bool = False,
+    ) -> AsyncIterator[Ingest]:
         """Hold the ingest for ``digest``; resumes partial data a previous writer left.
 
         ``size`` (if known) is enforced: writing past it raises :class:`SizeMismatch`.
         Check :attr:`Ingest.exists` first: the blob may have been committed while we
         waited for the lock. Leaving the block without commit keeps the partial data.
+        With ``digest`` None (a URL whose digest nobody gave), ``key`` names the ingest
+        and commit stores the blob under the sha256 it computed. ``segmented`` gives a
+        :class:`SegmentedIngest`, written at any offset by several connections.
         """
-        path = self.ingests / f"{digest.algorithm}-{digest.hex}"
+        if digest is not None:
+            key = f"{digest.algorithm}-{digest.hex}"
+        if not key or "/" in key or key.startswith("."):
+            raise StoreError(f"bad ingest key {key!r}")
+        path = self.ingests / key
+        cls = SegmentedIngest if segmented else Ingest
         async with alocked(path / "lock"):
-            ing = Ingest(self, digest, size, path)
+            ing = cls(self, digest, size, path)
             try:
                 if not ing.exists:
                     await asyncio.to_thread(ing.open)
@@ -141,9 +159,12 @@ class Ingest:
     overlap.
     """
 
-    def __init__(self, store: Store, digest: Digest, size: int | None, path: Path) -> None:
+    def __init__(self, store: Store, digest: Digest | None, size: int | None, path: Path) -> None:
         self.store = store
-        self.digest = digest
+        self.expected = digest
+        self.algorithm = digest.algorithm if digest else "sha256"
+        #: the blob's digest once known: the expected one, or what commit computed
+        self.digest = digest or Digest("sha256", "0" * 64)
         self.size = size
         self.path = path
         self.data_path = path / "data"
@@ -157,7 +178,10 @@ class Ingest:
     @property
     def exists(self) -> bool:
         """The blob is already committed (by us or by anyone)."""
-        return self.store.has(self.digest)
+        return (self.expected is not None or self._done) and self.store.has(self.digest)
+
+    def _new_hasher(self) -> Any:
+        return hashlib.new(self.algorithm)
 
     def open(self) -> None:
         """Open the data file and rebuild the hash state of what is already in it."""
@@ -165,7 +189,7 @@ class Ingest:
         length = os.fstat(self._fd).st_size
         if self.size is not None and length > self.size:
             length = 0  # cannot be a prefix of this blob: start over
-        self._hasher = self.digest.hasher()
+        self._hasher = self._new_hasher()
         done = 0
         while done < length:
             chunk = os.pread(self._fd, min(_REHASH_CHUNK, length - done), done)
@@ -182,19 +206,29 @@ class Ingest:
         joining it on the event loop: the worker hashes each piece and writes them all
         with one ``pwritev``.
         """
-        if self._done:
-            raise StoreError(f"ingest of {self.digest.short} is already finished")
-        n = sum(len(p) for p in pieces)
-        if self.size is not None and self.offset + n > self.size:
-            # An endless or lying response: what came is not this blob. Drop it all.
+        n = self._check_room(self.offset, pieces)
+        if n < 0:
             await self.discard()
-            raise SizeMismatch(f"blob {self.digest.short}", self.size, self.offset + n)
+            raise SizeMismatch(self._what, self.size or 0, self.offset - n)
         # Chunks must be hashed and written in order: wait for the previous one, then
         # hand this one over and return while it is processed.
         await self.flush()
         loop = asyncio.get_running_loop()
         self._pending = loop.run_in_executor(None, self._append, pieces, self.offset)
         self.offset += n
+
+    @property
+    def _what(self) -> str:
+        return f"blob {self.expected.short}" if self.expected else "download"
+
+    def _check_room(self, offset: int, pieces: Sequence[bytes]) -> int:
+        """Bytes in ``pieces``, or minus that if they would run past ``size``."""
+        if self._done:
+            raise StoreError(f"{self._what}: the ingest is already finished")
+        n = sum(len(p) for p in pieces)
+        if self.size is not None and offset + n > self.size:
+            return -n  # an endless or lying response: what came is not this blob
+        return n
 
     async def flush(self) -> None:
         """Wait until every chunk handed to :meth:`write` is hashed and written."""
@@ -206,22 +240,12 @@ class Ingest:
         # Explicit offsets (pwritev): the fd's own position is not part of the state.
         for p in pieces:
             self._hasher.update(p)
-        views = [memoryview(p) for p in pieces]
-        while views:
-            n = os.pwritev(self._fd, views, at)
-            at += n
-            while views and n >= len(views[0]):
-                n -= len(views[0])
-                views.pop(0)
-            if views and n:
-                views[0] = views[0][n:]
+        _pwrite_all(self._fd, pieces, at)
 
     async def restart(self) -> None:
         """Throw away the partial data (the source cannot resume it)."""
         await self.flush()
-        await asyncio.to_thread(os.ftruncate, self._fd, 0)
-        self._hasher = self.digest.hasher()
-        self.offset = self.resumed_from = 0
+        await asyncio.to_thread(self._reset)
 
     async def commit(self) -> None:
         """Verify size and digest, then make the blob visible with one atomic rename.
@@ -233,21 +257,20 @@ class Ingest:
         await asyncio.to_thread(self._commit)
 
     def _commit(self) -> None:
-        what = f"blob {self.digest.short}"
+        what = f"blob {self.expected.short}" if self.expected else "download"
         if self.size is not None and self.offset != self.size:
             self._discard()
             raise SizeMismatch(what, self.size, self.offset)
-        actual = self._hasher.hexdigest()
-        if actual != self.digest.hex:
+        actual = Digest(self.algorithm, self._hasher.hexdigest())
+        if self.expected is not None and actual != self.expected:
             if self.resumed_from:
                 # The bad bytes may be an earlier run's: start over once, cleanly.
-                os.ftruncate(self._fd, 0)
-                self._hasher = self.digest.hasher()
-                self.offset = self.resumed_from = 0
-                raise ResumedDataBad(what, str(self.digest), f"{self.digest.algorithm}:{actual}")
+                self._reset()
+                raise ResumedDataBad(what, str(self.expected), str(actual))
             self._discard()
-            raise DigestMismatch(what, str(self.digest), f"{self.digest.algorithm}:{actual}")
-        target = self.store.blob_path(self.digest)
+            raise DigestMismatch(what, str(self.expected), str(actual))
+        self.digest = actual
+        target = self.store.blob_path(actual)
         if not target.exists():
             os.fsync(self._fd)
             os.chmod(self.data_path, 0o444)  # blobs are immutable
@@ -255,6 +278,11 @@ class Ingest:
             os.rename(self.data_path, target)
             _fsync_dir(target.parent)
         self._done = True
+
+    def _reset(self) -> None:
+        os.ftruncate(self._fd, 0)
+        self._hasher = self._new_hasher()
+        self.offset = self.resumed_from = 0
 
     async def discard(self) -> None:
         """Drop the partial data (it cannot be the blob); the ingest starts empty again."""
@@ -275,6 +303,155 @@ class Ingest:
             await asyncio.to_thread(shutil.rmtree, self.path, True)
 
 
+def _pwrite_all(fd: int, pieces: Sequence[bytes], at: int) -> None:
+    """Write ``pieces`` at offset ``at`` with as few ``pwritev`` calls as the kernel allows."""
+    views = [memoryview(p) for p in pieces]
+    while views:
+        n = os.pwritev(fd, views, at)
+        at += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+
+
+class SegmentedIngest(Ingest):
+    """An ingest written at any offset, by several connections at once.
+
+    Which byte ranges are on disk is kept in ``state.json`` beside the data (written
+    atomically by :meth:`save_state`, which the downloader calls every few seconds and
+    on exit), so a kill -9 loses at most what was in flight. ``meta`` holds what the
+    downloader needs to decide whether a resume is valid (size, ETag, Last-Modified).
+
+    Hashing needs the bytes in order: a follower in a thread of its own hashes the
+    contiguous prefix as it grows (re-reading it from the page cache), so verification
+    ends moments after the last byte arrives when segments are fetched roughly in
+    order. Calls to :meth:`write_at` may overlap (for different ranges).
+    """
+
+    def __init__(self, store: Store, digest: Digest | None, size: int | None, path: Path) -> None:
+        super().__init__(store, digest, size, path)
+        self.state_path = path / "state.json"
+        self.meta: dict[str, Any] = {}
+        self.ranges: list[tuple[int, int]] = []  # merged, sorted [start, end)
+        self.hashed = 0
+        self._lock = threading.Lock()
+        self._follower = ThreadPoolExecutor(1, thread_name_prefix="fetchd-hash")
+        self._last_follow: asyncio.Future[None] | None = None
+
+    def open(self) -> None:
+        self._fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        length = os.fstat(self._fd).st_size
+        self._hasher = self._new_hasher()
+        try:
+            state = json.loads(self.state_path.read_bytes())
+            self.meta = dict(state.get("meta", {}))
+            ranges = [(int(a), int(b)) for a, b in state.get("ranges", [])]
+        except (OSError, ValueError, TypeError):
+            # No state: a sequential ingest (or none) was here; its data is a prefix.
+            # (A segmented ingest writes its state before any data: see below.)
+            ranges = [(0, length)] if length else []
+        self.ranges = _merge([(a, min(b, length)) for a, b in ranges if a < min(b, length)])
+        if self.size is not None and self.ranges and self.ranges[-1][1] > self.size:
+            self.ranges = []
+        self.offset = self.resumed_from = sum(b - a for a, b in self.ranges)
+        self.save_state()  # from here on, data without a range in the state is not data
+
+    def missing(self, size: int) -> list[tuple[int, int]]:
+        """The gaps in [0, size) not yet on disk."""
+        gaps, at = [], 0
+        for a, b in self.ranges:
+            if a > at:
+                gaps.append((at, min(a, size)))
+            at = max(at, b)
+        if at < size:
+            gaps.append((at, size))
+        return [(a, b) for a, b in gaps if a < b]
+
+    async def write(self, pieces: Sequence[bytes]) -> None:
+        await self.write_at(self.ranges[-1][1] if self.ranges else 0, pieces)
+
+    async def write_at(self, offset: int, pieces: Sequence[bytes]) -> None:
+        """Write ``pieces`` at ``offset``; the hash follower takes them when in order."""
+        n = self._check_room(offset, pieces)
+        if n < 0:
+            await self.discard()
+            raise SizeMismatch(self._what, self.size or 0, offset - n)
+        await asyncio.get_running_loop().run_in_executor(
+            None, _pwrite_all, self._fd, pieces, offset
+        )
+        with self._lock:
+            self.ranges = _merge([*self.ranges, (offset, offset + n)])
+            self.offset = sum(b - a for a, b in self.ranges)
+        self._follow()
+
+    def _follow(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._last_follow = loop.run_in_executor(self._follower, self._hash_prefix)
+
+    def _hash_prefix(self) -> None:
+        while True:
+            with self._lock:
+                frontier = self.ranges[0][1] if self.ranges and self.ranges[0][0] == 0 else 0
+            if frontier <= self.hashed:
+                return
+            chunk = os.pread(self._fd, min(_REHASH_CHUNK, frontier - self.hashed), self.hashed)
+            if not chunk:
+                return
+            self._hasher.update(chunk)
+            self.hashed += len(chunk)
+
+    async def flush(self) -> None:
+        last, self._last_follow = self._last_follow, None
+        if last is not None:
+            await last
+
+    async def commit(self) -> None:
+        self._follow()
+        await self.flush()
+        if self.hashed != self.offset:
+            raise StoreError(f"{self._what}: {self.offset - self.hashed} bytes are not in order")
+        await asyncio.to_thread(self._commit)
+
+    def _reset(self) -> None:
+        with self._lock:
+            os.ftruncate(self._fd, 0)
+            self._hasher = self._new_hasher()
+            self.offset = self.resumed_from = self.hashed = 0
+            self.ranges = []
+            self.meta = {}
+        with contextlib.suppress(FileNotFoundError):
+            self.state_path.unlink()
+
+    def save_state(self) -> None:
+        """Record which ranges are on disk (data first: pwrite completed before this)."""
+        if self._done or self._fd < 0:
+            return
+        with self._lock:
+            state = {"meta": self.meta, "ranges": [list(r) for r in self.ranges]}
+        atomic_write(self.state_path, json.dumps(state).encode(), sync=False)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.flush()
+        if not self._done and self._fd >= 0:
+            with contextlib.suppress(OSError):
+                self.save_state()
+        self._follower.shutdown(wait=True)
+        await super().close()
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -283,14 +460,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, *, exclusive: bool = False) -> None:
+def atomic_write(path: Path, data: bytes, *, exclusive: bool = False, sync: bool = True) -> None:
     """Write ``data`` to ``path`` via a temporary file and one rename (or link)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            os.fsync(f.fileno())
     try:
         if exclusive:
             os.link(tmp, path)  # fails with FileExistsError instead of replacing
@@ -299,4 +477,5 @@ def atomic_write(path: Path, data: bytes, *, exclusive: bool = False) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-    _fsync_dir(path.parent)
+    if sync:
+        _fsync_dir(path.parent)

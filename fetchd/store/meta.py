@@ -12,6 +12,7 @@ import contextlib
 import sqlite3
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 _SCHEMA = """
@@ -21,7 +22,34 @@ CREATE TABLE IF NOT EXISTS images (
     pulled_at REAL NOT NULL,
     last_used REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS urls (
+    url           TEXT PRIMARY KEY,
+    digest        TEXT NOT NULL,
+    size          INTEGER NOT NULL,
+    etag          TEXT,
+    last_modified TEXT,
+    max_age       REAL,
+    checked_at    REAL NOT NULL,
+    last_used     REAL NOT NULL
+);
 """
+
+
+@dataclass(frozen=True, slots=True)
+class UrlRecord:
+    """rkt's remote cache: what a URL gave last time and how long that stays fresh."""
+
+    url: str
+    digest: str
+    size: int
+    etag: str | None
+    last_modified: str | None
+    max_age: float | None
+    checked_at: float
+    last_used: float
+
+    def fresh(self, now: float) -> bool:
+        return self.max_age is not None and now - self.checked_at < self.max_age
 
 
 class Meta:
@@ -60,3 +88,42 @@ class Meta:
     def forget(self, names: list[str]) -> None:
         with self._db() as db:
             db.executemany("DELETE FROM images WHERE name=?", [(n,) for n in names])
+
+    # --- URLs (plain HTTP(S) blobs) ------------------------------------------------------
+
+    def url(self, url: str) -> UrlRecord | None:
+        with self._db() as db:
+            row = db.execute(
+                "SELECT url, digest, size, etag, last_modified, max_age, checked_at, last_used "
+                "FROM urls WHERE url=?",
+                (url,),
+            ).fetchone()
+        return UrlRecord(*row) if row else None
+
+    def put_url(self, rec: UrlRecord) -> None:
+        with self._db() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO urls VALUES (?,?,?,?,?,?,?,?)",
+                (
+                    rec.url,
+                    rec.digest,
+                    rec.size,
+                    rec.etag,
+                    rec.last_modified,
+                    rec.max_age,
+                    rec.checked_at,
+                    rec.last_used,
+                ),
+            )
+
+    def urls(self) -> list[UrlRecord]:
+        with self._db() as db:
+            rows = db.execute(
+                "SELECT url, digest, size, etag, last_modified, max_age, checked_at, last_used "
+                "FROM urls"
+            ).fetchall()
+        return [UrlRecord(*r) for r in rows]
+
+    def forget_urls(self, urls: list[str]) -> None:
+        with self._db() as db:
+            db.executemany("DELETE FROM urls WHERE url=?", [(u,) for u in urls])

@@ -1,0 +1,396 @@
+"""One big file over HTTPS from a local nginx: fetchd vs aria2c -x8 vs curl + sha256, alternating.
+
+The file is SIZE_MIB MiB of deterministic pseudo-random bytes (tests/support/nginx.py make_file),
+served by nginx (tests/support/nginx.py) on a free loopback port with a certificate from a
+throwaway test CA. Each round runs, in this order, each into a fresh empty directory:
+
+- fetchd: `python -m fetchd --store DIR -q pull --digest sha256:HEX https://127.0.0.1:P/file.bin`
+  with SSL_CERT_FILE naming the CA; it verifies the digest as it goes, so it must print it;
+- aria2c: `aria2c -x8 -s8 -k1M --file-allocation=none --ca-certificate=CA -d DIR -o out URL`;
+  its file is hashed afterwards, outside the timed region, and must match;
+- curl: `curl -sS --cacert CA -o DIR/out URL`, then a separate in-process hashlib sha256 of the
+  file, timed on its own: "curl+sha256" is the sum, the one-stream-then-verify anchor.
+
+A fetchd run that fails (nonzero exit, wrong or missing digest) is reported with its stderr and
+not counted; the other tools go on (`--skip-fetchd` leaves it out). aria2c or curl failing
+aborts the benchmark: an anchor that did not work measures nothing.
+
+Wall time is from just before fork to the moment the child is reaped (waited for with a pidfd);
+CPU time comes from os.wait4's rusage of the child, peak RSS from GNU time (see run_child).
+Output directories are deleted, and `sync` run, between runs, outside the timed region; the page
+cache is not dropped (the served file stays warm for everyone). Each run's line also says how
+many body bytes nginx sent for it (from its access log, read after the run).
+
+    python benchmarks/ranges_https.py [--rounds N] [--size-mib N] [--skip-fetchd] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import resource
+import select
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # so that `python benchmarks/ranges_https.py` finds tests/
+
+from tests.support.nginx import Nginx, make_file, start_nginx  # noqa: E402
+from tests.support.tls import make_ca  # noqa: E402
+
+MIB = 1024 * 1024
+PYTHON = REPO / ".venv" / "bin" / "python"
+FILE = "file.bin"
+RUN_TIMEOUT = 300.0  # seconds for one download; the anchors take ~2–4 s per GiB here
+HASH_BUFFER = 8 * MIB
+TIME = "/usr/bin/time"  # GNU time (Debian package `time`), for peak RSS
+
+
+class BenchmarkFailed(RuntimeError):
+    """A run failed or produced a wrong result: it must not be counted."""
+
+
+@dataclass(frozen=True)
+class Exited:
+    status: int
+    wall: float
+    usage: resource.struct_rusage  # CPU times (GNU time's own are negligible)
+    max_rss_kib: int  # the tool's peak RSS, from GNU time
+    stdout: str
+    stderr: str
+
+
+@dataclass(frozen=True)
+class Run:
+    tool: str  # "fetchd", "aria2c" or "curl"
+    round: int
+    wall: float  # seconds, the child only
+    cpu: float  # user + system seconds of the child
+    max_rss_mib: float
+    sha_wall: float = 0.0  # curl only: the separate sha256 afterwards
+    served: int = 0  # body bytes nginx sent during this run
+
+    @property
+    def total(self) -> float:
+        """The figure compared: the download, plus the separate sha256 for curl."""
+        return self.wall + self.sha_wall
+
+    def line(self, size_mib: int) -> str:
+        name = "curl+sha256" if self.tool == "curl" else self.tool
+        split = f" (curl {self.wall:.2f} + sha256 {self.sha_wall:.2f})" if self.sha_wall else ""
+        return (
+            f"round {self.round}  {name:<11}  {self.total:6.2f} s  "
+            f"{size_mib / self.total:6.0f} MiB/s  cpu {self.cpu:5.2f} s  "
+            f"peak RSS {self.max_rss_mib:6.1f} MiB  nginx sent {self.served / MIB:5.0f} MiB{split}"
+        )
+
+
+def run_child(
+    argv: Sequence[str], env: Mapping[str, str], logs: Path, timeout: float = RUN_TIMEOUT
+) -> Exited:
+    """Run argv to completion under GNU time, timing it and taking its rusage and peak RSS.
+
+    Peak RSS comes from GNU time (%M), not from os.wait4: a child forked (or vforked) from
+    this Python process inherits this process's RSS high-water mark across exec, so wait4's
+    ru_maxrss says at least this process's peak (65 MiB here) for every tool. GNU time is a
+    small process of its own, so its child's figure is the tool's own (±1 MiB). The child
+    runs in a new session; after `timeout` s the whole group (pgid = its PID) is killed.
+    """
+    out, err = logs.with_suffix(".stdout"), logs.with_suffix(".stderr")
+    rss_file = logs.with_suffix(".rss")
+    wrapped = [TIME, "-o", str(rss_file), "-f", "maxrss_kib=%M", *argv]
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        started = time.perf_counter()
+        proc = subprocess.Popen(
+            wrapped,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            env=dict(env),
+            cwd=REPO,
+            start_new_session=True,
+        )
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+        try:
+            ready, _, _ = select.select([pidfd], [], [], timeout)
+        finally:
+            os.close(pidfd)
+        if not ready:
+            raise BenchmarkFailed(f"{argv[0]} did not finish in {timeout:.0f} s: {' '.join(argv)}")
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)  # tell Popen it is reaped
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the group this Popen made, by its id
+            proc.wait()
+    match = re.search(r"maxrss_kib=(\d+)", rss_file.read_text() if rss_file.exists() else "")
+    max_rss_kib = int(match[1]) if match else 0
+    return Exited(proc.returncode, wall, usage, max_rss_kib, out.read_text(), err.read_text())
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    buffer = bytearray(HASH_BUFFER)
+    view = memoryview(buffer)
+    with path.open("rb", buffering=0) as f:
+        for _ in range(path.stat().st_size // HASH_BUFFER + 2):
+            n = f.readinto(buffer)
+            if not n:
+                break
+            digest.update(view[:n])
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _measured(tool: str, round_: int, exited: Exited, sha_wall: float = 0.0) -> Run:
+    usage = exited.usage
+    cpu = usage.ru_utime + usage.ru_stime
+    return Run(tool, round_, exited.wall, cpu, exited.max_rss_kib / 1024, sha_wall)
+
+
+def _check_exit(tool: str, exited: Exited) -> None:
+    if exited.status != 0:
+        tail = (exited.stderr.strip() or exited.stdout.strip())[-2000:]
+        raise BenchmarkFailed(f"{tool} exited with {exited.status}: {tail or '(no output)'}")
+
+
+def _check_file(tool: str, path: Path, digest: str) -> None:
+    if not path.is_file():
+        raise BenchmarkFailed(f"{tool} wrote no {path}")
+    got = sha256_file(path)
+    if got != digest:
+        raise BenchmarkFailed(f"{tool}'s file is {got}, served {digest}")
+
+
+@dataclass(frozen=True)
+class Setup:
+    url: str
+    digest: str
+    ca: Path
+    env: dict[str, str]
+
+
+def pull_fetchd(setup: Setup, dest: Path, round_: int) -> Run:
+    argv = [str(PYTHON), "-m", "fetchd", "--store", str(dest), "-q", "pull"]
+    argv += ["--digest", setup.digest, setup.url]
+    env = {**setup.env, "SSL_CERT_FILE": str(setup.ca)}
+    exited = run_child(argv, env, dest.parent / f"fetchd-{round_}")
+    _check_exit("fetchd", exited)
+    lines = exited.stdout.split()
+    if not lines or lines[-1] != setup.digest:
+        raise BenchmarkFailed(f"fetchd printed {exited.stdout.strip()!r}, not {setup.digest}")
+    return _measured("fetchd", round_, exited)
+
+
+def pull_aria2c(setup: Setup, dest: Path, round_: int) -> Run:
+    argv = ["aria2c", "--no-conf", "-q", "-x8", "-s8", "-k1M", "--file-allocation=none"]
+    argv += [f"--ca-certificate={setup.ca}", "--console-log-level=warn", "--summary-interval=0"]
+    argv += ["-d", str(dest), "-o", "out", setup.url]
+    dest.mkdir()
+    exited = run_child(argv, setup.env, dest.parent / f"aria2c-{round_}")
+    _check_exit("aria2c", exited)
+    _check_file("aria2c", dest / "out", setup.digest)  # outside the timed region
+    return _measured("aria2c", round_, exited)
+
+
+def pull_curl(setup: Setup, dest: Path, round_: int) -> Run:
+    # -q first: ignore any ~/.curlrc.
+    argv = ["curl", "-q", "-sS", "--cacert", str(setup.ca), "-o", str(dest / "out"), setup.url]
+    dest.mkdir()
+    exited = run_child(argv, setup.env, dest.parent / f"curl-{round_}")
+    _check_exit("curl", exited)
+    started = time.perf_counter()
+    got = sha256_file(dest / "out")  # timed: this is the "then verify" half of the anchor
+    sha_wall = time.perf_counter() - started
+    if got != setup.digest:
+        raise BenchmarkFailed(f"curl's file is {got}, served {setup.digest}")
+    return _measured("curl", round_, exited, sha_wall)
+
+
+def child_env(home: Path) -> dict[str, str]:
+    """The machine's environment without CA overrides or proxies, with an empty HOME."""
+    drop = {"SSL_CERT_FILE", "SSL_CERT_DIR", "CURL_CA_BUNDLE", "FETCHD_STORE", "XDG_RUNTIME_DIR"}
+    env = {
+        k: v for k, v in os.environ.items() if k not in drop and not k.lower().endswith("_proxy")
+    }
+    env["HOME"] = str(home)
+    return env
+
+
+def _median(runs: Sequence[Run], tool: str) -> float | None:
+    totals = [r.total for r in runs if r.tool == tool]
+    return round(statistics.median(totals), 3) if totals else None
+
+
+def _ratio(runs: Sequence[Run], anchor: str) -> float | None:
+    """Median over rounds where fetchd counted of fetchd's time / the anchor's (total)."""
+    by_round = {(r.tool, r.round): r.total for r in runs}
+    ratios = [
+        by_round[("fetchd", n)] / by_round[(anchor, n)]
+        for tool, n in by_round
+        if tool == "fetchd" and (anchor, n) in by_round
+    ]
+    return round(statistics.median(ratios), 3) if ratios else None
+
+
+def summary(runs: Sequence[Run], args: argparse.Namespace, digest: str) -> dict[str, object]:
+    def peak(tool: str) -> float | None:
+        rss = [r.max_rss_mib for r in runs if r.tool == tool]
+        return round(max(rss), 1) if rss else None
+
+    curl_runs = [r for r in runs if r.tool == "curl"]
+    return {
+        "benchmark": "ranges_https",
+        "digest": digest,
+        "size_mib": args.size_mib,
+        "rounds": args.rounds,
+        "fetchd_s": [round(r.total, 3) for r in runs if r.tool == "fetchd"],
+        "aria2c_s": [round(r.total, 3) for r in runs if r.tool == "aria2c"],
+        "curl_s": [round(r.wall, 3) for r in curl_runs],
+        "sha256_s": [round(r.sha_wall, 3) for r in curl_runs],
+        "fetchd_median_s": _median(runs, "fetchd"),
+        "aria2c_median_s": _median(runs, "aria2c"),
+        "curl_median_s": round(statistics.median(r.wall for r in curl_runs), 3),
+        "sha256_median_s": round(statistics.median(r.sha_wall for r in curl_runs), 3),
+        "curl_sha256_median_s": _median(runs, "curl"),
+        "ratio_fetchd_aria2c": _ratio(runs, "aria2c"),
+        "ratio_fetchd_curl_sha256": _ratio(runs, "curl"),
+        "fetchd_peak_rss_mib": peak("fetchd"),
+        "aria2c_peak_rss_mib": peak("aria2c"),
+        "curl_peak_rss_mib": peak("curl"),
+    }
+
+
+def print_summary(result: Mapping[str, object], fetchd: str) -> None:
+    """`fetchd` says what happened to fetchd when it has no figures ("skipped", "failed…")."""
+    fetchd_s = result["fetchd_median_s"]
+    fetchd_rss = result["fetchd_peak_rss_mib"]
+    print(
+        f"median  fetchd {f'{fetchd_s} s' if fetchd_s is not None else fetchd}  "
+        f"aria2c {result['aria2c_median_s']} s  curl {result['curl_median_s']} s  "
+        f"sha256 {result['sha256_median_s']} s  curl+sha256 {result['curl_sha256_median_s']} s"
+    )
+    if result["ratio_fetchd_aria2c"] is None:
+        print(f"ratios  none: fetchd {fetchd}")
+    else:
+        print(
+            f"ratio fetchd/aria2c {result['ratio_fetchd_aria2c']} (target <= 1.0, aim 0.8)  "
+            f"fetchd/(curl+sha256) {result['ratio_fetchd_curl_sha256']} (target <= 1.0)  "
+            "(medians of per-round ratios)"
+        )
+    print(
+        f"peak RSS  fetchd {f'{fetchd_rss} MiB' if fetchd_rss is not None else fetchd} "
+        f"(target < 200 MiB)  aria2c {result['aria2c_peak_rss_mib']} MiB  "
+        f"curl {result['curl_peak_rss_mib']} MiB"
+    )
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of all tools (default 3)")
+    parser.add_argument("--size-mib", type=int, default=1024, help="file size (default 1024)")
+    parser.add_argument("--skip-fetchd", action="store_true", help="run the anchors only")
+    parser.add_argument(
+        "--nginx-workers", type=int, default=1, help="nginx worker_processes (default 1)"
+    )
+    parser.add_argument("--json", action="store_true", help="also print a JSON summary line")
+    args = parser.parse_args(argv)
+    for name in ("rounds", "size_mib", "nginx_workers"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def serve(workdir: Path, size_mib: int, workers: int) -> tuple[Nginx, Path, str]:
+    """The file, a CA and nginx serving it over HTTPS: (nginx, CA path, digest)."""
+    root = workdir / "root"
+    root.mkdir()
+    started = time.perf_counter()
+    digest = make_file(root / FILE, size_mib * MIB, seed=1)
+    os.sync()  # no writeback of the new file during the first runs
+    print(f"{FILE}: {size_mib} MiB {digest} (made in {time.perf_counter() - started:.1f} s)")
+    ca = make_ca(workdir / "ca")
+    tls = ca.issue_server(workdir / "tls")
+    return start_nginx(workdir / "nginx", root, tls=tls, workers=workers), ca.ca_path, digest
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not Path(TIME).exists():
+        print(f"error: {TIME} is missing: apt-get install time", file=sys.stderr)
+        return 1
+    if not args.skip_fetchd and not PYTHON.exists():
+        print(f"error: {PYTHON} is missing: run `make deps` first", file=sys.stderr)
+        return 1
+    # Under /tmp, and without ':' in the path (tools that split at ':' stay happy).
+    workdir = Path(tempfile.mkdtemp(prefix="fetchd-bench-ranges-", dir="/tmp"))
+    fetchd_failures = 0
+    try:
+        (workdir / "home").mkdir()
+        runs_dir = workdir / "runs"
+        runs_dir.mkdir()
+        nginx, ca, digest = serve(workdir, args.size_mib, args.nginx_workers)
+        with nginx:
+            setup = Setup(f"{nginx.https_url}/{FILE}", digest, ca, child_env(workdir / "home"))
+            print(f"nginx pid {nginx.pid} (workers {args.nginx_workers}) at {setup.url}")
+            tools = [("aria2c", pull_aria2c), ("curl", pull_curl)]
+            if not args.skip_fetchd:
+                tools.insert(0, ("fetchd", pull_fetchd))
+            runs: list[Run] = []
+            for round_ in range(1, args.rounds + 1):
+                for tool, pull in tools:
+                    dest = runs_dir / f"{tool}-{round_}.d"
+                    before = nginx.bytes_sent(f"/{FILE}")
+                    try:
+                        run = pull(setup, dest, round_)
+                        served = nginx.bytes_sent(f"/{FILE}") - before
+                        runs.append(dataclasses.replace(run, served=served))
+                        print(runs[-1].line(args.size_mib), flush=True)
+                    except BenchmarkFailed as exc:
+                        if tool != "fetchd":
+                            raise
+                        fetchd_failures += 1
+                        print(f"round {round_}  fetchd  FAILED, not counted: {exc}", flush=True)
+                    finally:
+                        shutil.rmtree(dest, ignore_errors=True)
+                        os.sync()
+            total = nginx.bytes_sent(f"/{FILE}")
+        print(f"nginx sent {total / MIB:.0f} MiB of body in all (its access log)")
+        result = summary(runs, args, digest)
+        if args.skip_fetchd:
+            fetchd_state = "skipped"
+        elif fetchd_failures == args.rounds:
+            fetchd_state = f"failed in all {args.rounds} rounds"
+        else:
+            fetchd_state = "-"
+        print_summary(result, fetchd_state)
+        if fetchd_failures:
+            print(f"fetchd failed in {fetchd_failures} of {args.rounds} rounds", file=sys.stderr)
+        if args.json:
+            print(json.dumps(result))
+        return 1 if fetchd_failures else 0
+    except BenchmarkFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

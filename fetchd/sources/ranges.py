@@ -1,0 +1,520 @@
+"""Segmented HTTP(S) downloads into one ingest: an aria2-class engine for one blob.
+
+One blob comes from one or more sources (URLs, or a registry's blob endpoint) that
+serve the same bytes. The first request (the probe) asks for the first segment with
+``Range``; its answer tells whether ranges work, the size and the validators (ETag,
+Last-Modified), and its body is the first segment. Then:
+
+* the missing byte ranges are cut into segments of ``SEGMENT`` bytes, handed out in
+  order, so the ingest's hash follower can keep up with the front;
+* connections are added while they raise throughput (up to ``max_connections``);
+* a connection that runs out of segments takes half of the largest remaining one
+  (work stealing), so the tail does not wait for one slow connection;
+* each connection retries with backoff and jitter, honouring ``Retry-After``; a
+  stalled connection (no byte for ``stall_timeout``) or one far slower than its peers
+  is cut and its segment goes back to the queue;
+* which ranges are on disk is saved every few seconds and on exit (the ingest's
+  state), with the validators: a later run resumes only while they still match;
+* a server that ignores ``Range`` (200) or answers a wrong ``Content-Range`` gets one
+  plain stream instead.
+
+Who verifies: the ingest (its commit), always. This module only places bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import statistics
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from fetchd.config import Config
+from fetchd.errors import (
+    BlobNotFound,
+    FetchdError,
+    SizeMismatch,
+    SourceError,
+    TransferFailed,
+    unwrap,
+)
+from fetchd.sources.http import RETRYABLE, backoff, cache_max_age, retry_after, translate
+from fetchd.store.cas import SegmentedIngest
+
+log = logging.getLogger(__name__)
+
+SEGMENT = 8 << 20
+MIN_SPLIT = 1 << 20
+WRITE_CHUNK = 1 << 20
+MAX_PIECES = 256
+STATE_INTERVAL = 2.0
+CONTROL_INTERVAL = 0.25
+SLOW_FOR = 2.0  # seconds a connection may lag far behind its peers before it is cut
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+
+Opener = Callable[[dict[str, str]], Awaitable[aiohttp.ClientResponse]]
+
+
+@dataclass
+class Source:
+    """Where the bytes come from: ``open(headers)`` sends one GET, the caller releases it."""
+
+    label: str
+    open: Opener
+    failures: int = 0
+    not_before: float = 0.0  # Retry-After: no request before this (monotonic)
+    dead: bool = False
+
+
+@dataclass(eq=False)  # identity: segments live in a set while they run
+class Segment:
+    start: int
+    end: int  # exclusive; shrinks when another connection steals the back half
+    cursor: int
+    started: float = field(default_factory=time.monotonic)
+    window_bytes: int = 0
+    rate: float = 0.0
+    slow_windows: int = 0
+    cut: asyncio.Timeout | None = None  # fires to abandon a slow or stalled transfer
+
+    @property
+    def remaining(self) -> int:
+        return self.end - self.cursor
+
+
+class _Restart(Exception):
+    """The content changed under us (validators differ): start over from nothing."""
+
+
+class _RangeIgnored(Exception):
+    """A source answered 200 to a Range request."""
+
+
+class _Busy(Exception):
+    pass
+
+
+class _Short(Exception):
+    pass
+
+
+@dataclass
+class Stats:
+    connections: int = 0
+    max_connections_used: int = 0
+    requests: int = 0
+    single_stream: bool = False
+
+
+class SegmentedDownload:
+    """Fill ``ingest`` from ``sources`` (see the module docstring). One use only."""
+
+    def __init__(
+        self,
+        ingest: SegmentedIngest,
+        sources: list[Source],
+        config: Config,
+        on_bytes: Callable[[int], None] = lambda n: None,
+        on_connections: Callable[[int], None] = lambda n: None,
+    ) -> None:
+        if not sources:
+            raise ValueError("no sources")
+        self.ingest = ingest
+        self.sources = sources
+        self.config = config
+        self.on_bytes = on_bytes
+        self.on_connections = on_connections
+        self.size: int | None = ingest.size
+        self.queue: deque[Segment] = deque()
+        self.active: set[Segment] = set()
+        self.stats = Stats()
+        self._next_source = 0
+        self._errors: list[FetchdError] = []
+        self._saving = False
+        self._save_again = False
+
+    # --- entry -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Download every missing byte; raises a FetchdError if that cannot be done."""
+        for _ in range(2):  # a second time only after the content changed under us
+            try:
+                await self._run_once()
+                return
+            except _Restart:
+                log.warning(
+                    "%s changed since the partial download; starting over", self.sources[0].label
+                )
+                await self.ingest.restart()
+                self.size = self.ingest.size
+        raise TransferFailed(f"{self.sources[0].label}: the content keeps changing")
+
+    async def _run_once(self) -> None:
+        first = self._first_gap()
+        probe = Segment(first, first + SEGMENT, first)
+        if self.size is not None:
+            probe.end = min(probe.end, self.size)
+        resp, source = await self._probe(probe)
+        if resp is None:
+            return  # nothing left to fetch
+        if resp.status == 200:
+            await self._single_stream(resp)
+            return
+        self.queue.extend(self._plan(skip=probe))
+        self.active.add(probe)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._worker(source, probe, resp))
+                tg.create_task(self._control(tg))
+        except BaseExceptionGroup as group:
+            if group.subgroup(_Restart):
+                raise _Restart() from None
+            raise unwrap(group) from None
+        finally:
+            self.on_connections(0)
+            await asyncio.to_thread(self.ingest.save_state)
+        if self.queue or self.active:
+            raise (
+                self._errors[-1]
+                if self._errors
+                else TransferFailed(f"{self.sources[0].label}: every connection failed")
+            )
+
+    def _first_gap(self) -> int:
+        gaps = self.ingest.missing(self.size if self.size is not None else 1 << 62)
+        return gaps[0][0] if gaps else (self.size or 0)
+
+    def _plan(self, skip: Segment) -> list[Segment]:
+        assert self.size is not None
+        out = []
+        for a, b in self.ingest.missing(self.size):
+            a = max(a, skip.end) if a < skip.end and b > skip.start else a
+            while a < b:
+                e = min(b, a + SEGMENT)
+                out.append(Segment(a, e, a))
+                a = e
+        return out
+
+    # --- the probe -----------------------------------------------------------------------
+
+    async def _probe(self, seg: Segment) -> tuple[aiohttp.ClientResponse | None, Source]:
+        """Send the first request; sets the size and validators; handles 416 and resumes."""
+        source = self.sources[0]
+        attempt = 0
+        while True:
+            attempt += 1
+            headers = {"Range": f"bytes={seg.start}-{seg.end - 1}"}
+            try:
+                resp = await self._request(source, headers)
+            except (*RETRYABLE, _Busy, SourceError) as exc:
+                if attempt >= self.config.attempts or isinstance(exc, BlobNotFound):
+                    if len(self.sources) > 1 and source is self.sources[0]:
+                        source, attempt = self.sources[1], 0
+                        continue
+                    raise self._error(exc, source) from exc
+                await asyncio.sleep(max(backoff(attempt), source.not_before - time.monotonic()))
+                continue
+            if resp.status == 416:
+                resp.release()
+                if self.ingest.offset:
+                    raise _Restart()
+                m = re.match(r"bytes \*/(\d+)", resp.headers.get("Content-Range", ""))
+                if m and int(m.group(1)) == 0:
+                    self._set_size(0)
+                    return None, source
+                raise TransferFailed(f"{source.label}: range {headers['Range']} not satisfiable")
+            self._check_validators(resp)
+            if resp.status == 200:
+                return resp, source
+            total = self._content_range(resp, seg)
+            if total is None:
+                # a wrong Content-Range: trust nothing but a plain stream
+                resp.release()
+                return await self._plain(source), source
+            self._set_size(total)
+            seg.end = min(seg.end, total)
+            return resp, source
+
+    async def _plain(self, source: Source) -> aiohttp.ClientResponse:
+        resp = await self._request(source, {})
+        if resp.status != 200:
+            resp.release()
+            raise TransferFailed(f"{source.label}: answered HTTP {resp.status} to a plain GET")
+        return resp
+
+    def _set_size(self, total: int) -> None:
+        if self.size is not None and total != self.size:
+            raise SizeMismatch(self.ingest._what, self.size, total)
+        self.size = total
+        self.ingest.size = total
+        self.ingest.meta["size"] = total
+
+    def _check_validators(self, resp: aiohttp.ClientResponse) -> None:
+        etag = resp.headers.get("ETag")
+        modified = resp.headers.get("Last-Modified")
+        meta = self.ingest.meta
+        known = (meta.get("etag") or None, meta.get("last_modified") or None)
+        if self.ingest.offset and meta and known != (etag, modified):
+            resp.release()
+            raise _Restart()
+        meta["etag"], meta["last_modified"] = etag, modified
+        meta["max_age"] = cache_max_age(resp.headers.get("Cache-Control"))
+
+    def _content_range(self, resp: aiohttp.ClientResponse, seg: Segment) -> int | None:
+        m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+        if not m or int(m.group(1)) != seg.cursor or m.group(3) == "*":
+            return None
+        if int(m.group(2)) < seg.cursor:
+            return None
+        return int(m.group(3))
+
+    # --- one plain stream ----------------------------------------------------------------
+
+    async def _single_stream(self, resp: aiohttp.ClientResponse) -> None:
+        """The server ignores Range: take the body whole, from its start."""
+        self.stats.single_stream = True
+        if self.ingest.offset:
+            await self.ingest.restart()
+        length = resp.content_length
+        if length is not None:
+            self._set_size(length)
+        self.on_connections(1)
+        offset = 0
+        async with resp:
+            pending: list[bytes] = []
+            buffered = 0
+            try:
+                async for piece in resp.content.iter_any():
+                    pending.append(piece)
+                    buffered += len(piece)
+                    if buffered >= WRITE_CHUNK or len(pending) >= MAX_PIECES:
+                        await self.ingest.write_at(offset, pending)
+                        offset += buffered
+                        self.on_bytes(buffered)
+                        pending, buffered = [], 0
+                if pending:
+                    await self.ingest.write_at(offset, pending)
+                    offset += buffered
+                    self.on_bytes(buffered)
+            except RETRYABLE as exc:
+                raise translate(exc, self.sources[0].label, self.config) from exc
+            finally:
+                self.on_connections(0)
+        if self.size is None:
+            self._set_size(offset)
+        elif offset != self.size:
+            raise SizeMismatch(self.ingest._what, self.size, offset)
+
+    # --- connections ---------------------------------------------------------------------
+
+    def _pick_source(self) -> Source | None:
+        live = [s for s in self.sources if not s.dead]
+        if not live:
+            return None
+        self._next_source += 1
+        return live[self._next_source % len(live)]
+
+    def _next_segment(self) -> Segment | None:
+        if self.queue:
+            seg = self.queue.popleft()
+            self.active.add(seg)
+            return seg
+        # Steal the back half of the largest transfer still running.
+        victim = max(self.active, key=lambda s: s.remaining, default=None)
+        if victim is None or victim.remaining < 2 * MIN_SPLIT:
+            return None
+        mid = victim.cursor + victim.remaining // 2
+        seg = Segment(mid, victim.end, mid)
+        victim.end = mid
+        self.active.add(seg)
+        return seg
+
+    async def _worker(
+        self, source: Source | None, seg: Segment | None, resp: aiohttp.ClientResponse | None
+    ) -> None:
+        self.stats.connections += 1
+        self.stats.max_connections_used = max(
+            self.stats.max_connections_used, self.stats.connections
+        )
+        self.on_connections(self.stats.connections)
+        try:
+            while True:
+                if seg is None:
+                    seg = self._next_segment()
+                    if seg is None:
+                        return
+                if source is None or source.dead:
+                    source = self._pick_source()
+                    if source is None:
+                        self._requeue(seg)
+                        return
+                try:
+                    await self._transfer(source, seg, resp)
+                    source.failures = 0
+                    self.active.discard(seg)
+                    seg = None
+                    await self._save_state()
+                except (*RETRYABLE, _Busy, _Short, _RangeIgnored, SourceError) as exc:
+                    if seg is not None:
+                        self._requeue(seg)
+                    seg = None
+                    source.failures += 1
+                    if isinstance(exc, _RangeIgnored | BlobNotFound) or (
+                        source.failures >= self.config.attempts
+                    ):
+                        source.dead = True
+                        self._errors.append(self._error(exc, source))
+                        log.info("%s: giving up on this source: %s", source.label, exc)
+                        source = None
+                        continue
+                    delay = max(backoff(source.failures), source.not_before - time.monotonic())
+                    await asyncio.sleep(delay)
+                finally:
+                    resp = None
+        finally:
+            self.stats.connections -= 1
+            self.on_connections(self.stats.connections)
+
+    async def _save_state(self) -> None:
+        """Record the ranges on disk: after each segment, so a kill -9 loses at most the
+        segments in flight. Saves do not queue up: one at a time, the latest wins."""
+        if self._saving:
+            self._save_again = True
+            return
+        self._saving = True
+        try:
+            self._save_again = True
+            while self._save_again:
+                self._save_again = False
+                await asyncio.to_thread(self.ingest.save_state)
+        finally:
+            self._saving = False
+
+    def _requeue(self, seg: Segment) -> None:
+        self.active.discard(seg)
+        if seg.remaining > 0:
+            self.queue.appendleft(Segment(seg.cursor, seg.end, seg.cursor))
+
+    async def _request(self, source: Source, headers: dict[str, str]) -> aiohttp.ClientResponse:
+        wait = source.not_before - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        self.stats.requests += 1
+        resp = await source.open(headers)
+        if resp.status in (429, 502, 503, 504):
+            delay = retry_after(resp.headers, 1.0)
+            resp.release()
+            if delay > self.config.max_retry_after:
+                raise TransferFailed(
+                    f"{source.label}: HTTP {resp.status}, retry after {delay:.0f} s; try later"
+                )
+            source.not_before = time.monotonic() + delay
+            raise _Busy(f"HTTP {resp.status}")
+        if resp.status == 404:
+            resp.release()
+            raise BlobNotFound(f"{source.label}: not found (HTTP 404)")
+        if resp.status not in (200, 206, 416):
+            resp.release()
+            raise TransferFailed(f"{source.label}: HTTP {resp.status}")
+        return resp
+
+    async def _transfer(
+        self, source: Source, seg: Segment, resp: aiohttp.ClientResponse | None
+    ) -> None:
+        if resp is None:
+            resp = await self._request(source, {"Range": f"bytes={seg.cursor}-{seg.end - 1}"})
+            if resp.status == 200:
+                resp.release()
+                raise _RangeIgnored(f"{source.label} ignores Range")
+            if resp.status == 416 or self._content_range(resp, seg) != self.size:
+                resp.release()
+                raise _Short(f"{source.label}: wrong Content-Range")
+            etag = resp.headers.get("ETag")
+            if self.ingest.meta.get("etag") and etag != self.ingest.meta["etag"]:
+                resp.release()
+                raise _Restart()
+        async with resp, asyncio.timeout(None) as cut:
+            seg.cut = cut
+            pending: list[bytes] = []
+            buffered = 0
+            try:
+                async for piece in resp.content.iter_any():
+                    room = seg.end - seg.cursor - buffered
+                    if len(piece) >= room:
+                        pending.append(piece[:room])
+                        buffered += room
+                        break  # the rest was stolen, or is beyond what we asked
+                    pending.append(piece)
+                    buffered += len(piece)
+                    if buffered >= WRITE_CHUNK or len(pending) >= MAX_PIECES:
+                        await self._write(seg, pending, buffered)
+                        pending, buffered = [], 0
+            finally:
+                seg.cut = None
+                if pending and seg.cursor + buffered <= seg.end:
+                    await self._write(seg, pending, buffered)
+        if seg.cursor < seg.end:
+            raise _Short(f"{source.label}: body ended at {seg.cursor} of {seg.end}")
+
+    async def _write(self, seg: Segment, pieces: list[bytes], n: int) -> None:
+        await self.ingest.write_at(seg.cursor, pieces)
+        seg.cursor += n
+        seg.window_bytes += n
+        self.on_bytes(n)
+
+    # --- control: more connections, cut slow ones, save state ------------------------------
+
+    async def _control(self, tg: asyncio.TaskGroup) -> None:
+        """Add connections while they help; cut far-slower ones; save progress."""
+        loop = asyncio.get_running_loop()
+        limit = max(1, self.config.max_connections)
+        last_save = last_add = time.monotonic()
+        rate_at_add = 0.0
+        total_before = self.ingest.offset
+        while self.queue or self.active:
+            await asyncio.sleep(CONTROL_INTERVAL)
+            now = time.monotonic()
+            done = self.ingest.offset
+            rate = (done - total_before) / CONTROL_INTERVAL
+            total_before = done
+            for s in list(self.active):
+                s.rate = s.window_bytes / CONTROL_INTERVAL
+                s.window_bytes = 0
+            # Add a connection while the last one raised throughput (or at the start).
+            if (
+                self.queue
+                and self.stats.connections < limit
+                and now - last_add >= 2 * CONTROL_INTERVAL
+                and (self.stats.connections < 2 or rate > rate_at_add * 1.1)
+            ):
+                tg.create_task(self._worker(None, None, None))
+                last_add, rate_at_add = now, rate
+            self._cut_slow(now, loop.time())
+            if now - last_save >= STATE_INTERVAL:
+                await self._save_state()
+                last_save = now
+
+    def _cut_slow(self, now: float, loop_now: float) -> None:
+        running = [s for s in self.active if s.cut is not None and now - s.started > 1.0]
+        if len(running) < 2:
+            return
+        median = statistics.median(s.rate for s in running)
+        for s in running:
+            # Far slower than its peers for a while (a stall, a bad path): cut it; its
+            # remainder goes back to the queue for a fresh connection.
+            s.slow_windows = s.slow_windows + 1 if median > 0 and s.rate < median / 8 else 0
+            if s.slow_windows * CONTROL_INTERVAL >= SLOW_FOR and s.cut is not None:
+                log.info("cutting a connection at %.0f B/s (median %.0f)", s.rate, median)
+                s.cut.reschedule(loop_now)
+
+    def _error(self, exc: BaseException, source: Source) -> FetchdError:
+        if isinstance(exc, FetchdError):
+            return exc
+        if isinstance(exc, _RangeIgnored | _Short | _Busy):
+            return TransferFailed(f"{source.label}: {exc}")
+        return translate(exc, source.label, self.config)
