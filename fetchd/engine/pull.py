@@ -13,6 +13,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 import aiohttp
 
@@ -34,7 +35,7 @@ from fetchd.sources.ranges import Opener, SegmentedDownload, Source
 from fetchd.sources.registry import Registry
 from fetchd.store import layout
 from fetchd.store.cas import SegmentedIngest, Store
-from fetchd.store.maintenance import remove_unreferenced
+from fetchd.store.maintenance import record_url, remove_unreferenced
 from fetchd.store.meta import Meta, UrlRecord
 
 log = logging.getLogger(__name__)
@@ -300,30 +301,9 @@ class Engine:
         session = self._session_for_urls()
         if rec is not None and await self._still_valid(session, url, rec):
             return self._url_result(url, Digest.parse(rec.digest), rec.size, False)
-        key = "url-" + hashlib.sha256(url.encode()).hexdigest()[:40]
-        label = redact(url)
-        async with self.store.ingest(digest, None, key=key, segmented=True) as ingest:
-            assert isinstance(ingest, SegmentedIngest)
-            if not ingest.exists:
-                sources = [Source(redact(u), _opener(session, u)) for u in (url, *mirrors)]
-                self.progress.start(label, _short_label(url), 0, ingest.offset)
-                download = SegmentedDownload(
-                    ingest,
-                    sources,
-                    self.config,
-                    lambda n: self.progress.advance(label, n),
-                    lambda n: self.progress.connections(label, n),
-                )
-                t = self.progress.transfers[label]
-                t.total = ingest.size or 0
-                await download.run()
-                t.total = download.size or t.done
-                await ingest.commit()
-                self.progress.finish(label)
-            got, size, meta = ingest.digest, ingest.size or 0, dict(ingest.meta)
-        await asyncio.to_thread(
-            self.meta.put_url,
-            UrlRecord(
+        for attempt in (1, 2):
+            got, size, meta = await self._download_url(session, url, digest, mirrors)
+            rec = UrlRecord(
                 url,
                 str(got),
                 size,
@@ -332,9 +312,46 @@ class Engine:
                 meta.get("max_age"),
                 now,
                 now,
-            ),
-        )
+            )
+            try:
+                await asyncio.to_thread(record_url, self.store, rec)
+                break
+            except layout.BlobsMissing:
+                if attempt == 2:  # a gc deleted it between our commit and now: twice
+                    raise
         return self._url_result(url, got, size, True)
+
+    async def _download_url(
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        digest: Digest | None,
+        mirrors: tuple[str, ...],
+    ) -> tuple[Digest, int, dict[str, Any]]:
+        key = "url-" + hashlib.sha256(url.encode()).hexdigest()[:40]
+        label = redact(url)
+        async with self.store.ingest(digest, None, key=key, segmented=True) as ingest:
+            assert isinstance(ingest, SegmentedIngest)
+            if ingest.exists:
+                return ingest.digest, self.store.blob_size(ingest.digest) or 0, {}
+            sources = [Source(redact(u), _opener(session, u)) for u in (url, *mirrors)]
+            self.progress.start(label, _short_label(url), ingest.size or 0, ingest.offset)
+
+            def advance(n: int) -> None:
+                self.progress.advance(label, n)
+                self.progress.transfers[label].total = ingest.size or 0
+
+            download = SegmentedDownload(
+                ingest,
+                sources,
+                self.config,
+                advance,
+                lambda n: self.progress.connections(label, n),
+            )
+            await download.run()
+            await ingest.commit()
+            self.progress.finish(label)
+            return ingest.digest, ingest.size or 0, dict(ingest.meta)
 
     async def _still_valid(self, session: aiohttp.ClientSession, url: str, rec: UrlRecord) -> bool:
         """A conditional GET: True (and the record refreshed) if the server says 304."""

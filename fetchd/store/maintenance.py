@@ -24,7 +24,7 @@ from fetchd.model import REF_NAME_ANNOTATION, Digest, Reference
 from fetchd.store import layout
 from fetchd.store.cas import Store, atomic_write
 from fetchd.store.locks import is_locked, locked
-from fetchd.store.meta import Meta
+from fetchd.store.meta import Meta, UrlRecord
 
 STALE_INGEST_SECONDS = 24 * 3600
 HASH_CHUNK = 4 * 1024 * 1024
@@ -60,6 +60,8 @@ def images(store: Store) -> list[ImageInfo]:
             size = -1
         pulled, used = times.get(e.name, (None, None))
         out.append(ImageInfo(e.name, str(e.top_digest), str(e.manifest.digest), size, pulled, used))
+    for u in Meta(store.db_path).urls():
+        out.append(ImageInfo(u.url, u.digest, u.digest, u.size, u.checked_at, u.last_used))
     return sorted(out, key=lambda i: i.name)
 
 
@@ -85,11 +87,16 @@ def resolve_names(store: Store, texts: list[str]) -> list[layout.Entry]:
 
 
 def remove(store: Store, texts: list[str]) -> list[str]:
-    """Forget names; the blobs stay until gc. Returns the names removed."""
-    targets = {e.name for e in resolve_names(store, texts)}
+    """Forget names (images or URLs); the blobs stay until gc. Returns what was removed."""
+    meta = Meta(store.db_path)
+    known_urls = {u.url for u in meta.urls()}
+    urls = [t for t in texts if t in known_urls]
+    names = [t for t in texts if t not in known_urls]
+    targets = {e.name for e in resolve_names(store, names)} if names else set()
     removed = layout.remove_entries(store, lambda e: e.name in targets)
-    Meta(store.db_path).forget([e.name for e in removed])
-    return [e.name for e in removed]
+    meta.forget([e.name for e in removed])
+    meta.forget_urls(urls)
+    return [e.name for e in removed] + urls
 
 
 @dataclass
@@ -101,7 +108,8 @@ class GcReport:
 
 
 def referenced(store: Store) -> set[Digest]:
-    keep: set[Digest] = set()
+    """Every blob a name uses: images in index.json and blobs pulled by URL."""
+    keep: set[Digest] = {Digest.parse(u.digest) for u in Meta(store.db_path).urls()}
     for e in layout.entries(store):
         try:
             keep.update(d.digest for d in layout.image_blobs(store, e))
@@ -134,6 +142,15 @@ def remove_unreferenced(store: Store, candidates: set[Digest] | None = None) -> 
     return freed
 
 
+def record_url(store: Store, rec: UrlRecord) -> None:
+    """Name a blob pulled by URL, under the lock gc deletes under (see set_entry)."""
+    with locked(store.index_lock):
+        digest = Digest.parse(rec.digest)
+        if not store.has(digest):
+            raise layout.BlobsMissing(rec.url, [digest])
+        Meta(store.db_path).put_url(rec)
+
+
 def gc(
     store: Store, max_size: int | None = None, *, ingest_age: float = STALE_INGEST_SECONDS
 ) -> GcReport:
@@ -144,8 +161,7 @@ def gc(
         by_age = sorted(images(store), key=lambda i: times.get(i.name, (0.0, 0.0))[1])
         while by_age and _live_size(store) > max_size:
             victim = by_age.pop(0)
-            layout.remove_entries(store, lambda e, n=victim.name: e.name == n)  # type: ignore[misc]
-            Meta(store.db_path).forget([victim.name])
+            remove(store, [victim.name])
             assert report.evicted_images is not None
             report.evicted_images.append(victim.name)
     freed = remove_unreferenced(store)
