@@ -289,7 +289,7 @@ class SegmentedDownload:
             pending: list[bytes] = []
             buffered = 0
             try:
-                async for piece in resp.content.iter_any():
+                async for piece, _ in resp.content.iter_chunks():
                     pending.append(piece)
                     buffered += len(piece)
                     if buffered >= WRITE_CHUNK or len(pending) >= MAX_PIECES:
@@ -443,7 +443,7 @@ class SegmentedDownload:
             pending: list[bytes] = []
             buffered = 0
             try:
-                async for piece in resp.content.iter_any():
+                async for piece, _ in resp.content.iter_chunks():
                     room = seg.end - seg.cursor - buffered
                     if len(piece) >= room:
                         pending.append(piece[:room])

@@ -370,7 +370,7 @@ class Registry:
             pending: list[bytes] = []
             buffered = 0
             try:
-                async for piece in resp.content.iter_any():
+                async for piece, _ in resp.content.iter_chunks():
                     pending.append(piece)
                     buffered += len(piece)
                     if buffered >= WRITE_CHUNK or len(pending) >= MAX_PIECES:

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import threading
@@ -32,6 +33,8 @@ from typing import Any
 from fetchd.errors import DigestMismatch, SizeMismatch, StoreError
 from fetchd.model import Digest
 from fetchd.store.locks import alocked
+
+log = logging.getLogger(__name__)
 
 _REHASH_CHUNK = 4 * 1024 * 1024
 
@@ -408,8 +411,16 @@ class SegmentedIngest(Ingest):
             await last
 
     async def commit(self) -> None:
+        started = time.monotonic()
+        behind = self.offset - self.hashed
         self._follow()
         await self.flush()
+        log.debug(
+            "%s: hash follower was %d bytes behind the last write; caught up in %.3f s",
+            self._what,
+            behind,
+            time.monotonic() - started,
+        )
         if self.hashed != self.offset:
             raise StoreError(f"{self._what}: {self.offset - self.hashed} bytes are not in order")
         await asyncio.to_thread(self._commit)
