@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -103,6 +105,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-size", type=_size_arg, help="evict least recently used images to N")
 
     sub.add_parser("fsck", help="re-hash every blob; quarantine what is wrong")
+
+    sp = sub.add_parser("serve", help="the LAN cache: a read-only pull-through OCI registry")
+    sp.add_argument("--listen", default="127.0.0.1:5050", metavar="ADDR:PORT")
+    sp.add_argument(
+        "--upstream",
+        action="append",
+        default=[],
+        metavar="[PREFIX=]URL",
+        help="a registry to pull through (repeatable; the first without PREFIX is the default)",
+    )
+    sp.add_argument("--token-file", type=Path, help="bearer token for the admin API")
+    sp.add_argument("--max-size", type=_size_arg, help="evict least recently used down to N")
+    sp.add_argument(
+        "--tag-ttl",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="ask upstream again for a tag after this long (default 60)",
+    )
+    sp.add_argument("--insecure-options", default="none", metavar="LIST")
+    sp.add_argument("--stall-timeout", type=float, default=30.0, metavar="SECONDS")
 
     sp = sub.add_parser("export", help="write an image as an OCI layout (or .tar)")
     sp.add_argument("ref", metavar="REF")
@@ -244,6 +267,42 @@ def cmd_export(args: argparse.Namespace, store: Store) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace, store: Store) -> int:
+    from fetchd.server.app import Server, read_token, serve
+    from fetchd.server.cache import Cache
+    from fetchd.server.upstreams import Upstream, Upstreams
+
+    host, sep, port = args.listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UsageError(f"--listen {args.listen!r} is not ADDR:PORT")
+    if not args.upstream:
+        raise UsageError("serve needs at least one --upstream URL")
+    upstreams = Upstreams([Upstream.parse(u) for u in args.upstream])
+    config = Config(
+        store=store.root,
+        insecure=parse_insecure(args.insecure_options),
+        stall_timeout=args.stall_timeout,
+    )
+    token = read_token(args.token_file)
+    cache = Cache(store, config, upstreams, args.tag_ttl)
+    server = Server(cache, token, args.max_size)
+
+    def ready(url: str) -> None:
+        print(f"fetchd serve: listening on {url}", flush=True)
+
+    async def main() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await serve(server, host.strip("[]"), int(port), ready)
+
+    asyncio.run(main())
+    return 0
+
+
 def run(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     level = (
@@ -264,6 +323,7 @@ def run(argv: Sequence[str]) -> int:
         "gc": cmd_gc,
         "fsck": cmd_fsck,
         "export": cmd_export,
+        "serve": cmd_serve,
     }
     if args.command == "prefetch":
         return cmd_pull(args, store, prefetch=True)

@@ -34,7 +34,7 @@ from fetchd.sources.http import RETRYABLE, cache_max_age, new_session, redact, t
 from fetchd.sources.ranges import Opener, SegmentedDownload, Source
 from fetchd.sources.registry import Registry
 from fetchd.store import layout
-from fetchd.store.cas import SegmentedIngest, Store
+from fetchd.store.cas import Ingest, SegmentedIngest, Store
 from fetchd.store.maintenance import record_url, remove_unreferenced
 from fetchd.store.meta import Meta, UrlRecord
 
@@ -70,6 +70,48 @@ def parse_registry_ref(text: str) -> Reference:
     )
 
 
+class Flight:
+    """A blob on its way into the store, which others may read as it arrives.
+
+    ``ingest.contiguous`` bytes from the start are in ``path`` (whose inode becomes the
+    blob at commit, so an fd opened on it stays valid). :meth:`wait` returns when more
+    bytes arrived or the flight ended; ``done`` holds the outcome (None: verified and
+    committed; an exception: failed, and what was read must not be trusted).
+    """
+
+    def __init__(self, digest: Digest, size: int, ingest: Ingest) -> None:
+        loop = asyncio.get_running_loop()
+        self.digest = digest
+        self.size = size
+        self.ingest = ingest
+        self.path = ingest.data_path
+        self.generation = ingest.generation
+        self.done: asyncio.Future[BaseException | None] = loop.create_future()
+        self._tick: asyncio.Future[None] = loop.create_future()
+
+    @property
+    def contiguous(self) -> int:
+        return self.ingest.contiguous
+
+    @property
+    def reset(self) -> bool:
+        """The data was thrown away and refetched since this flight began."""
+        return self.ingest.generation != self.generation
+
+    def advanced(self) -> None:
+        tick, self._tick = self._tick, asyncio.get_running_loop().create_future()
+        tick.set_result(None)
+
+    def finish(self, exc: BaseException | None) -> None:
+        if not self.done.done():
+            self.done.set_result(exc)
+        self.advanced()
+
+    async def wait(self) -> None:
+        """Until more bytes arrive or the flight ends (bound it with asyncio.timeout)."""
+        await asyncio.shield(self._tick)
+
+
 class Engine:
     """Pulls images into one store. Use as ``async with Engine(...) as e``.
 
@@ -86,6 +128,8 @@ class Engine:
         self._registries: dict[str, Registry] = {}
         self._blob_slots = asyncio.Semaphore(config.max_parallel_blobs)
         self._inflight: dict[Digest, asyncio.Future[None]] = {}
+        #: blobs being transferred right now, for readers that stream them as they come
+        self.flights: dict[Digest, Flight] = {}
 
     async def __aenter__(self) -> Engine:
         return self
@@ -260,13 +304,30 @@ class Engine:
             if ingest.resumed_from:
                 log.info("%s: resuming at %d bytes", desc.digest.short, ingest.resumed_from)
             self.progress.start(key, desc.digest.short, desc.size, ingest.resumed_from)
-            await registry.fetch_blob(name, desc, ingest, lambda n: self.progress.advance(key, n))
+            flight = Flight(desc.digest, desc.size, ingest)
+            self.flights[desc.digest] = flight
+
+            def advance(n: int) -> None:
+                self.progress.advance(key, n)
+                flight.advanced()
+
+            try:
+                await registry.fetch_blob(
+                    name, desc, ingest, advance, lambda n: self.progress.connections(key, n)
+                )
+            except BaseException as exc:
+                flight.finish(exc)
+                raise
+            finally:
+                del self.flights[desc.digest]
+            flight.finish(None)
             self.progress.finish(key)
             return True
 
     # --- plain URLs ----------------------------------------------------------------------
 
-    def _session_for_urls(self) -> aiohttp.ClientSession:
+    def session(self) -> aiohttp.ClientSession:
+        """The engine's one HTTP session (connection pool), created on first use."""
         if self._session is None:
             self._session = new_session(self.config)
         return self._session
@@ -298,7 +359,7 @@ class Engine:
             raise ImageNotInStore(
                 f"{redact(url)} is not in the store and --pull-policy never forbids fetching it"
             )
-        session = self._session_for_urls()
+        session = self.session()
         if rec is not None and await self._still_valid(session, url, rec):
             return self._url_result(url, Digest.parse(rec.digest), rec.size, False)
         for attempt in (1, 2):

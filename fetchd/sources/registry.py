@@ -18,7 +18,7 @@ import json
 import logging
 import re
 from collections.abc import Callable
-from urllib.parse import urljoin
+from urllib.parse import quote, urljoin, urlsplit
 
 import aiohttp
 
@@ -66,15 +66,29 @@ class _ShortBody(Exception):
 class Registry:
     """One registry host. Calls may overlap (one instance serves a whole pull)."""
 
-    def __init__(self, session: aiohttp.ClientSession, config: Config, host: str) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        config: Config,
+        host: str,
+        *,
+        base: str | None = None,
+        ns: str | None = None,
+    ) -> None:
+        """``host`` names the registry (and its credentials). ``base`` pins the API's URL
+        (``http://cache:5050``: a mirror, or a server's configured upstream) instead of
+        probing https then http; ``ns`` adds the OCI ``ns=`` parameter a mirror needs to
+        know which registry a name belongs to."""
         self.session = session
         self.config = config
         self.host = host
         # docker.io names the registry; its API lives on another host (as docker does).
         self.api_host = "registry-1.docker.io" if host == "docker.io" else host
-        self.auth = Authenticator(host, load_credentials(host, config.auth_file))
-        self._base: str | None = None
+        auth_host = urlsplit(base).netloc if base else host
+        self.auth = Authenticator(auth_host, load_credentials(auth_host, config.auth_file))
+        self._base: str | None = base.rstrip("/") if base else None
         self._base_lock = asyncio.Lock()
+        self.query = f"?ns={quote(ns, safe='')}" if ns else ""
 
     # --- the base URL: https, or http when the user allowed it ---------------------
 
@@ -208,7 +222,7 @@ class Registry:
         what = f"manifest {ref.repository}{'@' if want else ':'}{target}"
         resp = await self._send(
             "GET",
-            f"/v2/{ref.name}/manifests/{target}",
+            f"/v2/{ref.name}/manifests/{target}{self.query}",
             f"repository:{ref.name}:pull",
             {"Accept": ", ".join(MANIFEST_ACCEPT)},
             what,
@@ -243,7 +257,38 @@ class Registry:
             raise SizeMismatch(what, expected.size, len(raw))
         return raw, content_type, digest
 
+    async def tags(self, name: str) -> list[str]:
+        """``GET /v2/NAME/tags/list`` (first page: up to the registry's default count)."""
+        what = f"tags of {self.host}/{name}"
+        resp = await self._send(
+            "GET", f"/v2/{name}/tags/list{self.query}", f"repository:{name}:pull", {}, what
+        )
+        async with resp:
+            if resp.status != 200:
+                raise await self._error(resp, what)
+            try:
+                doc = json.loads(await resp.content.read(MAX_MANIFEST_SIZE))
+                tags = doc.get("tags") or []
+            except (ValueError, AttributeError) as exc:
+                raise TransferFailed(f"{what}: not a tag list") from exc
+        if not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
+            raise TransferFailed(f"{what}: not a tag list")
+        return tags
+
     # --- blobs ---------------------------------------------------------------------
+
+    async def blob_size(self, name: str, digest: Digest) -> int:
+        """The size of a blob, from a HEAD (for a client that asks before any manifest)."""
+        what = f"blob {digest.short} of {self.host}/{name}"
+        resp = await self._send(
+            "HEAD", f"/v2/{name}/blobs/{digest}{self.query}", f"repository:{name}:pull", {}, what
+        )
+        async with resp:
+            if resp.status != 200:
+                raise await self._error(resp, what)
+            if resp.content_length is None:
+                raise TransferFailed(f"{what}: the registry sent no Content-Length")
+            return resp.content_length
 
     async def fetch_blob(
         self,
@@ -268,7 +313,7 @@ class Registry:
         urls.append(None)
         if isinstance(ingest, SegmentedIngest):
             # A big blob: several range requests at once (registries serve Range).
-            path = f"/v2/{name}/blobs/{desc.digest}"
+            path = f"/v2/{name}/blobs/{desc.digest}{self.query}"
             scope = f"repository:{name}:pull"
 
             async def open_registry(headers: dict[str, str]) -> aiohttp.ClientResponse:
@@ -349,7 +394,11 @@ class Registry:
             headers["Range"] = f"bytes={ingest.offset}-"
         if url is None:
             resp = await self._send(
-                "GET", f"/v2/{name}/blobs/{desc.digest}", f"repository:{name}:pull", headers, what
+                "GET",
+                f"/v2/{name}/blobs/{desc.digest}{self.query}",
+                f"repository:{name}:pull",
+                headers,
+                what,
             )
         else:  # another host: no registry credentials, ordinary redirects
             resp = await self.session.get(url, headers=headers)

@@ -177,6 +177,9 @@ class Ingest:
         self._hasher: Any = None
         self._pending: asyncio.Future[None] | None = None
         self._done = False
+        self._written = 0
+        #: bumped whenever the data is thrown away: readers of the old data must stop
+        self.generation = 0
 
     @property
     def exists(self) -> bool:
@@ -201,7 +204,7 @@ class Ingest:
             self._hasher.update(chunk)
             done += len(chunk)
         os.ftruncate(self._fd, done)
-        self.offset = self.resumed_from = done
+        self.offset = self.resumed_from = self._written = done
 
     async def write(self, pieces: Sequence[bytes]) -> None:
         """Append ``pieces`` (in order). Raises :class:`SizeMismatch` before writing past
@@ -238,6 +241,12 @@ class Ingest:
         pending, self._pending = self._pending, None
         if pending is not None:
             await pending
+        self._written = self.offset
+
+    @property
+    def contiguous(self) -> int:
+        """Bytes from the start that are in the data file now (readable by others)."""
+        return self._written
 
     def _append(self, pieces: Sequence[bytes], at: int) -> None:
         # Explicit offsets (pwritev): the fd's own position is not part of the state.
@@ -285,7 +294,8 @@ class Ingest:
     def _reset(self) -> None:
         os.ftruncate(self._fd, 0)
         self._hasher = self._new_hasher()
-        self.offset = self.resumed_from = 0
+        self.offset = self.resumed_from = self._written = 0
+        self.generation += 1
 
     async def discard(self) -> None:
         """Drop the partial data (it cannot be the blob); the ingest starts empty again."""
@@ -375,6 +385,11 @@ class SegmentedIngest(Ingest):
     async def write(self, pieces: Sequence[bytes]) -> None:
         await self.write_at(self.ranges[-1][1] if self.ranges else 0, pieces)
 
+    @property
+    def contiguous(self) -> int:
+        with self._lock:
+            return self.ranges[0][1] if self.ranges and self.ranges[0][0] == 0 else 0
+
     async def write_at(self, offset: int, pieces: Sequence[bytes]) -> None:
         """Write ``pieces`` at ``offset``; the hash follower takes them when in order."""
         n = self._check_room(offset, pieces)
@@ -427,6 +442,7 @@ class SegmentedIngest(Ingest):
 
     def _reset(self) -> None:
         with self._lock:
+            self.generation += 1
             os.ftruncate(self._fd, 0)
             self._hasher = self._new_hasher()
             self.offset = self.resumed_from = self.hashed = 0

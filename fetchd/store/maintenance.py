@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from fetchd.errors import FetchdError, ImageNotInStore, StoreError
-from fetchd.model import REF_NAME_ANNOTATION, Digest, Reference
+from fetchd.manifest import ImageIndex, parse_manifest
+from fetchd.model import MAX_MANIFEST_SIZE, REF_NAME_ANNOTATION, Digest, Reference
 from fetchd.store import layout
 from fetchd.store.cas import Store, atomic_write
 from fetchd.store.locks import is_locked, locked
@@ -108,8 +109,23 @@ class GcReport:
 
 
 def referenced(store: Store) -> set[Digest]:
-    """Every blob a name uses: images in index.json and blobs pulled by URL."""
-    keep: set[Digest] = {Digest.parse(u.digest) for u in Meta(store.db_path).urls()}
+    """Every blob a name uses: images in index.json, blobs pulled by URL, and the
+    manifests a cache server holds (with what they reference)."""
+    meta = Meta(store.db_path)
+    keep: set[Digest] = {Digest.parse(u.digest) for u in meta.urls()}
+    for digest_text, _, media_type, _ in meta.cached_manifests():
+        digest = Digest.parse(digest_text)
+        if not store.has(digest):
+            continue
+        keep.add(digest)
+        try:
+            parsed = parse_manifest(
+                store.read_blob(digest, MAX_MANIFEST_SIZE), media_type, digest_text
+            )
+        except (FetchdError, OSError):
+            continue
+        children = parsed.manifests if isinstance(parsed, ImageIndex) else parsed.blobs()
+        keep.update(d.digest for d in children)
     for e in layout.entries(store):
         try:
             keep.update(d.digest for d in layout.image_blobs(store, e))

@@ -22,6 +22,19 @@ CREATE TABLE IF NOT EXISTS images (
     pulled_at REAL NOT NULL,
     last_used REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS tags (
+    repository TEXT NOT NULL,
+    tag        TEXT NOT NULL,
+    digest     TEXT NOT NULL,
+    checked_at REAL NOT NULL,
+    PRIMARY KEY (repository, tag)
+);
+CREATE TABLE IF NOT EXISTS cached (
+    digest     TEXT PRIMARY KEY,
+    repository TEXT NOT NULL,
+    media_type TEXT NOT NULL,
+    last_used  REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS urls (
     url           TEXT PRIMARY KEY,
     digest        TEXT NOT NULL,
@@ -127,3 +140,52 @@ class Meta:
     def forget_urls(self, urls: list[str]) -> None:
         with self._db() as db:
             db.executemany("DELETE FROM urls WHERE url=?", [(u,) for u in urls])
+
+    # --- the cache server's manifests (fetchd serve) -----------------------------------
+
+    def tag(self, repository: str, tag: str) -> tuple[str, float] | None:
+        """(digest, checked_at) of a tag the server resolved before."""
+        with self._db() as db:
+            row = db.execute(
+                "SELECT digest, checked_at FROM tags WHERE repository=? AND tag=?",
+                (repository, tag),
+            ).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def tags_of(self, repository: str) -> list[str]:
+        with self._db() as db:
+            rows = db.execute(
+                "SELECT tag FROM tags WHERE repository=? ORDER BY tag", (repository,)
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def put_tag(self, repository: str, tag: str, digest: str) -> None:
+        with self._db() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO tags VALUES (?,?,?,?)",
+                (repository, tag, digest, time.time()),
+            )
+
+    def cache_manifest(self, digest: str, repository: str, media_type: str) -> None:
+        """A manifest the server holds: gc keeps it and what it references."""
+        with self._db() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO cached VALUES (?,?,?,?)",
+                (digest, repository, media_type, time.time()),
+            )
+
+    def cached_manifests(self) -> list[tuple[str, str, str, float]]:
+        """(digest, repository, media_type, last_used), least recently used first."""
+        with self._db() as db:
+            return [
+                (r[0], r[1], r[2], r[3])
+                for r in db.execute(
+                    "SELECT digest, repository, media_type, last_used FROM cached "
+                    "ORDER BY last_used"
+                )
+            ]
+
+    def forget_cached(self, digests: list[str]) -> None:
+        with self._db() as db:
+            db.executemany("DELETE FROM cached WHERE digest=?", [(d,) for d in digests])
+            db.executemany("DELETE FROM tags WHERE digest=?", [(d,) for d in digests])

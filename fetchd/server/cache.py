@@ -1,0 +1,315 @@
+"""The pull-through cache behind ``fetchd serve``: manifests and blobs, single flight.
+
+Who verifies: manifests are checked against their digest by the registry source
+before they are stored; blobs are verified by the store's ingest before commit.
+A blob that is still arriving is streamed to clients from the ingest's data file as
+its bytes land, except the very last byte, which is sent only after the blob verified
+— so a client never receives a complete bad blob: on a failure its connection is
+broken instead.
+
+One upstream fetch per digest however many clients ask (the engine's single flight),
+and a fetch belongs to the server, not to the client that caused it: a client that
+disconnects never cancels what others wait for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+from fetchd.config import Config
+from fetchd.engine.pull import Engine, Flight
+from fetchd.errors import BlobNotFound, FetchdError, ManifestNotFound, StoreError
+from fetchd.manifest import ImageIndex, media_type_of, parse_manifest
+from fetchd.model import MAX_MANIFEST_SIZE, Descriptor, Digest, Platform, Reference
+from fetchd.progress import Progress
+from fetchd.server.upstreams import Route, Upstream, Upstreams
+from fetchd.sources.registry import Registry
+from fetchd.store.cas import Store
+from fetchd.store.meta import Meta
+
+log = logging.getLogger(__name__)
+
+FLIGHT_START_TIMEOUT = 60.0
+STREAM_WAIT = 1.0
+
+
+@dataclass
+class Stats:
+    """What /metrics and the status page show. Counters only grow."""
+
+    hits: int = 0
+    misses: int = 0
+    bytes_served: int = 0
+    bytes_upstream: int = 0
+    requests: collections.Counter[tuple[str, int]] = field(default_factory=collections.Counter)
+    recent: collections.deque[dict[str, object]] = field(
+        default_factory=lambda: collections.deque(maxlen=20)
+    )
+
+
+class _CountingProgress(Progress):
+    def __init__(self, stats: Stats) -> None:
+        super().__init__()
+        self.stats = stats
+
+    def advance(self, key: str, n: int) -> None:
+        super().advance(key, n)
+        self.stats.bytes_upstream += n
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    data: bytes
+    media_type: str
+    digest: Digest
+
+
+class Cache:
+    """Use as ``async with Cache(...)``: it owns the background fetches."""
+
+    def __init__(self, store: Store, config: Config, upstreams: Upstreams, tag_ttl: float) -> None:
+        self.store = store
+        self.config = config
+        self.upstreams = upstreams
+        self.tag_ttl = tag_ttl
+        self.stats = Stats()
+        self.meta = Meta(store.db_path)
+        self.engine = Engine(store, config, _CountingProgress(self.stats))
+        #: blob sizes learnt from manifests served (so a blob GET needs no HEAD upstream)
+        self.sizes: dict[Digest, int] = {}
+        #: how many responses are reading each blob now (LRU eviction spares them)
+        self.serving: collections.Counter[Digest] = collections.Counter()
+        self._fetches: dict[Digest, asyncio.Task[None]] = {}
+        self._registries: dict[Upstream, Registry] = {}
+        self._tg: asyncio.TaskGroup | None = None
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Cache]:
+        async with self.engine, asyncio.TaskGroup() as tg:
+            self._tg = tg
+            try:
+                yield self
+            finally:
+                for task in self._fetches.values():
+                    task.cancel()
+                self._tg = None
+
+    def registry(self, upstream: Upstream) -> Registry:
+        reg = self._registries.get(upstream)
+        if reg is None:
+            session = self.engine.session()
+            reg = Registry(session, self.config, upstream.host, base=upstream.url)
+            self._registries[upstream] = reg
+        return reg
+
+    # --- manifests -----------------------------------------------------------------------
+
+    async def manifest(self, route: Route, reference: str) -> Manifest:
+        """The manifest for ``route`` at a tag or digest: from the store, else upstream.
+
+        A tag is trusted for ``tag_ttl`` seconds, then asked again; when the upstream
+        cannot answer, the last known digest is served.
+        """
+        if reference.startswith(("sha256:", "sha512:")):
+            digest = Digest.parse(reference)
+            if self.store.has(digest):
+                self.stats.hits += 1
+                return await asyncio.to_thread(self._stored, digest, route)
+            self.stats.misses += 1
+            ref = Reference(route.upstream.host, route.repository, None, digest)
+            return await self._fetch_manifest(route, ref, None)
+        known = await asyncio.to_thread(self.meta.tag, route.key, reference)
+        if known and self.store.has(Digest.parse(known[0])):
+            stored = await asyncio.to_thread(self._stored, Digest.parse(known[0]), route)
+            if time.time() - known[1] < self.tag_ttl:
+                self.stats.hits += 1
+                return stored
+        else:
+            stored = None
+        self.stats.misses += 1
+        ref = Reference(route.upstream.host, route.repository, reference, None)
+        try:
+            return await self._fetch_manifest(route, ref, reference)
+        except FetchdError as exc:
+            if stored is not None and not isinstance(exc, ManifestNotFound):
+                log.warning(
+                    "%s:%s: upstream failed (%s); serving the cached copy",
+                    route.key,
+                    reference,
+                    exc,
+                )
+                return stored
+            raise
+
+    async def tags(self, route: Route) -> list[str]:
+        """The upstream's tag list; the tags this cache knows when upstream is away."""
+        try:
+            return await self.registry(route.upstream).tags(route.repository)
+        except FetchdError:
+            known = await asyncio.to_thread(self.meta.tags_of, route.key)
+            if not known:
+                raise
+            return known
+
+    def _stored(self, digest: Digest, route: Route) -> Manifest:
+        data = self.store.read_blob(digest, MAX_MANIFEST_SIZE)
+        doc = json.loads(data)
+        media_type = media_type_of(doc, None)
+        self._learn(data, media_type, str(digest))
+        self.meta.cache_manifest(str(digest), route.key, media_type)
+        return Manifest(data, media_type, digest)
+
+    async def _fetch_manifest(self, route: Route, ref: Reference, tag: str | None) -> Manifest:
+        raw, ctype, digest = await self.registry(route.upstream).manifest(ref)
+        media_type = media_type_of(json.loads(raw), ctype)
+        self._learn(raw, ctype, f"{route.key}@{digest.short}")  # also validates it
+        await asyncio.to_thread(self.store.put, raw, digest)
+        await asyncio.to_thread(self.meta.cache_manifest, str(digest), route.key, media_type)
+        if tag is not None:
+            await asyncio.to_thread(self.meta.put_tag, route.key, tag, str(digest))
+        self.stats.recent.appendleft(
+            {
+                "name": f"{route.key}:{tag}" if tag else f"{route.key}@{digest}",
+                "digest": str(digest),
+                "at": time.time(),
+            }
+        )
+        return Manifest(raw, media_type, digest)
+
+    def _learn(self, raw: bytes, media_type: str | None, where: str) -> None:
+        parsed = parse_manifest(raw, media_type, where)
+        children = parsed.manifests if isinstance(parsed, ImageIndex) else parsed.blobs()
+        for d in children:
+            self.sizes[d.digest] = d.size
+
+    # --- blobs ---------------------------------------------------------------------------
+
+    async def blob_size(self, route: Route, digest: Digest) -> int:
+        size = self.store.blob_size(digest)
+        if size is not None:
+            return size
+        size = self.sizes.get(digest)
+        if size is None:
+            size = await self.registry(route.upstream).blob_size(route.repository, digest)
+            self.sizes[digest] = size
+        return size
+
+    async def blob(self, route: Route, digest: Digest) -> Flight | None:
+        """None if the blob is in the store; else the flight bringing it (started if
+        needed). Raises what the fetch raised if it failed before its first byte."""
+        if self.store.has(digest):
+            self.stats.hits += 1
+            return None
+        self.stats.misses += 1
+        size = await self.blob_size(route, digest)
+        task = self._fetches.get(digest)
+        if task is None:
+            assert self._tg is not None, "Cache used outside running()"
+            desc = Descriptor("application/octet-stream", digest, size)
+            task = self._tg.create_task(self._fetch_blob(route, desc))
+            self._fetches[digest] = task
+            task.add_done_callback(lambda _t: self._fetches.pop(digest, None))
+        async with asyncio.timeout(FLIGHT_START_TIMEOUT):
+            while True:
+                flight = self.engine.flights.get(digest)
+                if flight is not None:
+                    return flight
+                if self.store.has(digest):
+                    return None
+                if task.done():
+                    exc = task.exception()
+                    if exc is not None:
+                        raise exc
+                    if self.store.has(digest):
+                        return None
+                    raise BlobNotFound(f"blob {digest.short} vanished after its fetch")
+                await asyncio.sleep(0.01)
+
+    async def _fetch_blob(self, route: Route, desc: Descriptor) -> None:
+        try:
+            await self.engine.ensure_blob(
+                self.registry(route.upstream), route.repository, desc, set()
+            )
+        except FetchdError as exc:
+            log.warning("%s: fetching %s failed: %s", route.key, desc.digest.short, exc)
+            raise
+
+    # --- prefetch (the admin API) ----------------------------------------------------------
+
+    async def prefetch(self, text: str, platforms: list[Platform]) -> Digest:
+        """Warm the cache with an image: its manifest(s) and every blob, for ``platforms``
+        of an index (default: this machine's)."""
+        ref = Reference.parse(text)
+        upstream = next((u for u in self.upstreams.all if u.host == ref.host), None)
+        if upstream is None:
+            raise FetchdError(f"{text!r}: no upstream of this server serves {ref.host!r}")
+        route = Route(upstream, ref.name)
+        top = await self.manifest(route, str(ref.digest or ref.tag))
+        parsed = parse_manifest(top.data, top.media_type, text)
+        manifests = [top]
+        if isinstance(parsed, ImageIndex):
+            for p in platforms or [Platform.host()]:
+                chosen = parsed.select(p, text)
+                manifests.append(await self.manifest(route, str(chosen.digest)))
+        async with asyncio.TaskGroup() as tg:
+            for m in manifests:
+                inner = parse_manifest(m.data, m.media_type, text)
+                if isinstance(inner, ImageIndex):
+                    continue
+                for d in inner.blobs():
+                    tg.create_task(self._prefetch_blob(route, d.digest))
+        return top.digest
+
+    async def _prefetch_blob(self, route: Route, digest: Digest) -> None:
+        flight = await self.blob(route, digest)
+        if flight is not None:
+            result = await asyncio.shield(flight.done)
+            if result is not None:
+                raise result
+
+    # --- reading a blob that is still arriving -----------------------------------------
+
+    async def stream(
+        self, flight: Flight, write: Callable[[bytes], Awaitable[None]], start: int = 0
+    ) -> int:
+        """Send ``flight``'s bytes from ``start`` as they land; the last byte only once the
+        blob verified. Returns the bytes sent; raises StoreError if the fetch failed."""
+        sent = start
+        fd = await asyncio.to_thread(_open_ingest, flight, self.store)
+        try:
+            while sent < flight.size:
+                if flight.reset:
+                    raise StoreError(f"blob {flight.digest.short} was refetched mid-stream")
+                outcome = flight.done.result() if flight.done.done() else False
+                if outcome is not None and outcome is not False:
+                    raise StoreError(f"blob {flight.digest.short} failed: {outcome}")
+                limit = flight.size if outcome is None else min(flight.contiguous, flight.size - 1)
+                if sent < limit:
+                    data = await asyncio.to_thread(os.pread, fd, min(1 << 20, limit - sent), sent)
+                    if data:
+                        await write(data)
+                        sent += len(data)
+                        self.stats.bytes_served += len(data)
+                        continue
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(STREAM_WAIT):
+                        await flight.wait()
+        finally:
+            os.close(fd)
+        return sent
+
+
+def _open_ingest(flight: Flight, store: Store) -> int:
+    """The data file the flight writes to, or (committed meanwhile) the blob itself."""
+    try:
+        return os.open(flight.path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return os.open(store.blob_path(flight.digest), os.O_RDONLY | os.O_CLOEXEC)
