@@ -87,7 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="URL",
-        help="for https:// URLs: another URL with the same bytes (repeatable)",
+        help="a registry mirror (fetchd serve) to ask first; for https:// URLs another URL "
+        "with the same bytes (repeatable)",
+    )
+    sp.add_argument(
+        "--mirror-only", action="store_true", help="never fall back from the mirrors to the origin"
     )
 
     sp = sub.add_parser("prefetch", help="pull all concurrently; idempotent; the pre-launch hook")
@@ -157,6 +161,7 @@ async def _pull_all(
     refs: list[str],
     digest: Digest | None = None,
     mirrors: tuple[str, ...] = (),
+    mirror_only: bool = False,
 ) -> list[PullResult | FetchdError]:
     progress = Progress()
     bars = TerminalBars(progress) if config.progress else None
@@ -164,7 +169,7 @@ async def _pull_all(
 
         async def one(ref: str) -> PullResult | FetchdError:
             try:
-                return await engine.pull(ref, digest, mirrors)
+                return await engine.pull(ref, digest, mirrors, mirror_only)
             except FetchdError as exc:
                 return exc
             except TimeoutError:
@@ -196,9 +201,12 @@ def cmd_pull(args: argparse.Namespace, store: Store, prefetch: bool = False) -> 
     started = time.monotonic()
     digest = Digest.parse(args.digest) if getattr(args, "digest", None) else None
     mirrors = tuple(getattr(args, "mirror", ()))
-    if (digest or mirrors) and len(refs) != 1:
-        raise UsageError("--digest and --mirror need exactly one URL")
-    results = asyncio.run(_pull_all(store, config, refs, digest, mirrors))
+    mirror_only = bool(getattr(args, "mirror_only", False))
+    if digest and len(refs) != 1:
+        raise UsageError("--digest needs exactly one URL")
+    if mirror_only and not mirrors:
+        raise UsageError("--mirror-only needs --mirror")
+    results = asyncio.run(_pull_all(store, config, refs, digest, mirrors, mirror_only))
     failed = 0
     for res in results:
         if isinstance(res, FetchdError):

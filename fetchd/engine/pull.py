@@ -19,11 +19,15 @@ import aiohttp
 
 from fetchd.config import Config
 from fetchd.errors import (
+    DigestMismatch,
     FetchdError,
     ImageNotInStore,
     InsecureRefused,
     ManifestInvalid,
     ReferenceInvalid,
+    SizeMismatch,
+    SourceError,
+    TransferFailed,
     UsageError,
     unwrap,
 )
@@ -140,11 +144,9 @@ class Engine:
             self._session = None
 
     def _registry(self, host: str) -> Registry:
-        if self._session is None:
-            self._session = new_session(self.config)
         reg = self._registries.get(host)
         if reg is None:
-            reg = self._registries[host] = Registry(self._session, self.config, host)
+            reg = self._registries[host] = Registry(self.session(), self.config, host)
         return reg
 
     # --- the store side ------------------------------------------------------------
@@ -159,20 +161,28 @@ class Engine:
     # --- pull ----------------------------------------------------------------------
 
     async def pull(
-        self, text: str, digest: Digest | None = None, mirrors: tuple[str, ...] = ()
+        self,
+        text: str,
+        digest: Digest | None = None,
+        mirrors: tuple[str, ...] = (),
+        mirror_only: bool = False,
     ) -> PullResult:
         """Pull one reference: a registry image, or (``https://``) one blob by URL.
 
-        ``digest`` pins a URL's content; ``mirrors`` are more URLs serving the same bytes.
+        ``digest`` pins a URL's content. ``mirrors``: for a URL, more URLs serving the
+        same bytes (used together); for an image, registry mirrors (a fetchd cache) asked
+        first, in order, before the origin — unless ``mirror_only``.
         """
         async with asyncio.timeout(self.config.deadline):
             if is_url(text):
                 return await self.pull_url(text, digest, mirrors)
-            if digest is not None or mirrors:
-                raise UsageError("--digest and --mirror apply to https:// URLs only")
-            return await self._pull_image(text)
+            if digest is not None:
+                raise UsageError("--digest applies to https:// URLs only")
+            return await self._pull_image(text, mirrors, mirror_only)
 
-    async def _pull_image(self, text: str) -> PullResult:
+    async def _pull_image(
+        self, text: str, mirrors: tuple[str, ...] = (), mirror_only: bool = False
+    ) -> PullResult:
         ref = parse_registry_ref(text)
         name = str(ref)
         policy = self.config.pull_policy
@@ -188,7 +198,24 @@ class Engine:
                 raise ImageNotInStore(
                     f"{name} is not in the store and --pull-policy never forbids fetching it"
                 )
-        registry = self._registry(ref.host)
+        failures: list[str] = []
+        for url in mirrors:
+            if not is_url(url):
+                raise UsageError(f"--mirror {url!r} is not an http(s):// URL")
+            mirror = Registry(self.session(), self.config, ref.host, base=url, ns=ref.host)
+            try:
+                return await self._pull_from(ref, name, mirror)
+            except (SourceError, DigestMismatch, SizeMismatch) as exc:
+                log.warning("mirror %s failed for %s: %s", redact(url), name, exc)
+                failures.append(f"{redact(url)}: {exc}")
+        if mirror_only and mirrors:
+            raise TransferFailed(
+                f"{name}: every mirror failed and --mirror-only forbids the origin "
+                f"({'; '.join(failures)})"
+            )
+        return await self._pull_from(ref, name, self._registry(ref.host))
+
+    async def _pull_from(self, ref: Reference, name: str, registry: Registry) -> PullResult:
         raw, ctype, top = await registry.manifest(ref)
         parsed = parse_manifest(raw, ctype, name)
         keep: dict[Digest, bytes] = {top: raw}  # what the registry served, kept as blobs
