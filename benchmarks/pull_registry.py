@@ -4,15 +4,16 @@ The image is LAYERS layers of LAYER_MIB MiB of random data each, uncompressed, s
 side can win by compressing; it is built in Python and pushed with skopeo byte for byte.
 Each round runs `fetchd pull` into a fresh empty store, then `skopeo copy --preserve-digests
 docker://… oci:…` into a fresh empty directory; both are deleted outside the timed region.
-The page cache is left alone: both tools read the same registry files, and alternating
-spreads whatever warmth there is over both.
+Before the timed rounds each tool pulls the image once, checked but not counted: right
+after the push the registry's blob files are cold in the page cache, which penalised
+whichever tool read them first. The page cache is not dropped after that.
 
 Every run is checked before it counts (fetchd must print the registry's manifest digest and
 store every layer at its size; skopeo must exit 0 and write the same manifest), because a
 benchmark that times a failed run is worthless.
 
-Wall time is from just before fork to the moment the child is reaped; peak RSS and CPU time
-come from os.wait4's rusage of that child (ru_maxrss is in KiB on Linux).
+Wall time is from just before fork to the moment the child is reaped; CPU time comes from
+os.wait4's rusage, peak RSS from GNU time (see benchmarks/measure.py run_child).
 
     python benchmarks/pull_registry.py [--rounds N] [--layers N] [--layer-mib N] [--json]
 """
@@ -21,12 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import select
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +33,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # so that `python benchmarks/pull_registry.py` finds tests/
 
+from benchmarks.measure import (  # noqa: E402
+    BenchmarkFailed,
+    Exited,
+    check_exit,
+    child_env,
+    gnu_time_missing,
+    median_ratio,
+    median_s,
+    peak_mib,
+    run_child,
+)
 from tests.support.images import (  # noqa: E402
     LAYER_MEDIA_TYPES,
     BuiltImage,
@@ -52,10 +59,6 @@ MIB = 1024 * 1024
 PYTHON = REPO / ".venv" / "bin" / "python"
 NAME, TAG = "bench/random", "latest"
 RUN_TIMEOUT = 300.0  # seconds for one pull; issue 2 measured ~3.5 s for the default image
-
-
-class BenchmarkFailed(RuntimeError):
-    """A run failed or produced a wrong result: nothing measured may be reported."""
 
 
 @dataclass(frozen=True)
@@ -74,55 +77,8 @@ class Run:
         )
 
 
-@dataclass(frozen=True)
-class Exited:
-    status: int
-    wall: float
-    usage: resource.struct_rusage
-    stdout: str
-    stderr: str
-
-
-def run_child(
-    argv: Sequence[str], env: Mapping[str, str], logs: Path, timeout: float = RUN_TIMEOUT
-) -> Exited:
-    """Run argv to completion, timing it and taking its rusage; kill it after `timeout` s.
-
-    The child is waited for with a pidfd (no polling interval in the measured time) and
-    reaped with os.wait4, which is what gives its own peak RSS.
-    """
-    out, err = logs.with_suffix(".stdout"), logs.with_suffix(".stderr")
-    with out.open("wb") as stdout, err.open("wb") as stderr:
-        started = time.perf_counter()
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=dict(env), cwd=REPO
-        )
-    try:
-        pidfd = os.pidfd_open(proc.pid)
-        try:
-            ready, _, _ = select.select([pidfd], [], [], timeout)
-        finally:
-            os.close(pidfd)
-        if not ready:
-            raise BenchmarkFailed(f"{argv[0]} did not finish in {timeout:.0f} s: {' '.join(argv)}")
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - started
-        proc.returncode = os.waitstatus_to_exitcode(status)  # tell Popen it is reaped
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            proc.wait()
-    return Exited(proc.returncode, wall, usage, out.read_text(), err.read_text())
-
-
 def _measured(tool: str, round_: int, exited: Exited) -> Run:
-    usage = exited.usage
-    return Run(tool, round_, exited.wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024)
-
-
-def _check_exit(tool: str, exited: Exited) -> None:
-    if exited.status != 0:
-        raise BenchmarkFailed(f"{tool} exited with {exited.status}:\n{exited.stderr[-2000:]}")
+    return Run(tool, round_, exited.wall, exited.cpu, exited.max_rss_mib)
 
 
 def pull_fetchd(
@@ -140,8 +96,8 @@ def pull_fetchd(
         "http",
         f"docker://{registry.host}/{NAME}:{TAG}",
     ]
-    exited = run_child(argv, env, dest.parent / f"fetchd-{round_}")
-    _check_exit("fetchd", exited)
+    exited = run_child(argv, env, dest.parent / f"fetchd-{round_}", RUN_TIMEOUT)
+    check_exit("fetchd", exited)
     printed = exited.stdout.strip()
     if printed != image.digest:
         raise BenchmarkFailed(f"fetchd printed {printed!r}, the registry has {image.digest}")
@@ -167,22 +123,14 @@ def pull_skopeo(
         f"docker://{registry.host}/{NAME}:{TAG}",
         f"oci:{dest}:x",
     ]
-    exited = run_child(argv, env, dest.parent / f"skopeo-{round_}")
-    _check_exit("skopeo", exited)
+    exited = run_child(argv, env, dest.parent / f"skopeo-{round_}", RUN_TIMEOUT)
+    check_exit("skopeo", exited)
     # Same manifest as the registry's: skopeo rewrote nothing, so both tools did the same work.
     index = json.loads((dest / "index.json").read_text())
     digests = [m["digest"] for m in index["manifests"]]
     if digests != [image.digest]:
         raise BenchmarkFailed(f"skopeo wrote manifests {digests}, the registry has {image.digest}")
     return _measured("skopeo", round_, exited)
-
-
-def child_env(home: Path) -> dict[str, str]:
-    """The machine's environment without its registry credentials or CA overrides."""
-    drop = ("SSL_CERT_FILE", "REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "FETCHD_STORE")
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env["HOME"] = str(home)
-    return env
 
 
 def publish(workdir: Path, registry: Registry, layers: int, layer_mib: int) -> BuiltImage:
@@ -206,26 +154,25 @@ def publish(workdir: Path, registry: Registry, layers: int, layer_mib: int) -> B
 
 
 def summary(runs: Sequence[Run], args: argparse.Namespace, image: BuiltImage) -> dict[str, object]:
-    def walls(tool: str) -> list[float]:
-        return [r.wall for r in runs if r.tool == tool]
+    def walls(tool: str) -> dict[int, float]:
+        return {r.round: r.wall for r in runs if r.tool == tool}
 
-    def peak(tool: str) -> float:
-        return max(r.max_rss_mib for r in runs if r.tool == tool)
+    def peak(tool: str) -> float | None:
+        return peak_mib(r.max_rss_mib for r in runs if r.tool == tool)
 
-    ratios = [f / s for f, s in zip(walls("fetchd"), walls("skopeo"), strict=True)]
     return {
         "benchmark": "pull_registry",
         "image": image.digest,
         "layers": args.layers,
         "layer_mib": args.layer_mib,
         "rounds": args.rounds,
-        "fetchd_s": [round(w, 3) for w in walls("fetchd")],
-        "skopeo_s": [round(w, 3) for w in walls("skopeo")],
-        "fetchd_median_s": round(statistics.median(walls("fetchd")), 3),
-        "skopeo_median_s": round(statistics.median(walls("skopeo")), 3),
-        "ratio_median": round(statistics.median(ratios), 3),
-        "fetchd_peak_rss_mib": round(peak("fetchd"), 1),
-        "skopeo_peak_rss_mib": round(peak("skopeo"), 1),
+        "fetchd_s": [round(w, 3) for w in walls("fetchd").values()],
+        "skopeo_s": [round(w, 3) for w in walls("skopeo").values()],
+        "fetchd_median_s": median_s(walls("fetchd").values()),
+        "skopeo_median_s": median_s(walls("skopeo").values()),
+        "ratio_median": median_ratio(walls("fetchd"), walls("skopeo")),
+        "fetchd_peak_rss_mib": peak("fetchd"),
+        "skopeo_peak_rss_mib": peak("skopeo"),
     }
 
 
@@ -244,6 +191,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    missing = gnu_time_missing()
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
+        return 1
     if not PYTHON.exists():
         print(f"error: {PYTHON} is missing: run `make deps` first", file=sys.stderr)
         return 1
@@ -264,9 +215,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{time.perf_counter() - started:.1f} s)",
                 flush=True,
             )
+            tools = (("fetchd", pull_fetchd), ("skopeo", pull_skopeo))
+            # Round 0, not counted: one checked pull by each tool, so that the registry's
+            # blob files, cold in the page cache after the push, are warm for round 1.
+            warmups: list[str] = []
+            for tool, pull in tools:
+                dest = runs_dir / f"{tool}-0.d"
+                try:
+                    run = pull(registry, image, dest, env, 0)
+                finally:
+                    shutil.rmtree(dest, ignore_errors=True)
+                warmups.append(f"{tool} {run.wall:.2f} s")
+            print(
+                f"warm-up: one pull by each tool first, checked, not counted "
+                f"({', '.join(warmups)})",
+                flush=True,
+            )
             runs: list[Run] = []
             for round_ in range(1, args.rounds + 1):
-                for tool, pull in (("fetchd", pull_fetchd), ("skopeo", pull_skopeo)):
+                for tool, pull in tools:
                     dest = runs_dir / f"{tool}-{round_}.d"
                     try:
                         run = pull(registry, image, dest, env, round_)

@@ -16,7 +16,8 @@ not counted; the other tools go on (`--skip-fetchd` leaves it out). aria2c or cu
 aborts the benchmark: an anchor that did not work measures nothing.
 
 Wall time is from just before fork to the moment the child is reaped (waited for with a pidfd);
-CPU time comes from os.wait4's rusage of the child, peak RSS from GNU time (see run_child).
+CPU time comes from os.wait4's rusage of the child, peak RSS from GNU time (see
+benchmarks/measure.py run_child).
 Output directories are deleted, and `sync` run, between runs, outside the timed region; the page
 cache is not dropped (the served file stays warm for everyone). Each run's line also says how
 many body bytes nginx sent for it (from its access log, read after the run).
@@ -27,18 +28,11 @@ many body bytes nginx sent for it (from its access log, read after the run).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
-import re
-import resource
-import select
 import shutil
-import signal
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,6 +43,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # so that `python benchmarks/ranges_https.py` finds tests/
 
+from benchmarks.measure import (  # noqa: E402
+    BenchmarkFailed,
+    Exited,
+    check_exit,
+    child_env,
+    gnu_time_missing,
+    median_ratio,
+    median_s,
+    peak_mib,
+    run_child,
+)
 from tests.support.nginx import Nginx, make_file, start_nginx  # noqa: E402
 from tests.support.tls import make_ca  # noqa: E402
 
@@ -57,21 +62,6 @@ PYTHON = REPO / ".venv" / "bin" / "python"
 FILE = "file.bin"
 RUN_TIMEOUT = 300.0  # seconds for one download; the anchors take ~2–4 s per GiB here
 HASH_BUFFER = 8 * MIB
-TIME = "/usr/bin/time"  # GNU time (Debian package `time`), for peak RSS
-
-
-class BenchmarkFailed(RuntimeError):
-    """A run failed or produced a wrong result: it must not be counted."""
-
-
-@dataclass(frozen=True)
-class Exited:
-    status: int
-    wall: float
-    usage: resource.struct_rusage  # CPU times (GNU time's own are negligible)
-    max_rss_kib: int  # the tool's peak RSS, from GNU time
-    stdout: str
-    stderr: str
 
 
 @dataclass(frozen=True)
@@ -99,52 +89,6 @@ class Run:
         )
 
 
-def run_child(
-    argv: Sequence[str], env: Mapping[str, str], logs: Path, timeout: float = RUN_TIMEOUT
-) -> Exited:
-    """Run argv to completion under GNU time, timing it and taking its rusage and peak RSS.
-
-    Peak RSS comes from GNU time (%M), not from os.wait4: a child forked (or vforked) from
-    this Python process inherits this process's RSS high-water mark across exec, so wait4's
-    ru_maxrss says at least this process's peak (65 MiB here) for every tool. GNU time is a
-    small process of its own, so its child's figure is the tool's own (±1 MiB). The child
-    runs in a new session; after `timeout` s the whole group (pgid = its PID) is killed.
-    """
-    out, err = logs.with_suffix(".stdout"), logs.with_suffix(".stderr")
-    rss_file = logs.with_suffix(".rss")
-    wrapped = [TIME, "-o", str(rss_file), "-f", "maxrss_kib=%M", *argv]
-    with out.open("wb") as stdout, err.open("wb") as stderr:
-        started = time.perf_counter()
-        proc = subprocess.Popen(
-            wrapped,
-            stdin=subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=stderr,
-            env=dict(env),
-            cwd=REPO,
-            start_new_session=True,
-        )
-    try:
-        pidfd = os.pidfd_open(proc.pid)
-        try:
-            ready, _, _ = select.select([pidfd], [], [], timeout)
-        finally:
-            os.close(pidfd)
-        if not ready:
-            raise BenchmarkFailed(f"{argv[0]} did not finish in {timeout:.0f} s: {' '.join(argv)}")
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - started
-        proc.returncode = os.waitstatus_to_exitcode(status)  # tell Popen it is reaped
-    finally:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # the group this Popen made, by its id
-            proc.wait()
-    match = re.search(r"maxrss_kib=(\d+)", rss_file.read_text() if rss_file.exists() else "")
-    max_rss_kib = int(match[1]) if match else 0
-    return Exited(proc.returncode, wall, usage, max_rss_kib, out.read_text(), err.read_text())
-
-
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     buffer = bytearray(HASH_BUFFER)
@@ -159,15 +103,7 @@ def sha256_file(path: Path) -> str:
 
 
 def _measured(tool: str, round_: int, exited: Exited, sha_wall: float = 0.0) -> Run:
-    usage = exited.usage
-    cpu = usage.ru_utime + usage.ru_stime
-    return Run(tool, round_, exited.wall, cpu, exited.max_rss_kib / 1024, sha_wall)
-
-
-def _check_exit(tool: str, exited: Exited) -> None:
-    if exited.status != 0:
-        tail = (exited.stderr.strip() or exited.stdout.strip())[-2000:]
-        raise BenchmarkFailed(f"{tool} exited with {exited.status}: {tail or '(no output)'}")
+    return Run(tool, round_, exited.wall, exited.cpu, exited.max_rss_mib, sha_wall)
 
 
 def _check_file(tool: str, path: Path, digest: str) -> None:
@@ -190,8 +126,8 @@ def pull_fetchd(setup: Setup, dest: Path, round_: int) -> Run:
     argv = [str(PYTHON), "-m", "fetchd", "--store", str(dest), "-q", "pull"]
     argv += ["--digest", setup.digest, setup.url]
     env = {**setup.env, "SSL_CERT_FILE": str(setup.ca)}
-    exited = run_child(argv, env, dest.parent / f"fetchd-{round_}")
-    _check_exit("fetchd", exited)
+    exited = run_child(argv, env, dest.parent / f"fetchd-{round_}", RUN_TIMEOUT)
+    check_exit("fetchd", exited)
     lines = exited.stdout.split()
     if not lines or lines[-1] != setup.digest:
         raise BenchmarkFailed(f"fetchd printed {exited.stdout.strip()!r}, not {setup.digest}")
@@ -203,8 +139,8 @@ def pull_aria2c(setup: Setup, dest: Path, round_: int) -> Run:
     argv += [f"--ca-certificate={setup.ca}", "--console-log-level=warn", "--summary-interval=0"]
     argv += ["-d", str(dest), "-o", "out", setup.url]
     dest.mkdir()
-    exited = run_child(argv, setup.env, dest.parent / f"aria2c-{round_}")
-    _check_exit("aria2c", exited)
+    exited = run_child(argv, setup.env, dest.parent / f"aria2c-{round_}", RUN_TIMEOUT)
+    check_exit("aria2c", exited)
     _check_file("aria2c", dest / "out", setup.digest)  # outside the timed region
     return _measured("aria2c", round_, exited)
 
@@ -213,8 +149,8 @@ def pull_curl(setup: Setup, dest: Path, round_: int) -> Run:
     # -q first: ignore any ~/.curlrc.
     argv = ["curl", "-q", "-sS", "--cacert", str(setup.ca), "-o", str(dest / "out"), setup.url]
     dest.mkdir()
-    exited = run_child(argv, setup.env, dest.parent / f"curl-{round_}")
-    _check_exit("curl", exited)
+    exited = run_child(argv, setup.env, dest.parent / f"curl-{round_}", RUN_TIMEOUT)
+    check_exit("curl", exited)
     started = time.perf_counter()
     got = sha256_file(dest / "out")  # timed: this is the "then verify" half of the anchor
     sha_wall = time.perf_counter() - started
@@ -223,36 +159,12 @@ def pull_curl(setup: Setup, dest: Path, round_: int) -> Run:
     return _measured("curl", round_, exited, sha_wall)
 
 
-def child_env(home: Path) -> dict[str, str]:
-    """The machine's environment without CA overrides or proxies, with an empty HOME."""
-    drop = {"SSL_CERT_FILE", "SSL_CERT_DIR", "CURL_CA_BUNDLE", "FETCHD_STORE", "XDG_RUNTIME_DIR"}
-    env = {
-        k: v for k, v in os.environ.items() if k not in drop and not k.lower().endswith("_proxy")
-    }
-    env["HOME"] = str(home)
-    return env
-
-
-def _median(runs: Sequence[Run], tool: str) -> float | None:
-    totals = [r.total for r in runs if r.tool == tool]
-    return round(statistics.median(totals), 3) if totals else None
-
-
-def _ratio(runs: Sequence[Run], anchor: str) -> float | None:
-    """Median over rounds where fetchd counted of fetchd's time / the anchor's (total)."""
-    by_round = {(r.tool, r.round): r.total for r in runs}
-    ratios = [
-        by_round[("fetchd", n)] / by_round[(anchor, n)]
-        for tool, n in by_round
-        if tool == "fetchd" and (anchor, n) in by_round
-    ]
-    return round(statistics.median(ratios), 3) if ratios else None
-
-
 def summary(runs: Sequence[Run], args: argparse.Namespace, digest: str) -> dict[str, object]:
+    def totals(tool: str) -> dict[int, float]:
+        return {r.round: r.total for r in runs if r.tool == tool}
+
     def peak(tool: str) -> float | None:
-        rss = [r.max_rss_mib for r in runs if r.tool == tool]
-        return round(max(rss), 1) if rss else None
+        return peak_mib(r.max_rss_mib for r in runs if r.tool == tool)
 
     curl_runs = [r for r in runs if r.tool == "curl"]
     return {
@@ -260,17 +172,18 @@ def summary(runs: Sequence[Run], args: argparse.Namespace, digest: str) -> dict[
         "digest": digest,
         "size_mib": args.size_mib,
         "rounds": args.rounds,
-        "fetchd_s": [round(r.total, 3) for r in runs if r.tool == "fetchd"],
-        "aria2c_s": [round(r.total, 3) for r in runs if r.tool == "aria2c"],
+        "fetchd_s": [round(t, 3) for t in totals("fetchd").values()],
+        "aria2c_s": [round(t, 3) for t in totals("aria2c").values()],
         "curl_s": [round(r.wall, 3) for r in curl_runs],
         "sha256_s": [round(r.sha_wall, 3) for r in curl_runs],
-        "fetchd_median_s": _median(runs, "fetchd"),
-        "aria2c_median_s": _median(runs, "aria2c"),
-        "curl_median_s": round(statistics.median(r.wall for r in curl_runs), 3),
-        "sha256_median_s": round(statistics.median(r.sha_wall for r in curl_runs), 3),
-        "curl_sha256_median_s": _median(runs, "curl"),
-        "ratio_fetchd_aria2c": _ratio(runs, "aria2c"),
-        "ratio_fetchd_curl_sha256": _ratio(runs, "curl"),
+        "fetchd_median_s": median_s(totals("fetchd").values()),
+        "aria2c_median_s": median_s(totals("aria2c").values()),
+        "curl_median_s": median_s(r.wall for r in curl_runs),
+        "sha256_median_s": median_s(r.sha_wall for r in curl_runs),
+        "curl_sha256_median_s": median_s(totals("curl").values()),
+        # Medians over the rounds where fetchd counted of fetchd's time / the anchor's (total).
+        "ratio_fetchd_aria2c": median_ratio(totals("fetchd"), totals("aria2c")),
+        "ratio_fetchd_curl_sha256": median_ratio(totals("fetchd"), totals("curl")),
         "fetchd_peak_rss_mib": peak("fetchd"),
         "aria2c_peak_rss_mib": peak("aria2c"),
         "curl_peak_rss_mib": peak("curl"),
@@ -332,8 +245,9 @@ def serve(workdir: Path, size_mib: int, workers: int) -> tuple[Nginx, Path, str]
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if not Path(TIME).exists():
-        print(f"error: {TIME} is missing: apt-get install time", file=sys.stderr)
+    missing = gnu_time_missing()
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
         return 1
     if not args.skip_fetchd and not PYTHON.exists():
         print(f"error: {PYTHON} is missing: run `make deps` first", file=sys.stderr)

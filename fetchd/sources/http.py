@@ -12,7 +12,7 @@ import datetime
 import random
 import socket
 import ssl
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -163,3 +163,39 @@ def _reason(exc: BaseException) -> str:
 
 #: exceptions worth retrying (the next attempt may succeed)
 RETRYABLE = (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)
+
+WRITE_BATCH = 1 << 20
+MAX_PIECES = 256  # pieces per batch: pwritev takes at most IOV_MAX (1024) buffers
+
+
+async def pump(
+    resp: aiohttp.ClientResponse,
+    sink: Callable[[list[bytes], int], Awaitable[None]],
+    room: Callable[[], int] | None = None,
+) -> None:
+    """Hand ``resp``'s body to ``sink`` in batches of about 1 MiB (the pieces as read:
+    nothing is joined on the event loop). With ``room``, stop once that many more bytes
+    were taken (re-asked after every batch: it may shrink meanwhile). On a retryable
+    error the pieces that arrived are handed over before it propagates."""
+    pending: list[bytes] = []
+    buffered = 0
+    try:
+        async for piece, _ in resp.content.iter_chunks():
+            if room is not None:
+                left = room() - buffered
+                if len(piece) >= left:
+                    if left > 0:
+                        pending.append(piece[:left])
+                        buffered += left
+                    break  # the rest is not ours (stolen, or more than was asked)
+            pending.append(piece)
+            buffered += len(piece)
+            if buffered >= WRITE_BATCH or len(pending) >= MAX_PIECES:
+                await sink(pending, buffered)
+                pending, buffered = [], 0
+    except RETRYABLE:
+        if pending:
+            await sink(pending, buffered)
+        raise
+    if pending:
+        await sink(pending, buffered)

@@ -43,15 +43,13 @@ from fetchd.errors import (
     TransferFailed,
     unwrap,
 )
-from fetchd.sources.http import RETRYABLE, backoff, cache_max_age, retry_after, translate
+from fetchd.sources.http import RETRYABLE, backoff, cache_max_age, pump, retry_after, translate
 from fetchd.store.cas import SegmentedIngest
 
 log = logging.getLogger(__name__)
 
 SEGMENT = 8 << 20
 MIN_SPLIT = 1 << 20
-WRITE_CHUNK = 1 << 20
-MAX_PIECES = 256
 STATE_INTERVAL = 2.0
 CONTROL_INTERVAL = 0.25
 SLOW_FOR = 2.0  # seconds a connection may lag far behind its peers before it is cut
@@ -285,22 +283,16 @@ class SegmentedDownload:
             self._set_size(length)
         self.on_connections(1)
         offset = 0
+
+        async def sink(pieces: list[bytes], n: int) -> None:
+            nonlocal offset
+            await self.ingest.write_at(offset, pieces)
+            offset += n
+            self.on_bytes(n)
+
         async with resp:
-            pending: list[bytes] = []
-            buffered = 0
             try:
-                async for piece, _ in resp.content.iter_chunks():
-                    pending.append(piece)
-                    buffered += len(piece)
-                    if buffered >= WRITE_CHUNK or len(pending) >= MAX_PIECES:
-                        await self.ingest.write_at(offset, pending)
-                        offset += buffered
-                        self.on_bytes(buffered)
-                        pending, buffered = [], 0
-                if pending:
-                    await self.ingest.write_at(offset, pending)
-                    offset += buffered
-                    self.on_bytes(buffered)
+                await pump(resp, sink)
             except RETRYABLE as exc:
                 raise translate(exc, self.sources[0].label, self.config) from exc
             finally:
@@ -438,34 +430,21 @@ class SegmentedDownload:
             if self.ingest.meta.get("etag") and etag != self.ingest.meta["etag"]:
                 resp.release()
                 raise _Restart()
+
+        async def sink(pieces: list[bytes], n: int) -> None:
+            await self.ingest.write_at(seg.cursor, pieces)
+            seg.cursor += n
+            seg.window_bytes += n
+            self.on_bytes(n)
+
         async with resp, asyncio.timeout(None) as cut:
             seg.cut = cut
-            pending: list[bytes] = []
-            buffered = 0
             try:
-                async for piece, _ in resp.content.iter_chunks():
-                    room = seg.end - seg.cursor - buffered
-                    if len(piece) >= room:
-                        pending.append(piece[:room])
-                        buffered += room
-                        break  # the rest was stolen, or is beyond what we asked
-                    pending.append(piece)
-                    buffered += len(piece)
-                    if buffered >= WRITE_CHUNK or len(pending) >= MAX_PIECES:
-                        await self._write(seg, pending, buffered)
-                        pending, buffered = [], 0
+                await pump(resp, sink, lambda: seg.end - seg.cursor)
             finally:
                 seg.cut = None
-                if pending and seg.cursor + buffered <= seg.end:
-                    await self._write(seg, pending, buffered)
         if seg.cursor < seg.end:
             raise _Short(f"{source.label}: body ended at {seg.cursor} of {seg.end}")
-
-    async def _write(self, seg: Segment, pieces: list[bytes], n: int) -> None:
-        await self.ingest.write_at(seg.cursor, pieces)
-        seg.cursor += n
-        seg.window_bytes += n
-        self.on_bytes(n)
 
     # --- control: more connections, cut slow ones, save state ------------------------------
 

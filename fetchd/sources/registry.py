@@ -45,7 +45,15 @@ from fetchd.model import (
     Reference,
 )
 from fetchd.sources.auth import Authenticator, load_credentials
-from fetchd.sources.http import RETRYABLE, backoff, origin, redact, retry_after, translate
+from fetchd.sources.http import (
+    RETRYABLE,
+    backoff,
+    origin,
+    pump,
+    redact,
+    retry_after,
+    translate,
+)
 from fetchd.sources.ranges import SegmentedDownload, Source
 from fetchd.store.cas import Ingest, ResumedDataBad, SegmentedIngest
 
@@ -54,8 +62,6 @@ log = logging.getLogger(__name__)
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
-WRITE_CHUNK = 1 << 20
-MAX_PIECES = 256  # pieces per write: pwritev takes at most IOV_MAX (1024) buffers
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 
@@ -416,25 +422,13 @@ class Registry:
                 raise _ShortBody("range not satisfiable")
             else:
                 raise await self._error(resp, what)
-            pending: list[bytes] = []
-            buffered = 0
-            try:
-                async for piece, _ in resp.content.iter_chunks():
-                    pending.append(piece)
-                    buffered += len(piece)
-                    if buffered >= WRITE_CHUNK or len(pending) >= MAX_PIECES:
-                        await ingest.write(pending)
-                        on_bytes(buffered)
-                        pending, buffered = [], 0
-            except RETRYABLE:
-                # keep what arrived before a cut: the next attempt resumes after it
-                if pending:
-                    await ingest.write(pending)
-                    on_bytes(buffered)
-                raise
-            if pending:
-                await ingest.write(pending)
-                on_bytes(buffered)
+
+            async def sink(pieces: list[bytes], n: int) -> None:
+                await ingest.write(pieces)
+                on_bytes(n)
+
+            # what arrived before a cut is kept: the next attempt resumes after it
+            await pump(resp, sink)
         await ingest.flush()
         if ingest.offset < desc.size:
             raise _ShortBody(f"body ended at {ingest.offset}")
