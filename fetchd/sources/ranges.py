@@ -141,6 +141,9 @@ class SegmentedDownload:
     async def run(self) -> None:
         """Download every missing byte; raises a FetchdError if that cannot be done."""
         for _ in range(2):  # a second time only after the content changed under us
+            self.queue.clear()
+            self.active.clear()
+            self._errors.clear()
             try:
                 await self._run_once()
                 return
@@ -457,6 +460,13 @@ class SegmentedDownload:
         total_before = self.ingest.offset
         while self.queue or self.active:
             await asyncio.sleep(CONTROL_INTERVAL)
+            if all(src.dead for src in self.sources):
+                # Nothing left to fetch from: fail now, with the last source's error.
+                raise (
+                    self._errors[-1]
+                    if self._errors
+                    else TransferFailed(f"{self.sources[0].label}: every source failed")
+                )
             now = time.monotonic()
             done = self.ingest.offset
             rate = (done - total_before) / CONTROL_INTERVAL
