@@ -230,9 +230,7 @@ class Server:
                     raise TransferFailed(f"blob {digest.short}: {outcome}")
                 flight = None
             if flight is None:
-                path = self.cache.store.blob_path(digest)
-                resp = web.FileResponse(path, headers=headers)
-                return resp
+                return _BlobFile(self.cache, digest, headers)
             stream = web.StreamResponse(status=200, headers=headers)
             stream.content_length = flight.size
             await stream.prepare(request)
@@ -344,7 +342,7 @@ class Server:
             try:
                 digest = await self.cache.prefetch(ref, platforms)
                 job.results[ref] = {"state": "done", "digest": str(digest)}
-            except FetchdError as exc:
+            except Exception as exc:  # a job must never take the server down
                 job.results[ref] = {"state": "failed", "error": str(exc)}
 
         async with asyncio.TaskGroup() as tg:
@@ -374,6 +372,30 @@ class Server:
         return await asyncio.to_thread(
             evict, self.cache, self.max_size, set(self.cache.serving), collect
         )
+
+
+class _BlobFile(web.FileResponse):
+    """A stored blob, sent with sendfile. Its ETag is the digest (aiohttp would make one
+    from mtime and size, which would differ from HEAD's), and it counts what it sends."""
+
+    def __init__(self, cache: Cache, digest: Digest, headers: dict[str, str]) -> None:
+        super().__init__(cache.store.blob_path(digest), headers=headers)
+        self._cache = cache
+        self._digest_etag = f'"{digest}"'
+
+    @property
+    def etag(self) -> Any:
+        return self.headers.get("ETag")
+
+    @etag.setter
+    def etag(self, value: Any) -> None:
+        self.headers["ETag"] = self._digest_etag
+
+    async def prepare(self, request: web.BaseRequest) -> Any:
+        writer = await super().prepare(request)
+        if request.method == "GET" and self.content_length:
+            self._cache.stats.bytes_served += self.content_length
+        return writer
 
 
 GRACE = 600.0  # a manifest used within this many seconds is never evicted
@@ -461,6 +483,7 @@ def read_token(path: Path | None) -> str | None:
 # --- running it ------------------------------------------------------------------------
 
 HEADER_TIMEOUT = 10.0  # seconds a connection may take to send a request's headers
+MAX_HEADER_BYTES = 32 * 1024  # bytes a connection may send before a request starts
 _guards: dict[asyncio.BaseTransport, _Guard] = {}
 
 
@@ -473,6 +496,7 @@ class _Guard(asyncio.Protocol):
     def __init__(self, inner: asyncio.Protocol) -> None:
         self.inner = inner
         self.busy = 0
+        self.unclaimed = 0
         self.last = time.monotonic()
         self.transport: asyncio.BaseTransport | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -499,6 +523,14 @@ class _Guard(asyncio.Protocol):
         self._arm(max(0.5, HEADER_TIMEOUT - idle))
 
     def data_received(self, data: bytes) -> None:
+        if self.busy == 0:
+            # Everything before a request starts is its request line and headers:
+            # aiohttp bounds each line, this bounds them all together.
+            self.unclaimed += len(data)
+            if self.unclaimed > MAX_HEADER_BYTES and isinstance(self.transport, asyncio.Transport):
+                log.info("dropping a connection that sent %d bytes of headers", self.unclaimed)
+                self.transport.abort()
+                return
         self.inner.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -525,6 +557,7 @@ async def _guard_middleware(
     guard = _guards.get(request.transport) if request.transport is not None else None
     if guard is not None:
         guard.busy += 1
+        guard.unclaimed = 0
     try:
         return await handler(request)
     finally:

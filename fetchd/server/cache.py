@@ -26,7 +26,15 @@ from dataclasses import dataclass, field
 
 from fetchd.config import Config
 from fetchd.engine.pull import Engine, Flight
-from fetchd.errors import BlobNotFound, FetchdError, ManifestNotFound, StoreError
+from fetchd.errors import (
+    BlobNotFound,
+    FetchdError,
+    ManifestNotFound,
+    StoreError,
+    TransferFailed,
+    TransferTimeout,
+    unwrap,
+)
 from fetchd.manifest import ImageIndex, media_type_of, parse_manifest
 from fetchd.model import MAX_MANIFEST_SIZE, Descriptor, Digest, Platform, Reference
 from fetchd.progress import Progress
@@ -87,7 +95,7 @@ class Cache:
         self.sizes: dict[Digest, int] = {}
         #: how many responses are reading each blob now (LRU eviction spares them)
         self.serving: collections.Counter[Digest] = collections.Counter()
-        self._fetches: dict[Digest, asyncio.Task[None]] = {}
+        self._fetches: dict[Digest, asyncio.Future[BaseException | None]] = {}
         self._registries: dict[Upstream, Registry] = {}
         self._tg: asyncio.TaskGroup | None = None
 
@@ -98,8 +106,6 @@ class Cache:
             try:
                 yield self
             finally:
-                for task in self._fetches.values():
-                    task.cancel()
                 self._tg = None
 
     def registry(self, upstream: Upstream) -> Registry:
@@ -131,6 +137,7 @@ class Cache:
             stored = await asyncio.to_thread(self._stored, Digest.parse(known[0]), route)
             if time.time() - known[1] < self.tag_ttl:
                 self.stats.hits += 1
+                self._recent(f"{route.key}:{reference}", stored.digest)
                 return stored
         else:
             stored = None
@@ -175,14 +182,12 @@ class Cache:
         await asyncio.to_thread(self.meta.cache_manifest, str(digest), route.key, media_type)
         if tag is not None:
             await asyncio.to_thread(self.meta.put_tag, route.key, tag, str(digest))
-        self.stats.recent.appendleft(
-            {
-                "name": f"{route.key}:{tag}" if tag else f"{route.key}@{digest}",
-                "digest": str(digest),
-                "at": time.time(),
-            }
-        )
+        if tag is not None:
+            self._recent(f"{route.key}:{tag}", digest)
         return Manifest(raw, media_type, digest)
+
+    def _recent(self, name: str, digest: Digest) -> None:
+        self.stats.recent.appendleft({"name": name, "digest": str(digest), "at": time.time()})
 
     def _learn(self, raw: bytes, media_type: str | None, where: str) -> None:
         parsed = parse_manifest(raw, media_type, where)
@@ -203,44 +208,68 @@ class Cache:
         return size
 
     async def blob(self, route: Route, digest: Digest) -> Flight | None:
-        """None if the blob is in the store; else the flight bringing it (started if
-        needed). Raises what the fetch raised if it failed before its first byte."""
+        """None if the blob is in the store (now, or after a fetch that ended while we
+        waited); else the flight bringing it, once its first bytes are on disk — so a
+        fetch that fails before its first byte raises here (an OCI error for the
+        client), not in the middle of a 200."""
         if self.store.has(digest):
             self.stats.hits += 1
             return None
         self.stats.misses += 1
         size = await self.blob_size(route, digest)
-        task = self._fetches.get(digest)
-        if task is None:
+        fetch = self._fetches.get(digest)
+        if fetch is None:
             assert self._tg is not None, "Cache used outside running()"
+            fetch = asyncio.get_running_loop().create_future()
+            self._fetches[digest] = fetch
             desc = Descriptor("application/octet-stream", digest, size)
-            task = self._tg.create_task(self._fetch_blob(route, desc))
-            self._fetches[digest] = task
-            task.add_done_callback(lambda _t: self._fetches.pop(digest, None))
+            self._tg.create_task(self._fetch_blob(route, desc, fetch))
+        try:
+            return await self._first_bytes(digest, fetch)
+        except TimeoutError:
+            raise TransferTimeout(
+                f"blob {digest.short}: no byte from {route.upstream.host} within "
+                f"{FLIGHT_START_TIMEOUT:g} s"
+            ) from None
+
+    async def _first_bytes(
+        self, digest: Digest, fetch: asyncio.Future[BaseException | None]
+    ) -> Flight | None:
         async with asyncio.timeout(FLIGHT_START_TIMEOUT):
             while True:
                 flight = self.engine.flights.get(digest)
-                if flight is not None:
-                    return flight
-                if self.store.has(digest):
-                    return None
-                if task.done():
-                    exc = task.exception()
-                    if exc is not None:
-                        raise exc
+                if flight is not None and (flight.contiguous > 0 or flight.done.done()):
+                    outcome = flight.done.result() if flight.done.done() else None
+                    if outcome is not None:
+                        raise _as_fetchd_error(outcome)
+                    return None if flight.done.done() else flight
+                if fetch.done():
+                    failure = fetch.result()
+                    if failure is not None:
+                        raise _as_fetchd_error(failure)
                     if self.store.has(digest):
                         return None
                     raise BlobNotFound(f"blob {digest.short} vanished after its fetch")
                 await asyncio.sleep(0.01)
 
-    async def _fetch_blob(self, route: Route, desc: Descriptor) -> None:
+    async def _fetch_blob(
+        self, route: Route, desc: Descriptor, outcome: asyncio.Future[BaseException | None]
+    ) -> None:
+        """One upstream fetch, owned by the server. Never raises into the server's task
+        group (a failed fetch must not stop the server): the outcome goes to ``outcome``."""
         try:
             await self.engine.ensure_blob(
                 self.registry(route.upstream), route.repository, desc, set()
             )
-        except FetchdError as exc:
-            log.warning("%s: fetching %s failed: %s", route.key, desc.digest.short, exc)
+            outcome.set_result(None)
+        except asyncio.CancelledError:
+            outcome.cancel()
             raise
+        except Exception as exc:
+            log.warning("%s: fetching %s failed: %s", route.key, desc.digest.short, exc)
+            outcome.set_result(exc)
+        finally:
+            self._fetches.pop(desc.digest, None)
 
     # --- prefetch (the admin API) ----------------------------------------------------------
 
@@ -259,13 +288,16 @@ class Cache:
             for p in platforms or [Platform.host()]:
                 chosen = parsed.select(p, text)
                 manifests.append(await self.manifest(route, str(chosen.digest)))
-        async with asyncio.TaskGroup() as tg:
-            for m in manifests:
-                inner = parse_manifest(m.data, m.media_type, text)
-                if isinstance(inner, ImageIndex):
-                    continue
-                for d in inner.blobs():
-                    tg.create_task(self._prefetch_blob(route, d.digest))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for m in manifests:
+                    inner = parse_manifest(m.data, m.media_type, text)
+                    if isinstance(inner, ImageIndex):
+                        continue
+                    for d in inner.blobs():
+                        tg.create_task(self._prefetch_blob(route, d.digest))
+        except BaseExceptionGroup as group:
+            raise _as_fetchd_error(unwrap(group)) from None
         return top.digest
 
     async def _prefetch_blob(self, route: Route, digest: Digest) -> None:
@@ -273,7 +305,7 @@ class Cache:
         if flight is not None:
             result = await asyncio.shield(flight.done)
             if result is not None:
-                raise result
+                raise _as_fetchd_error(result)
 
     # --- reading a blob that is still arriving -----------------------------------------
 
@@ -305,6 +337,12 @@ class Cache:
         finally:
             os.close(fd)
         return sent
+
+
+def _as_fetchd_error(exc: BaseException) -> FetchdError:
+    if isinstance(exc, FetchdError):
+        return exc
+    return TransferFailed(f"{type(exc).__name__}: {exc}")
 
 
 def _open_ingest(flight: Flight, store: Store) -> int:
