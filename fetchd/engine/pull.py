@@ -35,7 +35,7 @@ from fetchd.manifest import ImageIndex, ImageManifest, docker_to_oci, parse_mani
 from fetchd.model import DOCKER_MANIFEST, OCI_MANIFEST, Descriptor, Digest, Reference
 from fetchd.progress import Progress
 from fetchd.sources.http import RETRYABLE, cache_max_age, new_session, redact, translate
-from fetchd.sources.ranges import Opener, SegmentedDownload, Source
+from fetchd.sources.ranges import Opener, SegmentedDownload, Source, ThreadedRanges
 from fetchd.sources.registry import Registry
 from fetchd.store import layout
 from fetchd.store.cas import Ingest, SegmentedIngest, Store
@@ -422,7 +422,10 @@ class Engine:
             assert isinstance(ingest, SegmentedIngest)
             if ingest.exists:
                 return ingest.digest, self.store.blob_size(ingest.digest) or 0, {}
-            sources = [Source(redact(u), _opener(session, u)) for u in (url, *mirrors)]
+            sources = [
+                Source(redact(u), _opener(session, u), ThreadedRanges(u, self.config, redact(u)))
+                for u in (url, *mirrors)
+            ]
             self.progress.start(label, _short_label(url), ingest.size or 0, ingest.offset)
 
             def advance(n: int) -> None:

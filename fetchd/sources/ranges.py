@@ -24,13 +24,20 @@ Who verifies: the ingest (its commit), always. This module only places bytes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.client
 import logging
+import os
 import re
+import socket
+import ssl
 import statistics
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -43,7 +50,16 @@ from fetchd.errors import (
     TransferFailed,
     unwrap,
 )
-from fetchd.sources.http import RETRYABLE, backoff, cache_max_age, pump, retry_after, translate
+from fetchd.sources.http import (
+    RETRYABLE,
+    USER_AGENT,
+    backoff,
+    cache_max_age,
+    pump,
+    retry_after,
+    ssl_context,
+    translate,
+)
 from fetchd.store.cas import SegmentedIngest
 
 log = logging.getLogger(__name__)
@@ -52,6 +68,7 @@ SEGMENT = 8 << 20
 MIN_SPLIT = 1 << 20
 STATE_INTERVAL = 2.0
 CONTROL_INTERVAL = 0.25
+INITIAL_CONNECTIONS = 4
 SLOW_FOR = 2.0  # seconds a connection may lag far behind its peers before it is cut
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
@@ -64,6 +81,7 @@ class Source:
 
     label: str
     open: Opener
+    threaded: ThreadedRanges | None = None
     failures: int = 0
     not_before: float = 0.0  # Retry-After: no request before this (monotonic)
     dead: bool = False
@@ -79,6 +97,18 @@ class Segment:
     rate: float = 0.0
     slow_windows: int = 0
     cut: asyncio.Timeout | None = None  # fires to abandon a slow or stalled transfer
+    stop: bool = False  # the same, for a transfer in a thread ...
+    sock: socket.socket | None = None  # ... whose blocked read interrupt() breaks
+
+    def interrupt(self) -> None:
+        """Abandon this transfer: at once on the event loop (``cut``), and in a thread by
+        shutting its socket down (a blocked read returns) and raising ``stop``."""
+        self.stop = True
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+        if self.cut is not None:
+            self.cut.reschedule(asyncio.get_running_loop().time())
 
     @property
     def remaining(self) -> int:
@@ -94,7 +124,13 @@ class _RangeIgnored(Exception):
 
 
 class _Busy(Exception):
-    pass
+    def __init__(self, message: str, delay: float = 0.0) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+class _NoThreads(Exception):
+    """The threaded path cannot serve this source (a redirect): use aiohttp for it."""
 
 
 class _Short(Exception):
@@ -135,6 +171,9 @@ class SegmentedDownload:
         self._errors: list[FetchdError] = []
         self._saving = False
         self._save_again = False
+        self._closing = False  # tells worker threads to stop at their next read
+        self._moved = 0  # bytes worker threads wrote and on_bytes has not heard of
+        self._moved_lock = threading.Lock()
 
     # --- entry -------------------------------------------------------------------------
 
@@ -144,6 +183,7 @@ class SegmentedDownload:
             self.queue.clear()
             self.active.clear()
             self._errors.clear()
+            self._closing = False
             try:
                 await self._run_once()
                 return
@@ -171,12 +211,19 @@ class SegmentedDownload:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._worker(source, probe, resp))
+                # Start with a few connections at once (enough for a fast LAN or
+                # loopback); _control adds more while they help.
+                for _ in range(min(INITIAL_CONNECTIONS, self.config.max_connections) - 1):
+                    if self.queue:
+                        tg.create_task(self._worker(None, None, None))
                 tg.create_task(self._control(tg))
         except BaseExceptionGroup as group:
             if group.subgroup(_Restart):
                 raise _Restart() from None
             raise unwrap(group) from None
         finally:
+            self._closing = True
+            self._report_moved()
             self.on_connections(0)
             await asyncio.to_thread(self.ingest.save_state)
         if self.queue or self.active:
@@ -421,6 +468,9 @@ class SegmentedDownload:
     async def _transfer(
         self, source: Source, seg: Segment, resp: aiohttp.ClientResponse | None
     ) -> None:
+        if resp is None and source.threaded is not None:
+            await self._threaded(source, source.threaded, seg)
+            return
         if resp is None:
             resp = await self._request(source, {"Range": f"bytes={seg.cursor}-{seg.end - 1}"})
             if resp.status == 200:
@@ -449,6 +499,40 @@ class SegmentedDownload:
         if seg.cursor < seg.end:
             raise _Short(f"{source.label}: body ended at {seg.cursor} of {seg.end}")
 
+    async def _threaded(self, source: Source, threaded: ThreadedRanges, seg: Segment) -> None:
+        wait = source.not_before - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        self.stats.requests += 1
+        assert self.size is not None
+
+        def moved(n: int) -> None:
+            # From a worker thread: counted here, reported by _control (waking the
+            # event loop once per MiB per connection cost more than the reporting).
+            with self._moved_lock:
+                self._moved += n
+
+        thread = asyncio.get_running_loop().run_in_executor(
+            None,
+            threaded.fetch,
+            seg,
+            self.ingest,
+            self.size,
+            self.ingest.meta.get("etag"),
+            moved,
+            lambda: self._closing,
+        )
+        try:
+            await _outlive(thread, seg)
+        except _Busy as exc:
+            source.not_before = time.monotonic() + exc.delay
+            raise
+        except _NoThreads:
+            source.threaded = None
+            raise _Short("redirected: continuing on aiohttp") from None
+        finally:
+            seg.stop = False
+
     # --- control: more connections, cut slow ones, save state ------------------------------
 
     async def _control(self, tg: asyncio.TaskGroup) -> None:
@@ -467,6 +551,7 @@ class SegmentedDownload:
                     if self._errors
                     else TransferFailed(f"{self.sources[0].label}: every source failed")
                 )
+            self._report_moved()
             now = time.monotonic()
             done = self.ingest.offset
             rate = (done - total_before) / CONTROL_INTERVAL
@@ -488,8 +573,14 @@ class SegmentedDownload:
                 await self._save_state()
                 last_save = now
 
+    def _report_moved(self) -> None:
+        with self._moved_lock:
+            moved, self._moved = self._moved, 0
+        if moved:
+            self.on_bytes(moved)
+
     def _cut_slow(self, now: float, loop_now: float) -> None:
-        running = [s for s in self.active if s.cut is not None and now - s.started > 1.0]
+        running = [s for s in self.active if now - s.started > 1.0]
         if len(running) < 2:
             return
         median = statistics.median(s.rate for s in running)
@@ -497,9 +588,9 @@ class SegmentedDownload:
             # Far slower than its peers for a while (a stall, a bad path): cut it; its
             # remainder goes back to the queue for a fresh connection.
             s.slow_windows = s.slow_windows + 1 if median > 0 and s.rate < median / 8 else 0
-            if s.slow_windows * CONTROL_INTERVAL >= SLOW_FOR and s.cut is not None:
+            if s.slow_windows * CONTROL_INTERVAL >= SLOW_FOR and not s.stop:
                 log.info("cutting a connection at %.0f B/s (median %.0f)", s.rate, median)
-                s.cut.reschedule(loop_now)
+                s.interrupt()
 
     def _error(self, exc: BaseException, source: Source) -> FetchdError:
         if isinstance(exc, FetchdError):
@@ -507,3 +598,192 @@ class SegmentedDownload:
         if isinstance(exc, _RangeIgnored | _Short | _Busy):
             return TransferFailed(f"{source.label}: {exc}")
         return translate(exc, source.label, self.config)
+
+
+async def _outlive(thread: asyncio.Future[None], seg: Segment) -> None:
+    """Await a transfer thread; if cancelled, stop the thread and wait until it has:
+    a thread must never write into an ingest after its download gave it up."""
+    try:
+        await asyncio.shield(thread)
+    except asyncio.CancelledError:
+        seg.interrupt()
+        while not thread.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({thread})
+        if not thread.cancelled():
+            thread.exception()  # retrieved: the cancellation is what this reports
+        raise
+
+
+class ThreadedRanges:
+    """Range GETs of one http(s) URL on blocking keep-alive connections, one per worker
+    thread (Python's ``http.client`` and ``ssl``).
+
+    Why: on the event loop, TLS decryption and the copies around it ran on one core and
+    capped a download at ~350 MiB/s here; ``SSLSocket.recv_into`` releases the GIL, so
+    in threads the decryption runs on every core and lands straight in a reused buffer.
+    The probe and registry sources stay on aiohttp (redirects, auth); a redirect here
+    makes the download fall back to aiohttp for this source.
+
+    Each thread writes with a file descriptor of its own, so a straggler that outlives a
+    cancelled download can never write into a reused descriptor number.
+    """
+
+    BUFFER = 1 << 20
+
+    def __init__(self, url: str, config: Config, label: str) -> None:
+        parts = urlsplit(url)
+        self.https = parts.scheme == "https"
+        self.host = parts.hostname or ""
+        self.port = parts.port or (443 if self.https else 80)
+        self.target = parts.path or "/"
+        if parts.query:
+            self.target += f"?{parts.query}"
+        self.label = label
+        self.address = config.resolve.get((self.host.lower(), self.port), self.host)
+        self.timeout = config.stall_timeout
+        ctx = ssl_context(config)
+        self.context: ssl.SSLContext | None = None
+        if self.https:
+            self.context = ctx if isinstance(ctx, ssl.SSLContext) else _unverified()
+        self._local = threading.local()
+
+    def _connection(self) -> http.client.HTTPConnection:
+        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            if self.context is not None:
+                conn = _PinnedHTTPS(self.host, self.port, self.address, self.context, self.timeout)
+            else:
+                conn = http.client.HTTPConnection(self.address, self.port, timeout=self.timeout)
+            self._local.conn = conn
+        return conn
+
+    def _drop(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+        self._local.conn = None
+
+    def fetch(
+        self,
+        seg: Segment,
+        ingest: SegmentedIngest,
+        size: int,
+        etag: str | None,
+        moved: Callable[[int], None],
+        closing: Callable[[], bool],
+    ) -> None:
+        """Fill ``seg`` (blocking). ``moved(n)`` reports bytes written; stops early when
+        ``seg.stop`` or ``closing()``; raises the same errors as the aiohttp path."""
+        conn = self._connection()
+        host = self.host if self.port in (80, 443) else f"{self.host}:{self.port}"
+        try:
+            conn.request(
+                "GET",
+                self.target,
+                headers={
+                    "Host": host,
+                    "Range": f"bytes={seg.cursor}-{seg.end - 1}",
+                    "User-Agent": USER_AGENT,
+                },
+            )
+            resp = conn.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            self._drop()
+            raise ConnectionError(f"{self.label}: {exc}") from exc
+        try:
+            self._check(resp, seg, size, etag)
+            fd = os.open(ingest.data_path, os.O_WRONLY | os.O_CLOEXEC)
+            seg.sock = conn.sock
+            try:
+                if not seg.stop:  # interrupted before the socket was known
+                    self._copy(resp, fd, seg, ingest, moved, closing)
+            finally:
+                seg.sock = None
+                os.close(fd)
+        except BaseException:
+            self._drop()
+            raise
+        if seg.cursor < seg.end or not resp.isclosed():
+            self._drop()  # stopped early (stolen, cut): the rest of the body is unread
+        if seg.cursor < seg.end:
+            raise _Short(f"{self.label}: stopped at {seg.cursor} of {seg.end}")
+
+    def _check(
+        self, resp: http.client.HTTPResponse, seg: Segment, size: int, etag: str | None
+    ) -> None:
+        status = resp.status
+        if status in (301, 302, 303, 307, 308):
+            raise _NoThreads(f"{self.label} redirects")
+        if status in (429, 502, 503, 504):
+            raise _Busy(f"HTTP {status}", retry_after(dict(resp.headers), 1.0))
+        if status == 404:
+            raise BlobNotFound(f"{self.label}: not found (HTTP 404)")
+        if status == 200:
+            raise _RangeIgnored(f"{self.label} ignores Range")
+        if status != 206:
+            raise TransferFailed(f"{self.label}: HTTP {status}")
+        m = _CONTENT_RANGE.match(resp.getheader("Content-Range") or "")
+        if not m or int(m.group(1)) != seg.cursor or m.group(3) != str(size):
+            raise _Short(f"{self.label}: wrong Content-Range")
+        if etag and resp.getheader("ETag") != etag:
+            raise _Restart()
+
+    def _copy(
+        self,
+        resp: http.client.HTTPResponse,
+        fd: int,
+        seg: Segment,
+        ingest: SegmentedIngest,
+        moved: Callable[[int], None],
+        closing: Callable[[], bool],
+    ) -> None:
+        buf = bytearray(self.BUFFER)
+        view = memoryview(buf)
+        try:
+            while seg.cursor < seg.end and not seg.stop and not closing():
+                want = min(self.BUFFER, seg.end - seg.cursor)
+                n = resp.readinto(view[:want])
+                if not n:
+                    return
+                n = min(n, seg.end - seg.cursor)  # the end may have moved (stolen)
+                if n <= 0:
+                    return
+                at = seg.cursor
+                _pwrite_view(fd, view[:n], at)
+                seg.cursor = at + n
+                seg.window_bytes += n
+                ingest.record(at, n)
+                moved(n)
+        except (OSError, http.client.HTTPException) as exc:
+            raise ConnectionError(f"{self.label}: {exc}") from exc
+
+
+class _PinnedHTTPS(http.client.HTTPSConnection):
+    """HTTPS to ``address`` while verifying (and sending SNI for) ``host``: --resolve."""
+
+    def __init__(
+        self, host: str, port: int, address: str, context: ssl.SSLContext, timeout: float
+    ) -> None:
+        super().__init__(host, port, timeout=timeout, context=context)
+        self._address = address
+        self._ctx = context
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self._address, self.port), self.timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = self._ctx.wrap_socket(sock, server_hostname=self.host)
+
+
+def _unverified() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # --insecure-options tls, as the user asked
+    return ctx
+
+
+def _pwrite_view(fd: int, view: memoryview, at: int) -> None:
+    while view:
+        n = os.pwrite(fd, view, at)
+        view = view[n:]
+        at += n
