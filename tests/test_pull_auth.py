@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shlex
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.cli import Fetchd, failed, ok
+from tests.support.fakeregistry import Answer, FakeRegistry, sha256
 from tests.support.images import (
     MANIFEST_ACCEPT,
     Layer,
@@ -18,7 +20,7 @@ from tests.support.images import (
     push,
     registry_manifest_digest,
 )
-from tests.support.registry import start_registry
+from tests.support.registry import Registry, start_registry
 from tests.support.tls import TestCA
 from tests.support.tokenserver import start_token_server
 
@@ -144,3 +146,53 @@ def registry_manifest_digest_basic(host: str, name: str, tag: str, user: str, pw
     )
     with urllib.request.urlopen(req, timeout=10) as resp:
         return str(resp.headers["Docker-Content-Digest"])
+
+
+def test_redirect_to_blob_storage_carries_no_credentials(fetchd: Fetchd, tmp_path: Path) -> None:
+    """A registry that redirects blob GETs to another host (blob storage, a CDN): the
+    redirect is followed, and the registry's credentials never reach that host."""
+    blob = b"layer bytes\n" * 4096
+    creds = "Basic " + base64.b64encode(b"carol:pw").decode()
+    with FakeRegistry() as storage, FakeRegistry(basic_auth=creds) as registry:
+        storage.routes["/bucket/layer"] = Answer(blob)
+        registry.image(
+            "redirected",
+            {"digest": sha256(blob), "size": len(blob)},
+            Answer(status=307, headers={"Location": f"{storage.url}/bucket/layer"}),
+        )
+        env = {
+            "REGISTRY_AUTH_FILE": str(auth_file(tmp_path / "a.json", registry.host, "carol", "pw"))
+        }
+        out = ok(
+            fetchd(
+                "pull",
+                "--insecure-options",
+                "http",
+                f"docker://{registry.host}/redirected:1",
+                env=env,
+            )
+        )
+    assert out.strip().startswith("sha256:")
+    assert sha256(blob) in fetchd.blobs()
+    assert any(h.get("Authorization") == creds for p, h in registry.seen if "/blobs/" in p)
+    assert storage.seen and all("Authorization" not in h for _, h in storage.seen)
+
+
+def test_progress_bars_on_a_terminal(layout: Path, registry: Registry, fetchd: Fetchd) -> None:
+    """stderr a terminal (script(1) gives it one): per-blob and total bars, bytes/s."""
+    name = f"{registry.host}/progress:1"
+    push(layout, "app", name)
+    cmd = " ".join(
+        shlex.quote(a)
+        for a in fetchd.argv("pull", "--insecure-options", "http", f"docker://{name}")
+    )
+    r = subprocess.run(
+        ["script", "-qec", cmd, "/dev/null"], capture_output=True, env=fetchd.env(), timeout=120
+    )
+    screen = r.stdout.decode(errors="replace")
+    assert r.returncode == 0, screen
+    assert "[########################]" in screen and "total" in screen and "/s" in screen
+    quiet = fetchd(
+        "pull", "--pull-policy", "update", "--insecure-options", "http", f"docker://{name}"
+    )
+    assert "[#" not in quiet.stderr  # not a terminal: no bars

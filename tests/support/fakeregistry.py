@@ -33,7 +33,16 @@ class Answer:
 
 class _Handler(QuietHandler):
     def do_GET(self) -> None:
-        answer = self.owner.routes.get(self.path.split("?")[0])
+        path = self.path.split("?")[0]
+        self.owner.seen.append((path, dict(self.headers)))
+        needed = self.owner.basic_auth
+        if needed and path.startswith("/v2/") and self.headers.get("Authorization") != needed:
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="fake"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        answer = self.owner.routes.get(path)
         if answer is None:
             answer = Answer(b'{"errors":[{"code":"NAME_UNKNOWN"}]}', status=404)
         self.send_response(answer.status)
@@ -64,8 +73,13 @@ class _Handler(QuietHandler):
 
 
 class FakeRegistry(ServerThread):
-    def __init__(self) -> None:
+    """``routes`` maps a path to its answer; ``seen`` lists (path, request headers);
+    with ``basic_auth`` (a whole ``Authorization`` value) /v2/ paths need it (else 401)."""
+
+    def __init__(self, basic_auth: str | None = None) -> None:
         self.routes: dict[str, Answer] = {}
+        self.seen: list[tuple[str, dict[str, str]]] = []
+        self.basic_auth = basic_auth
         super().__init__(_Handler)
 
     def manifest(self, name: str, body: bytes, **headers: str) -> None:
