@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import os
 import random
 import socket
 import ssl
@@ -64,7 +65,16 @@ def ssl_context(config: Config) -> ssl.SSLContext | bool:
     """
     if "tls" in config.insecure:
         return False
-    return ssl.create_default_context()
+    # One per process: loading the system CA store costs ~40 ms here, and sessions,
+    # threads and mirrors all need it. SSL_CERT_FILE/DIR are part of the key.
+    key = (os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+    ctx = _CONTEXTS.get(key)
+    if ctx is None:
+        ctx = _CONTEXTS[key] = ssl.create_default_context()
+    return ctx
+
+
+_CONTEXTS: dict[tuple[str | None, str | None], ssl.SSLContext] = {}
 
 
 def new_session(config: Config, *, limit_per_host: int = 16) -> aiohttp.ClientSession:
