@@ -19,10 +19,10 @@ import collections
 import contextlib
 import json
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from fetchd.config import Config
 from fetchd.engine.pull import Engine, Flight
@@ -310,12 +310,16 @@ class Cache:
     # --- reading a blob that is still arriving -----------------------------------------
 
     async def stream(
-        self, flight: Flight, write: Callable[[bytes], Awaitable[None]], start: int = 0
+        self,
+        flight: Flight,
+        send: Callable[[BinaryIO, int, int], Awaitable[None]],
+        start: int = 0,
     ) -> int:
-        """Send ``flight``'s bytes from ``start`` as they land; the last byte only once the
-        blob verified. Returns the bytes sent; raises StoreError if the fetch failed."""
+        """Send ``flight``'s bytes from ``start`` as they land, with ``send(file, offset,
+        count)`` (sendfile: no copy through Python); the last byte only once the blob
+        verified. Returns the bytes sent; raises StoreError if the fetch failed."""
         sent = start
-        fd = await asyncio.to_thread(_open_ingest, flight, self.store)
+        f = await asyncio.to_thread(_open_ingest, flight, self.store)
         try:
             while sent < flight.size:
                 if flight.reset:
@@ -325,17 +329,15 @@ class Cache:
                     raise StoreError(f"blob {flight.digest.short} failed: {outcome}")
                 limit = flight.size if outcome is None else min(flight.contiguous, flight.size - 1)
                 if sent < limit:
-                    data = await asyncio.to_thread(os.pread, fd, min(1 << 20, limit - sent), sent)
-                    if data:
-                        await write(data)
-                        sent += len(data)
-                        self.stats.bytes_served += len(data)
-                        continue
+                    await send(f, sent, limit - sent)
+                    self.stats.bytes_served += limit - sent
+                    sent = limit
+                    continue
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(STREAM_WAIT):
                         await flight.wait()
         finally:
-            os.close(fd)
+            f.close()
         return sent
 
 
@@ -345,9 +347,9 @@ def _as_fetchd_error(exc: BaseException) -> FetchdError:
     return TransferFailed(f"{type(exc).__name__}: {exc}")
 
 
-def _open_ingest(flight: Flight, store: Store) -> int:
+def _open_ingest(flight: Flight, store: Store) -> BinaryIO:
     """The data file the flight writes to, or (committed meanwhile) the blob itself."""
     try:
-        return os.open(flight.path, os.O_RDONLY | os.O_CLOEXEC)
+        return open(flight.path, "rb")
     except FileNotFoundError:
-        return os.open(store.blob_path(flight.digest), os.O_RDONLY | os.O_CLOEXEC)
+        return open(store.blob_path(flight.digest), "rb")
