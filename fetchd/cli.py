@@ -122,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--token-file", type=Path, help="bearer token for the admin API")
     sp.add_argument("--max-size", type=_size_arg, help="evict least recently used down to N")
     sp.add_argument(
+        "--grace",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="never evict a manifest used within this long (default 600)",
+    )
+    sp.add_argument(
         "--tag-ttl",
         type=float,
         default=60.0,
@@ -293,7 +300,7 @@ def cmd_serve(args: argparse.Namespace, store: Store) -> int:
     )
     token = read_token(args.token_file)
     cache = Cache(store, config, upstreams, args.tag_ttl)
-    server = Server(cache, token, args.max_size)
+    server = Server(cache, token, args.max_size, args.grace)
 
     def ready(url: str) -> None:
         print(f"fetchd serve: listening on {url}", flush=True)

@@ -1099,3 +1099,46 @@ def test_status_page_in_headless_chromium(
     assert (width, height) == (1280, 800)
     assert raw >= 1280 * 800 * 3  # every row of pixels is there
     assert shot.stat().st_size > 15_000, "a blank page"
+
+
+def test_lru_eviction_to_max_size_spares_recent_and_keeps_serving(
+    tmp_path: Path, upstream: Registry, images: Images, fetchd: Fetchd
+) -> None:
+    """--max-size: the least recently used image goes first; a manifest used within
+    --grace stays; what remains still serves without the upstream."""
+    old_digest = publish(images, "four", upstream, "lru/old")
+    new_digest = publish(images, "big", upstream, "lru/new")
+    token = secrets.token_hex(16)
+    token_file = tmp_path / "token"
+    token_file.write_text(token)
+    auth = {"Authorization": f"Bearer {token}"}
+    limit = total_blob_bytes(images.big) + MIB  # room for "new" alone
+    extra = ("--max-size", str(limit), "--grace", "0")
+    with start_serve(fetchd, [upstream.url], token_file=token_file, extra=extra) as cache:
+        assert skopeo_pull(cache, "lru/old:1", tmp_path / "old") == old_digest
+        assert skopeo_pull(cache, "lru/new:1", tmp_path / "new") == new_digest
+
+        r = cache.request("POST", "/fetchd/v1/gc", headers=auth)
+
+        assert r.status == 200, r
+        assert old_digest in r.json()["evicted_manifests"]
+        blobs = fetchd.blobs()
+        assert not {layer.digest for layer in images.four.layers} & blobs
+        assert {layer.digest for layer in images.big.layers} <= blobs
+        size = sum(
+            (fetchd.store / "layout/blobs" / d.replace(":", "/")).stat().st_size for d in blobs
+        )
+        assert size <= limit
+        before = len(upstream.requests())
+        assert skopeo_pull(cache, "lru/new:1", tmp_path / "again") == new_digest
+        assert not upstream.blob_gets(images.big.layers[0].digest)[1:]
+        assert len([x for x in upstream.requests()[before:] if "/blobs/" in x.path]) == 0
+
+    # With the default grace nothing recent is evicted, however small --max-size is.
+    store2 = tmp_path / "store2"
+    with start_serve(
+        store2, [upstream.url], token_file=token_file, extra=("--max-size", "1")
+    ) as cache:
+        assert skopeo_pull(cache, "lru/new:1", tmp_path / "new2") == new_digest
+        r = cache.request("POST", "/fetchd/v1/gc", headers=auth)
+        assert r.status == 200 and r.json()["evicted_manifests"] == [], r

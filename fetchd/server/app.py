@@ -96,10 +96,13 @@ class Job:
 class Server:
     """Handlers over one :class:`Cache`. Build the app with :meth:`app`."""
 
-    def __init__(self, cache: Cache, token: str | None, max_size: int | None) -> None:
+    def __init__(
+        self, cache: Cache, token: str | None, max_size: int | None, grace: float = 600.0
+    ) -> None:
         self.cache = cache
         self.token = token
         self.max_size = max_size
+        self.grace = grace
         self.jobs: dict[str, Job] = {}
         self._tasks: asyncio.TaskGroup | None = None
         self._job_tasks: set[asyncio.Task[None]] = set()
@@ -124,10 +127,22 @@ class Server:
     async def _lifetime(self, app: web.Application) -> AsyncIterator[None]:
         async with self.cache.running(), asyncio.TaskGroup() as tg:
             self._tasks = tg
+            evictor = tg.create_task(self._evict_now_and_then()) if self.max_size else None
             yield
             self._tasks = None
             for task in self._job_tasks:
                 task.cancel()
+            if evictor is not None:
+                evictor.cancel()
+
+    async def _evict_now_and_then(self) -> None:
+        """Keep the store under --max-size while clients pull (also after each job)."""
+        while True:
+            await asyncio.sleep(EVICT_INTERVAL)
+            try:
+                await self._evict()
+            except (OSError, FetchdError) as exc:
+                log.warning("eviction failed: %s", exc)
 
     @web.middleware
     async def _count(
@@ -378,7 +393,7 @@ class Server:
     async def _evict(self, collect: bool = False) -> dict[str, Any]:
         """LRU down to --max-size, sparing blobs being served and manifests used lately."""
         return await asyncio.to_thread(
-            evict, self.cache, self.max_size, set(self.cache.serving), collect
+            evict, self.cache, self.max_size, set(self.cache.serving), collect, self.grace
         )
 
 
@@ -406,25 +421,31 @@ class _BlobFile(web.FileResponse):
         return writer
 
 
-GRACE = 600.0  # a manifest used within this many seconds is never evicted
+EVICT_INTERVAL = 30.0
 
 
 def evict(
-    cache: Cache, max_size: int | None, serving: set[Digest], collect: bool
+    cache: Cache,
+    max_size: int | None,
+    serving: set[Digest],
+    collect: bool,
+    grace: float,
 ) -> dict[str, Any]:
     store = cache.store
     evicted: list[str] = []
+    freed: dict[Digest, int] = {}
     if max_size is not None:
         now = time.time()
         for digest, _, _, used in cache.meta.cached_manifests():
             if mt.store_size(store) <= max_size:
                 break
-            if now - used < GRACE:
+            if now - used < grace:  # never a manifest used lately
                 break  # the rest are newer still
             cache.meta.forget_cached([digest])
             evicted.append(digest)
-            mt.remove_unreferenced(store, _unserved(store, serving))
-    freed = mt.remove_unreferenced(store, _unserved(store, serving)) if collect or evicted else {}
+            freed |= mt.remove_unreferenced(store, _unserved(store, serving))
+    if collect:
+        freed |= mt.remove_unreferenced(store, _unserved(store, serving))
     return {
         "evicted_manifests": evicted,
         "removed_blobs": len(freed),
