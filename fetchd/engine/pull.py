@@ -241,7 +241,11 @@ class Engine:
         manifest = Descriptor(OCI_MANIFEST, mdigest, len(raw), (), annotations, platform)
 
         blobs = parsed.blobs()
-        committed: set[Digest] = set()
+        # What this pull may add: on failure, those of them no name uses are removed
+        # again. (Tracking what it committed instead would miss a blob whose commit
+        # finished just as a sibling's failure cancelled the task that made it.)
+        absent = {d.digest for d in blobs if not self.store.has(d.digest)}
+        absent |= {d for d in keep if not self.store.has(d)}
         try:
             # Twice at most: a gc running at the same moment may delete a blob we saw
             # present before we publish the name (set_entry checks under gc's lock).
@@ -251,14 +255,13 @@ class Engine:
                         for desc in blobs:
                             tg.create_task(
                                 self.ensure_blob(
-                                    registry, ref.name, desc, committed, self._segment(desc, blobs)
+                                    registry, ref.name, desc, self._segment(desc, blobs)
                                 )
                             )
                 except BaseExceptionGroup as group:
                     raise unwrap(group) from None
                 for digest, data in keep.items():
-                    if await asyncio.to_thread(self.store.put, data, digest):
-                        committed.add(digest)
+                    await asyncio.to_thread(self.store.put, data, digest)
                 try:
                     await asyncio.to_thread(
                         layout.set_entry, self.store, name, manifest, [d.digest for d in blobs]
@@ -270,8 +273,8 @@ class Engine:
         except BaseException:
             # Leave the store as it was: blobs this pull added that no name uses go again
             # (partial ingests stay, to be resumed).
-            if committed:
-                await asyncio.to_thread(remove_unreferenced, self.store, committed)
+            if absent:
+                await asyncio.to_thread(remove_unreferenced, self.store, absent)
             raise
         await asyncio.to_thread(self.meta.touch_image, name, str(top), pulled=True)
         return PullResult(name, top, manifest, fetched=True)
@@ -284,17 +287,9 @@ class Engine:
         return desc.size >= self.config.segmented_threshold and 2 * desc.size >= missing
 
     async def ensure_blob(
-        self,
-        registry: Registry,
-        name: str,
-        desc: Descriptor,
-        committed: set[Digest],
-        segmented: bool = False,
+        self, registry: Registry, name: str, desc: Descriptor, segmented: bool = False
     ) -> None:
-        """Make ``desc`` present in the store; one transfer per digest (single flight).
-
-        Adds the digest to ``committed`` if this call's transfer committed it.
-        """
+        """Make ``desc`` present in the store; one transfer per digest (single flight)."""
         if self.store.has(desc.digest):
             return
         waiting = self._inflight.get(desc.digest)
@@ -304,8 +299,7 @@ class Engine:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._inflight[desc.digest] = done
         try:
-            if await self._transfer(registry, name, desc, segmented):
-                committed.add(desc.digest)
+            await self._transfer(registry, name, desc, segmented)
             done.set_result(None)
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):

@@ -96,6 +96,7 @@ class Cache:
         #: how many responses are reading each blob now (LRU eviction spares them)
         self.serving: collections.Counter[Digest] = collections.Counter()
         self._fetches: dict[Digest, asyncio.Future[BaseException | None]] = {}
+        self._fetch_tasks: set[asyncio.Task[None]] = set()
         self._registries: dict[Upstream, Registry] = {}
         self._tg: asyncio.TaskGroup | None = None
 
@@ -107,6 +108,10 @@ class Cache:
                 yield self
             finally:
                 self._tg = None
+                # Shutting down: fetches still running stop (their partial data stays,
+                # resumable); the task group then has nothing left to wait for.
+                for task in list(self._fetch_tasks):
+                    task.cancel()
 
     def registry(self, upstream: Upstream) -> Registry:
         reg = self._registries.get(upstream)
@@ -217,20 +222,32 @@ class Cache:
             return None
         self.stats.misses += 1
         size = await self.blob_size(route, digest)
-        fetch = self._fetches.get(digest)
-        if fetch is None:
-            assert self._tg is not None, "Cache used outside running()"
-            fetch = asyncio.get_running_loop().create_future()
-            self._fetches[digest] = fetch
-            desc = Descriptor("application/octet-stream", digest, size)
-            self._tg.create_task(self._fetch_blob(route, desc, fetch))
-        try:
-            return await self._first_bytes(digest, fetch)
-        except TimeoutError:
-            raise TransferTimeout(
-                f"blob {digest.short}: no byte from {route.upstream.host} within "
-                f"{FLIGHT_START_TIMEOUT:g} s"
-            ) from None
+        for attempt in (1, 2):
+            fetch = self._fetches.get(digest)
+            joined = fetch is not None
+            if fetch is None:
+                assert self._tg is not None, "Cache used outside running()"
+                fetch = asyncio.get_running_loop().create_future()
+                self._fetches[digest] = fetch
+                desc = Descriptor("application/octet-stream", digest, size)
+                task = self._tg.create_task(self._fetch_blob(route, desc, fetch))
+                self._fetch_tasks.add(task)
+                task.add_done_callback(self._fetch_tasks.discard)
+            try:
+                return await self._first_bytes(digest, fetch)
+            except TimeoutError:
+                raise TransferTimeout(
+                    f"blob {digest.short}: no byte from {route.upstream.host} within "
+                    f"{FLIGHT_START_TIMEOUT:g} s"
+                ) from None
+            except FetchdError:
+                # A fetch we joined failed (it may have been ending as we arrived):
+                # try once with a fetch of our own before giving the client an error.
+                if not joined or attempt == 2:
+                    raise
+                if self._fetches.get(digest) is fetch:
+                    del self._fetches[digest]
+        raise AssertionError("unreachable")
 
     async def _first_bytes(
         self, digest: Digest, fetch: asyncio.Future[BaseException | None]
@@ -258,9 +275,7 @@ class Cache:
         """One upstream fetch, owned by the server. Never raises into the server's task
         group (a failed fetch must not stop the server): the outcome goes to ``outcome``."""
         try:
-            await self.engine.ensure_blob(
-                self.registry(route.upstream), route.repository, desc, set()
-            )
+            await self.engine.ensure_blob(self.registry(route.upstream), route.repository, desc)
             outcome.set_result(None)
         except asyncio.CancelledError:
             outcome.cancel()
@@ -269,7 +284,8 @@ class Cache:
             log.warning("%s: fetching %s failed: %s", route.key, desc.digest.short, exc)
             outcome.set_result(exc)
         finally:
-            self._fetches.pop(desc.digest, None)
+            if self._fetches.get(desc.digest) is outcome:  # not a newer fetch's
+                del self._fetches[desc.digest]
 
     # --- prefetch (the admin API) ----------------------------------------------------------
 

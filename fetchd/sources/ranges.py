@@ -61,6 +61,7 @@ from fetchd.sources.http import (
     translate,
 )
 from fetchd.store.cas import SegmentedIngest
+from fetchd.threads import finish
 
 log = logging.getLogger(__name__)
 
@@ -523,7 +524,15 @@ class SegmentedDownload:
             lambda: self._closing,
         )
         try:
-            await _outlive(thread, seg)
+            try:
+                await asyncio.shield(thread)
+            except asyncio.CancelledError:
+                # Stop the thread first (its socket is shut down), then wait until it has:
+                # no thread may write into an ingest after its download gave it up.
+                seg.interrupt()
+                with contextlib.suppress(BaseException):
+                    await finish(thread)
+                raise
         except _Busy as exc:
             source.not_before = time.monotonic() + exc.delay
             raise
@@ -598,21 +607,6 @@ class SegmentedDownload:
         if isinstance(exc, _RangeIgnored | _Short | _Busy):
             return TransferFailed(f"{source.label}: {exc}")
         return translate(exc, source.label, self.config)
-
-
-async def _outlive(thread: asyncio.Future[None], seg: Segment) -> None:
-    """Await a transfer thread; if cancelled, stop the thread and wait until it has:
-    a thread must never write into an ingest after its download gave it up."""
-    try:
-        await asyncio.shield(thread)
-    except asyncio.CancelledError:
-        seg.interrupt()
-        while not thread.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait({thread})
-        if not thread.cancelled():
-            thread.exception()  # retrieved: the cancellation is what this reports
-        raise
 
 
 class ThreadedRanges:

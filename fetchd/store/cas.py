@@ -34,6 +34,7 @@ from typing import Any
 from fetchd.errors import DigestMismatch, SizeMismatch, StoreError
 from fetchd.model import Digest
 from fetchd.store.locks import alocked
+from fetchd.threads import finish
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +269,7 @@ class Ingest:
         if the blob already exists) the ingest is removed.
         """
         await self.flush()
-        await asyncio.to_thread(self._commit)
+        await finish(asyncio.ensure_future(asyncio.to_thread(self._commit)))
 
     def _commit(self) -> None:
         what = f"blob {self.expected.short}" if self.expected else "download"
@@ -475,7 +476,7 @@ class SegmentedIngest(Ingest):
         )
         if self.hashed != self.offset:
             raise StoreError(f"{self._what}: {self.offset - self.hashed} bytes are not in order")
-        await asyncio.to_thread(self._commit)
+        await finish(asyncio.ensure_future(asyncio.to_thread(self._commit)))
 
     def _reset(self) -> None:
         with self._lock:
