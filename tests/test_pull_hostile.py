@@ -98,3 +98,21 @@ def test_nondistributable_layer_comes_from_its_urls(fetchd: Fetchd) -> None:
     assert out.strip().startswith("sha256:")
     assert sha256(blob) in fetchd.blobs()
     assert "ok" in ok(fetchd("fsck"))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("frobnicate",),
+        ("pull",),
+        ("pull", "--pull-policy", "sometimes", "docker://127.0.0.1:5000/a:1"),
+        ("pull", "--insecure-options", "everything", "docker://127.0.0.1:5000/a:1"),
+        ("pull", "--resolve", "nonsense", "docker://127.0.0.1:5000/a:1"),
+        ("pull", "--digest", "sha256:" + "0" * 64, "https://a/1", "https://a/2"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(args: tuple[str, ...], fetchd: Fetchd) -> None:
+    result = fetchd(*args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
