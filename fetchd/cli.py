@@ -20,7 +20,7 @@ from pathlib import Path
 from fetchd import __version__
 from fetchd.config import PULL_POLICIES, Config, default_store, parse_insecure, parse_resolve
 from fetchd.engine import Engine, PullResult
-from fetchd.errors import FetchdError, UsageError
+from fetchd.errors import FetchdError, StoreCorrupt, UsageError
 from fetchd.model import Digest, Platform
 from fetchd.progress import Progress, TerminalBars
 from fetchd.store import Store
@@ -273,7 +273,7 @@ def cmd_fsck(args: argparse.Namespace, store: Store) -> int:
         print(f"missing: {m}")
     print(f"checked {r.checked} blobs: {'ok' if r.ok else 'PROBLEMS FOUND'}")
     if not r.ok:
-        raise FetchdError("the store has problems (listed above); pull the affected images again")
+        raise StoreCorrupt("the store has problems (listed above); pull the affected images again")
     return 0
 
 

@@ -80,9 +80,6 @@ class Digest:
     def of(cls, data: bytes, algorithm: str = "sha256") -> Digest:
         return cls(algorithm, hashlib.new(algorithm, data).hexdigest())
 
-    def hasher(self) -> Any:
-        return hashlib.new(self.algorithm)
-
     @property
     def short(self) -> str:
         return f"{self.algorithm}:{self.hex[:12]}"
@@ -249,9 +246,6 @@ class Reference:
     def repository(self) -> str:
         """``HOST/NAME`` — the part that names a repository."""
         return f"{self.host}/{self.name}"
-
-    def with_digest(self, digest: Digest) -> Reference:
-        return Reference(self.host, self.name, self.tag, digest)
 
     def __str__(self) -> str:
         """The full, normalised reference: the store's ``ref.name`` annotation."""

@@ -201,6 +201,11 @@ class Podman:
         return digest
 
 
+def mirror_only(cache: ServeProcess, ref: str) -> tuple[str, ...]:
+    """fetchd pull arguments that ask the cache and nothing else."""
+    return ("pull", "--mirror", cache.url, "--mirror-only", ref)
+
+
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -338,7 +343,7 @@ def test_fetchd_pull_uses_the_mirror_and_falls_back_unless_mirror_only(
     client = Fetchd(tmp_path / "client-store", fetchd.home)
     with start_serve(fetchd, [upstream.url]) as cache:
         before = len(upstream.requests())
-        ok(client("pull", "--mirror", cache.url, "--mirror-only", ref))
+        ok(client(*mirror_only(cache, ref)))
         assert client.entry(f"{upstream.host}/client/small:1")["digest"] == want
         status = cache.status()
     # The client asked the cache only; the cache asked the upstream.
@@ -364,15 +369,7 @@ def test_two_upstreams_by_prefix_and_by_ns(
             assert skopeo_pull(cache, "second.example/team/app:1", tmp_path / "prefix") == want
             # By the OCI ns= parameter, which fetchd pull --mirror sends.
             client = Fetchd(tmp_path / "client-store", fetchd.home)
-            ok(
-                client(
-                    "pull",
-                    "--mirror",
-                    cache.url,
-                    "--mirror-only",
-                    f"docker://{second.host}/team/app:1",
-                )
-            )
+            ok(client(*mirror_only(cache, f"docker://{second.host}/team/app:1")))
             assert client.entry(f"{second.host}/team/app:1")["digest"] == want
         assert second.requests(path_contains="/v2/team/app/")
     assert not upstream.requests(path_contains="team/app"), "the default upstream was asked"
@@ -392,7 +389,7 @@ def test_16_concurrent_cold_pulls_fetch_each_layer_once(
         ref = f"docker://{slow.host}/flight/four:1"
         procs = [
             *(popen(skopeo_copy_argv(cache, "flight/four:1", dest)) for dest in dests),
-            *(c.popen("pull", "--mirror", cache.url, "--mirror-only", ref) for c in clients),
+            *(c.popen(*mirror_only(cache, ref)) for c in clients),
         ]
         results = finish(procs)
         for (code, err), proc in zip(results, procs, strict=True):
@@ -931,15 +928,7 @@ def test_admin_prefetch_warms_the_cache_and_needs_the_token(
         warmed = len(upstream.requests())
         assert skopeo_pull(cache, "admin/small:1", tmp_path / "pulled") == want
         client = Fetchd(tmp_path / "client-store", fetchd.home)
-        ok(
-            client(
-                "pull",
-                "--mirror",
-                cache.url,
-                "--mirror-only",
-                f"docker://{upstream.host}/admin/small:1",
-            )
-        )
+        ok(client(*mirror_only(cache, f"docker://{upstream.host}/admin/small:1")))
         assert len(upstream.requests()) == warmed, upstream.requests()[warmed:]
 
         r = cache.request("POST", "/fetchd/v1/gc", headers=auth)

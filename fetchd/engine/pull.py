@@ -313,15 +313,15 @@ class Engine:
 
     async def _transfer(
         self, registry: Registry, name: str, desc: Descriptor, segmented: bool
-    ) -> bool:
-        """Fetch and commit ``desc``; False if another process committed it meanwhile."""
+    ) -> None:
+        """Fetch and commit ``desc`` (unless another process committed it meanwhile)."""
         key = str(desc.digest)
         async with (
             self._blob_slots,
             self.store.ingest(desc.digest, desc.size, segmented=segmented) as ingest,
         ):
             if ingest.exists:
-                return False  # another process committed it while we waited for the lock
+                return  # another process committed it while we waited for the lock
             if ingest.resumed_from:
                 log.info("%s: resuming at %d bytes", desc.digest.short, ingest.resumed_from)
             self.progress.start(key, desc.digest.short, desc.size, ingest.resumed_from)
@@ -343,7 +343,6 @@ class Engine:
                 del self.flights[desc.digest]
             flight.finish(None)
             self.progress.finish(key)
-            return True
 
     # --- plain URLs ----------------------------------------------------------------------
 

@@ -436,25 +436,24 @@ def evict(
     freed: dict[Digest, int] = {}
     if max_size is not None:
         now = time.time()
+        size = mt.store_size(store)
         for digest, _, _, used in cache.meta.cached_manifests():
-            if mt.store_size(store) <= max_size:
+            if size <= max_size:
                 break
             if now - used < grace:  # never a manifest used lately
                 break  # the rest are newer still
             cache.meta.forget_cached([digest])
             evicted.append(digest)
-            freed |= mt.remove_unreferenced(store, _unserved(store, serving))
+            gone = mt.remove_unreferenced(store, spare=serving)
+            size -= sum(gone.values())
+            freed |= gone
     if collect:
-        freed |= mt.remove_unreferenced(store, _unserved(store, serving))
+        freed |= mt.remove_unreferenced(store, spare=serving)
     return {
         "evicted_manifests": evicted,
         "removed_blobs": len(freed),
         "freed_bytes": sum(freed.values()),
     }
-
-
-def _unserved(store: Any, serving: set[Digest]) -> set[Digest]:
-    return {d for d, _ in store.iter_blobs() if d not in serving}
 
 
 STATUS_PAGE = """<!doctype html>

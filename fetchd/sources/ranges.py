@@ -138,14 +138,6 @@ class _Short(Exception):
     pass
 
 
-@dataclass
-class Stats:
-    connections: int = 0
-    max_connections_used: int = 0
-    requests: int = 0
-    single_stream: bool = False
-
-
 class SegmentedDownload:
     """Fill ``ingest`` from ``sources`` (see the module docstring). One use only."""
 
@@ -167,7 +159,7 @@ class SegmentedDownload:
         self.size: int | None = ingest.size
         self.queue: deque[Segment] = deque()
         self.active: set[Segment] = set()
-        self.stats = Stats()
+        self.connections = 0  # transfers running now
         self._next_source = 0
         self._errors: list[FetchdError] = []
         self._saving = False
@@ -326,7 +318,6 @@ class SegmentedDownload:
 
     async def _single_stream(self, resp: aiohttp.ClientResponse) -> None:
         """The server ignores Range: take the body whole, from its start."""
-        self.stats.single_stream = True
         if self.ingest.offset:
             await self.ingest.restart()
         length = resp.content_length
@@ -380,11 +371,8 @@ class SegmentedDownload:
     async def _worker(
         self, source: Source | None, seg: Segment | None, resp: aiohttp.ClientResponse | None
     ) -> None:
-        self.stats.connections += 1
-        self.stats.max_connections_used = max(
-            self.stats.max_connections_used, self.stats.connections
-        )
-        self.on_connections(self.stats.connections)
+        self.connections += 1
+        self.on_connections(self.connections)
         try:
             while True:
                 if seg is None:
@@ -420,8 +408,8 @@ class SegmentedDownload:
                 finally:
                     resp = None
         finally:
-            self.stats.connections -= 1
-            self.on_connections(self.stats.connections)
+            self.connections -= 1
+            self.on_connections(self.connections)
 
     async def _save_state(self) -> None:
         """Record the ranges on disk: after each segment, so a kill -9 loses at most the
@@ -447,7 +435,6 @@ class SegmentedDownload:
         wait = source.not_before - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
-        self.stats.requests += 1
         resp = await source.open(headers)
         if resp.status in (429, 502, 503, 504):
             delay = retry_after(resp.headers, 1.0)
@@ -504,7 +491,6 @@ class SegmentedDownload:
         wait = source.not_before - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
-        self.stats.requests += 1
         assert self.size is not None
 
         def moved(n: int) -> None:
@@ -546,7 +532,6 @@ class SegmentedDownload:
 
     async def _control(self, tg: asyncio.TaskGroup) -> None:
         """Add connections while they help; cut far-slower ones; save progress."""
-        loop = asyncio.get_running_loop()
         limit = max(1, self.config.max_connections)
         last_save = last_add = time.monotonic()
         rate_at_add = 0.0
@@ -571,13 +556,13 @@ class SegmentedDownload:
             # Add a connection while the last one raised throughput (or at the start).
             if (
                 self.queue
-                and self.stats.connections < limit
+                and self.connections < limit
                 and now - last_add >= 2 * CONTROL_INTERVAL
-                and (self.stats.connections < 2 or rate > rate_at_add * 1.1)
+                and (self.connections < 2 or rate > rate_at_add * 1.1)
             ):
                 tg.create_task(self._worker(None, None, None))
                 last_add, rate_at_add = now, rate
-            self._cut_slow(now, loop.time())
+            self._cut_slow(now)
             if now - last_save >= STATE_INTERVAL:
                 await self._save_state()
                 last_save = now
@@ -588,7 +573,7 @@ class SegmentedDownload:
         if moved:
             self.on_bytes(moved)
 
-    def _cut_slow(self, now: float, loop_now: float) -> None:
+    def _cut_slow(self, now: float) -> None:
         running = [s for s in self.active if now - s.started > 1.0]
         if len(running) < 2:
             return

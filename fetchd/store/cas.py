@@ -141,18 +141,13 @@ class Store:
             finally:
                 await ing.close()
 
-    def put(self, data: bytes, expected: Digest) -> bool:
-        """Commit a small in-memory blob (a manifest) after verifying it.
-
-        Returns False if it was already there.
-        """
+    def put(self, data: bytes, expected: Digest) -> None:
+        """Commit a small in-memory blob (a manifest) after verifying it."""
         actual = Digest.of(data, expected.algorithm)
         if actual != expected:
             raise DigestMismatch(f"blob {expected.short}", str(expected), str(actual))
-        if self.has(expected):
-            return False
-        atomic_write(self.blob_path(expected), data)
-        return True
+        if not self.has(expected):
+            atomic_write(self.blob_path(expected), data)
 
 
 class Ingest:

@@ -15,6 +15,7 @@ import os
 import shutil
 import tarfile
 import time
+from collections.abc import Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,8 +139,11 @@ def store_size(store: Store) -> int:
     return sum(p.stat().st_size for _, p in store.iter_blobs())
 
 
-def remove_unreferenced(store: Store, candidates: set[Digest] | None = None) -> dict[Digest, int]:
-    """Delete blobs no name references (only among ``candidates``, if given).
+def remove_unreferenced(
+    store: Store, candidates: set[Digest] | None = None, spare: Set[Digest] = frozenset()
+) -> dict[Digest, int]:
+    """Delete blobs no name references (only among ``candidates``, if given; never
+    those in ``spare``, such as blobs a server is sending right now).
 
     Holds the index lock while deciding and deleting; a pull publishes a name under
     the same lock after checking its blobs are present (:func:`layout.set_entry`), so
@@ -149,7 +153,9 @@ def remove_unreferenced(store: Store, candidates: set[Digest] | None = None) -> 
     with locked(store.index_lock):
         keep = referenced(store)
         for digest, path in list(store.iter_blobs()):
-            if digest in keep or (candidates is not None and digest not in candidates):
+            if digest in keep or digest in spare:
+                continue
+            if candidates is not None and digest not in candidates:
                 continue
             with contextlib.suppress(FileNotFoundError):
                 size = path.stat().st_size
