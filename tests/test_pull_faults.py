@@ -150,9 +150,9 @@ def test_kill_9_mid_layer_then_resume_transfers_only_the_rest(
     proc = fetchd.popen("pull", *HTTP, f"docker://{name}")
     try:
         wait_until(
-            lambda: on_disk(ingest) >= 32 << 20 or proc.poll() is not None,
+            lambda: on_disk(ingest) >= 64 << 20 or proc.poll() is not None,
             60,
-            "fetchd to hold 32 MiB of the layer",
+            "fetchd to hold 64 MiB of the layer",
         )
         proc.send_signal(signal.SIGKILL)
     finally:
@@ -169,9 +169,10 @@ def test_kill_9_mid_layer_then_resume_transfers_only_the_rest(
     assert again and {g.status for g in again} == {206}
     sent = sum(g.bytes for g in again)
     remainder = layer.size - kept
-    # Only the rest comes again. (The resumed layer now dominates what is missing, so it
-    # may come over several range requests; work stealing may abandon the tail of one,
-    # so the registry may have written a little more than was used: at most a segment.)
-    assert remainder <= sent <= remainder + (8 << 20), (sent, remainder)
+    # Only the rest comes again. The registry counts what it wrote into its sockets:
+    # when work stealing ends a range response early, the unread tail that was already
+    # in flight counts too (several MiB per connection on loopback), hence the slack —
+    # far less than the 64+ MiB a refetch of the kept part would add.
+    assert remainder <= sent <= remainder + (16 << 20), (sent, remainder)
     assert "ok" in ok(fetchd("fsck"))
     assert fetchd.ingests() == []
