@@ -60,7 +60,7 @@ from fetchd.sources.http import (
     ssl_context,
     translate,
 )
-from fetchd.store.cas import SegmentedIngest
+from fetchd.store.cas import WRITE_CHUNK, SegmentedIngest, pwrite_all
 from fetchd.threads import finish
 
 log = logging.getLogger(__name__)
@@ -608,7 +608,7 @@ class ThreadedRanges:
     cancelled download can never write into a reused descriptor number.
     """
 
-    BUFFER = 1 << 20
+    BUFFER = WRITE_CHUNK  # one read, one write (see WRITE_CHUNK)
 
     def __init__(self, url: str, config: Config, label: str) -> None:
         parts = urlsplit(url)
@@ -729,7 +729,7 @@ class ThreadedRanges:
                 if n <= 0:
                     return
                 at = seg.cursor
-                _pwrite_view(fd, view[:n], at)
+                pwrite_all(fd, [view[:n]], at)
                 seg.cursor = at + n
                 seg.window_bytes += n
                 ingest.record(at, n)
@@ -759,10 +759,3 @@ def _unverified() -> ssl.SSLContext:
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE  # --insecure-options tls, as the user asked
     return ctx
-
-
-def _pwrite_view(fd: int, view: memoryview, at: int) -> None:
-    while view:
-        n = os.pwrite(fd, view, at)
-        view = view[n:]
-        at += n
