@@ -38,6 +38,7 @@ from benchmarks.measure import (  # noqa: E402
     Exited,
     check_exit,
     child_env,
+    compile_fetchd,
     gnu_time_missing,
     median_ratio,
     median_s,
@@ -191,6 +192,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    compile_fetchd(REPO)
     missing = gnu_time_missing()
     if missing:
         print(f"error: {missing}", file=sys.stderr)

@@ -48,6 +48,7 @@ from benchmarks.measure import (  # noqa: E402
     Exited,
     check_exit,
     child_env,
+    compile_fetchd,
     gnu_time_missing,
     median_ratio,
     median_s,
@@ -245,6 +246,7 @@ def serve(workdir: Path, size_mib: int, workers: int) -> tuple[Nginx, Path, str]
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    compile_fetchd(REPO)
     missing = gnu_time_missing()
     if missing:
         print(f"error: {missing}", file=sys.stderr)

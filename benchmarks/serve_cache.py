@@ -86,7 +86,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # so that `python benchmarks/serve_cache.py` finds tests/
 
-from benchmarks.measure import BenchmarkFailed, child_env  # noqa: E402
+from benchmarks.measure import BenchmarkFailed, child_env, compile_fetchd  # noqa: E402
 from tests.support.images import (  # noqa: E402
     BuiltImage,
     build_image,
@@ -730,6 +730,7 @@ def loadavg() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    compile_fetchd(REPO)
     for tool in ("skopeo", "nginx", "docker-registry"):
         if shutil.which(tool) is None:
             print(f"error: {tool} is not installed", file=sys.stderr)

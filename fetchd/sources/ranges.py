@@ -69,7 +69,7 @@ SEGMENT = 8 << 20
 MIN_SPLIT = 1 << 20
 STATE_INTERVAL = 2.0
 CONTROL_INTERVAL = 0.25
-INITIAL_CONNECTIONS = 4
+INITIAL_CONNECTIONS = 2
 SLOW_FOR = 2.0  # seconds a connection may lag far behind its peers before it is cut
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
@@ -676,7 +676,7 @@ class ThreadedRanges:
             seg.sock = conn.sock
             try:
                 if not seg.stop:  # interrupted before the socket was known
-                    self._copy(resp, fd, seg, ingest, moved, closing)
+                    self._copy(resp, conn.sock, fd, seg, ingest, moved, closing)
             finally:
                 seg.sock = None
                 os.close(fd)
@@ -711,31 +711,78 @@ class ThreadedRanges:
     def _copy(
         self,
         resp: http.client.HTTPResponse,
+        sock: socket.socket,
         fd: int,
         seg: Segment,
         ingest: SegmentedIngest,
         moved: Callable[[int], None],
         closing: Callable[[], bool],
     ) -> None:
+        """Copy the body into the file.
+
+        A body with a Content-Length is read, past what ``http.client`` buffered with
+        the headers, straight from the socket (``recv_into``, which for TLS decrypts
+        into our buffer): one call per TLS record instead of the three Python layers
+        under ``HTTPResponse.readinto`` (measured: 0.1 s of CPU per GiB). Chunked or
+        unsized bodies go through ``http.client``."""
         buf = bytearray(self.BUFFER)
         view = memoryview(buf)
+        body = None if resp.chunked else resp.length  # what the response still holds
+        consumed = 0  # of it, taken from the connection here
+
+        def read(into: memoryview) -> int:
+            nonlocal consumed
+            if body is None:
+                return resp.readinto(into)
+            into = into[: body - consumed]
+            n = sock.recv_into(into, len(into)) if into else 0
+            consumed += n
+            return n
+
         try:
+            if body is not None and resp.fp is not None:
+                # What came in with the headers: peek returns only buffered bytes (or
+                # fills the empty buffer once), read() then takes them from the buffer.
+                head = resp.fp.peek(0)[: min(body, seg.end - seg.cursor)]
+                if head:
+                    consumed = len(head)
+                    self._place(fd, memoryview(resp.fp.read(consumed)), seg, ingest, moved)
             while seg.cursor < seg.end and not seg.stop and not closing():
                 want = min(self.BUFFER, seg.end - seg.cursor)
-                n = resp.readinto(view[:want])
-                if not n:
-                    return
-                n = min(n, seg.end - seg.cursor)  # the end may have moved (stolen)
-                if n <= 0:
-                    return
-                at = seg.cursor
-                pwrite_all(fd, [view[:n]], at)
-                seg.cursor = at + n
-                seg.window_bytes += n
-                ingest.record(at, n)
-                moved(n)
+                got = 0
+                while got < want:
+                    n = read(view[got:want])
+                    if not n:
+                        break
+                    got += n
+                if got:
+                    self._place(fd, view[: min(got, seg.end - seg.cursor)], seg, ingest, moved)
+                if got < want:
+                    return  # the body ended early
         except (OSError, http.client.HTTPException) as exc:
             raise ConnectionError(f"{self.label}: {exc}") from exc
+        finally:
+            if body is not None:
+                resp.length = body - consumed
+                if not resp.length:
+                    resp.read(0)  # the whole body was read: http.client may reuse the link
+
+    @staticmethod
+    def _place(
+        fd: int,
+        data: memoryview,
+        seg: Segment,
+        ingest: SegmentedIngest,
+        moved: Callable[[int], None],
+    ) -> None:
+        if not data:  # the end moved (stolen) under us
+            return
+        at = seg.cursor
+        pwrite_all(fd, [data], at)
+        seg.cursor = at + len(data)
+        seg.window_bytes += len(data)
+        ingest.record(at, len(data))
+        moved(len(data))
 
 
 class _PinnedHTTPS(http.client.HTTPSConnection):
