@@ -12,10 +12,9 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
-
-import aiohttp
+from typing import TYPE_CHECKING, Any
 
 from fetchd.config import Config
 from fetchd.errors import (
@@ -34,13 +33,17 @@ from fetchd.errors import (
 from fetchd.manifest import ImageIndex, ImageManifest, docker_to_oci, parse_manifest
 from fetchd.model import DOCKER_MANIFEST, OCI_MANIFEST, Descriptor, Digest, Reference
 from fetchd.progress import Progress
-from fetchd.sources.http import RETRYABLE, cache_max_age, new_session, redact, translate
+from fetchd.sources.http import cache_max_age, new_session, redact, retryable, translate
 from fetchd.sources.ranges import Opener, SegmentedDownload, Source, ThreadedRanges
-from fetchd.sources.registry import Registry
 from fetchd.store import layout
 from fetchd.store.cas import Ingest, SegmentedIngest, Store
 from fetchd.store.maintenance import record_url, remove_unreferenced
 from fetchd.store.meta import Meta, UrlRecord
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from fetchd.sources.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +149,7 @@ class Engine:
     def _registry(self, host: str) -> Registry:
         reg = self._registries.get(host)
         if reg is None:
-            reg = self._registries[host] = Registry(self.session(), self.config, host)
+            reg = self._registries[host] = _registry_class()(self.session(), self.config, host)
         return reg
 
     # --- the store side ------------------------------------------------------------
@@ -202,7 +205,7 @@ class Engine:
         for url in mirrors:
             if not is_url(url):
                 raise UsageError(f"--mirror {url!r} is not an http(s):// URL")
-            mirror = Registry(self.session(), self.config, ref.host, base=url, ns=ref.host)
+            mirror = _registry_class()(self.session(), self.config, ref.host, base=url, ns=ref.host)
             try:
                 return await self._pull_from(ref, name, mirror)
             except (SourceError, DigestMismatch, SizeMismatch) as exc:
@@ -379,11 +382,10 @@ class Engine:
             raise ImageNotInStore(
                 f"{redact(url)} is not in the store and --pull-policy never forbids fetching it"
             )
-        session = self.session()
-        if rec is not None and await self._still_valid(session, url, rec):
+        if rec is not None and await self._still_valid(url, rec):
             return self._url_result(url, Digest.parse(rec.digest), rec.size, False)
         for attempt in (1, 2):
-            got, size, meta = await self._download_url(session, url, digest, mirrors)
+            got, size, meta = await self._download_url(url, digest, mirrors)
             rec = UrlRecord(
                 url,
                 str(got),
@@ -404,7 +406,6 @@ class Engine:
 
     async def _download_url(
         self,
-        session: aiohttp.ClientSession,
         url: str,
         digest: Digest | None,
         mirrors: tuple[str, ...],
@@ -416,7 +417,9 @@ class Engine:
             if ingest.exists:
                 return ingest.digest, self.store.blob_size(ingest.digest) or 0, {}
             sources = [
-                Source(redact(u), _opener(session, u), ThreadedRanges(u, self.config, redact(u)))
+                Source(
+                    redact(u), _opener(self.session, u), ThreadedRanges(u, self.config, redact(u))
+                )
                 for u in (url, *mirrors)
             ]
             self.progress.start(label, _short_label(url), ingest.size or 0, ingest.offset)
@@ -437,7 +440,7 @@ class Engine:
             self.progress.finish(label)
             return ingest.digest, ingest.size or 0, dict(ingest.meta)
 
-    async def _still_valid(self, session: aiohttp.ClientSession, url: str, rec: UrlRecord) -> bool:
+    async def _still_valid(self, url: str, rec: UrlRecord) -> bool:
         """A conditional GET: True (and the record refreshed) if the server says 304."""
         headers = {}
         if rec.etag:
@@ -447,11 +450,11 @@ class Engine:
         if not headers:
             return False
         try:
-            async with session.get(url, headers=headers) as resp:
+            async with self.session().get(url, headers=headers) as resp:
                 if resp.status != 304:
                     return False
                 max_age = cache_max_age(resp.headers.get("Cache-Control"))
-        except RETRYABLE as exc:
+        except retryable() as exc:
             raise translate(exc, redact(url), self.config) from exc
         now = time.time()
         await asyncio.to_thread(
@@ -471,11 +474,21 @@ class Engine:
         )
 
 
-def _opener(session: aiohttp.ClientSession, url: str) -> Opener:
+def _opener(session: Callable[[], aiohttp.ClientSession], url: str) -> Opener:
+    """GET ``url`` on the engine's aiohttp session, created (aiohttp imported) on first use:
+    a URL pull whose requests all run on threads never needs it."""
+
     async def open_(headers: dict[str, str]) -> aiohttp.ClientResponse:
-        return await session.get(url, headers=headers)
+        return await session().get(url, headers=headers)
 
     return open_
+
+
+def _registry_class() -> type[Registry]:
+    """The registry source, imported on first use (it imports aiohttp; URL pulls don't)."""
+    from fetchd.sources.registry import Registry
+
+    return Registry
 
 
 def _short_label(url: str) -> str:

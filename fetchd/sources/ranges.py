@@ -37,9 +37,8 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
-
-import aiohttp
 
 from fetchd.config import Config
 from fetchd.errors import (
@@ -51,12 +50,12 @@ from fetchd.errors import (
     unwrap,
 )
 from fetchd.sources.http import (
-    RETRYABLE,
     USER_AGENT,
     backoff,
     cache_max_age,
     pump,
     retry_after,
+    retryable,
     ssl_context,
     translate,
 )
@@ -73,7 +72,16 @@ INITIAL_CONNECTIONS = 2
 SLOW_FOR = 2.0  # seconds a connection may lag far behind its peers before it is cut
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
-Opener = Callable[[dict[str, str]], Awaitable[aiohttp.ClientResponse]]
+if TYPE_CHECKING:
+    import aiohttp
+
+Opener = Callable[[dict[str, str]], Awaitable["aiohttp.ClientResponse"]]
+
+
+class Headers(Protocol):
+    """Response headers, from aiohttp or http.client (both look names up case-blind)."""
+
+    def get(self, name: str, /) -> str | None: ...
 
 
 @dataclass
@@ -193,17 +201,25 @@ class SegmentedDownload:
         probe = Segment(first, first + SEGMENT, first)
         if self.size is not None:
             probe.end = min(probe.end, self.size)
-        resp, source = await self._probe(probe)
-        if resp is None:
-            return  # nothing left to fetch
-        if resp.status == 200:
-            await self._single_stream(resp)
+        resp: aiohttp.ClientResponse | None = None
+        held = await self._threaded_probe(probe)
+        if held is not None and held.resp.status == 200:
+            await self._threaded_single_stream(held)
             return
+        if held is not None:
+            source = self.sources[0]
+        else:
+            resp, source = await self._probe(probe)
+            if resp is None:
+                return  # nothing left to fetch
+            if resp.status == 200:
+                await self._single_stream(resp)
+                return
         self.queue.extend(self._plan(skip=probe))
         self.active.add(probe)
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._worker(source, probe, resp))
+                tg.create_task(self._worker(source, probe, resp, held))
                 # Start with a few connections at once (enough for a fast LAN or
                 # loopback); _control adds more while they help.
                 for _ in range(min(INITIAL_CONNECTIONS, self.config.max_connections) - 1):
@@ -243,6 +259,69 @@ class SegmentedDownload:
 
     # --- the probe -----------------------------------------------------------------------
 
+    async def _threaded_probe(self, seg: Segment) -> _Held | None:
+        """The probe on a worker thread, for a source that has one: the common case (a
+        206 with a sane Content-Range) without aiohttp. Anything else (no thread for the
+        source, an error, another status, a redirect) returns None, and :meth:`_probe`
+        asks again on aiohttp, with its retries, redirects and error reports."""
+        threaded = self.sources[0].threaded
+        if threaded is None:
+            return None
+        try:
+            held = await asyncio.to_thread(threaded.open_range, seg.start, seg.end)
+        except _Busy as exc:
+            self.sources[0].not_before = time.monotonic() + exc.delay  # _probe waits for it
+            log.debug("%s: %s on the threaded probe; asking on aiohttp", threaded.label, exc)
+            return None
+        except (OSError, http.client.HTTPException) as exc:
+            log.debug("%s: threaded probe failed (%s); asking on aiohttp", threaded.label, exc)
+            return None
+        if held is None:
+            return None
+        try:
+            if held.resp.status == 200:  # Range ignored: this is the one stream
+                self._check_validators(held.resp.headers)
+                return held
+            total = self._content_range(held.resp.headers, seg)
+            if total is None:
+                held.close()
+                return None
+            self._check_validators(held.resp.headers)
+            self._set_size(total)
+        except BaseException:
+            held.close()
+            raise
+        seg.end = min(seg.end, total)
+        return held
+
+    async def _threaded_single_stream(self, held: _Held) -> None:
+        """:meth:`_single_stream` for the threaded probe's 200: its body, whole, on a
+        worker thread."""
+        source = self.sources[0]
+        assert source.threaded is not None
+        try:
+            if self.ingest.offset:
+                await self.ingest.restart()
+            length = None if held.resp.chunked else held.resp.length
+            if length is not None:
+                self._set_size(length)
+        except BaseException:
+            held.close()
+            raise
+        seg = Segment(0, length if length is not None else 1 << 62, 0)
+        self.on_connections(1)
+        try:
+            await self._threaded(source, source.threaded, seg, held)
+        except _Short:
+            if length is not None:
+                raise SizeMismatch(self.ingest._what, length, seg.cursor) from None
+            self._set_size(seg.cursor)  # no length given: the body ended where it ended
+        except retryable() as exc:
+            raise translate(exc, source.label, self.config) from exc
+        finally:
+            self._report_moved()
+            self.on_connections(0)
+
     async def _probe(self, seg: Segment) -> tuple[aiohttp.ClientResponse | None, Source]:
         """Send the first request; sets the size and validators; handles 416 and resumes."""
         source = self.sources[0]
@@ -252,7 +331,7 @@ class SegmentedDownload:
             headers = {"Range": f"bytes={seg.start}-{seg.end - 1}"}
             try:
                 resp = await self._request(source, headers)
-            except (*RETRYABLE, _Busy, SourceError) as exc:
+            except retryable(_Busy, SourceError) as exc:
                 if attempt >= self.config.attempts or isinstance(exc, BlobNotFound):
                     if len(self.sources) > 1 and source is self.sources[0]:
                         source, attempt = self.sources[1], 0
@@ -269,10 +348,14 @@ class SegmentedDownload:
                     self._set_size(0)
                     return None, source
                 raise TransferFailed(f"{source.label}: range {headers['Range']} not satisfiable")
-            self._check_validators(resp)
+            try:
+                self._check_validators(resp.headers)
+            except _Restart:
+                resp.release()
+                raise
             if resp.status == 200:
                 return resp, source
-            total = self._content_range(resp, seg)
+            total = self._content_range(resp.headers, seg)
             if total is None:
                 # a wrong Content-Range: trust nothing but a plain stream
                 resp.release()
@@ -295,19 +378,19 @@ class SegmentedDownload:
         self.ingest.size = total
         self.ingest.meta["size"] = total
 
-    def _check_validators(self, resp: aiohttp.ClientResponse) -> None:
-        etag = resp.headers.get("ETag")
-        modified = resp.headers.get("Last-Modified")
+    def _check_validators(self, headers: Headers) -> None:
+        """Record the validators; raises _Restart if they differ from a resumed ingest's."""
+        etag = headers.get("ETag")
+        modified = headers.get("Last-Modified")
         meta = self.ingest.meta
         known = (meta.get("etag") or None, meta.get("last_modified") or None)
         if self.ingest.offset and meta and known != (etag, modified):
-            resp.release()
             raise _Restart()
         meta["etag"], meta["last_modified"] = etag, modified
-        meta["max_age"] = cache_max_age(resp.headers.get("Cache-Control"))
+        meta["max_age"] = cache_max_age(headers.get("Cache-Control"))
 
-    def _content_range(self, resp: aiohttp.ClientResponse, seg: Segment) -> int | None:
-        m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+    def _content_range(self, headers: Headers, seg: Segment) -> int | None:
+        m = _CONTENT_RANGE.match(headers.get("Content-Range") or "")
         if not m or int(m.group(1)) != seg.cursor or m.group(3) == "*":
             return None
         if int(m.group(2)) < seg.cursor:
@@ -335,7 +418,7 @@ class SegmentedDownload:
         async with resp:
             try:
                 await pump(resp, sink)
-            except RETRYABLE as exc:
+            except retryable() as exc:
                 raise translate(exc, self.sources[0].label, self.config) from exc
             finally:
                 self.on_connections(0)
@@ -369,7 +452,11 @@ class SegmentedDownload:
         return seg
 
     async def _worker(
-        self, source: Source | None, seg: Segment | None, resp: aiohttp.ClientResponse | None
+        self,
+        source: Source | None,
+        seg: Segment | None,
+        resp: aiohttp.ClientResponse | None,
+        held: _Held | None = None,
     ) -> None:
         self.connections += 1
         self.on_connections(self.connections)
@@ -385,12 +472,12 @@ class SegmentedDownload:
                         self._requeue(seg)
                         return
                 try:
-                    await self._transfer(source, seg, resp)
+                    await self._transfer(source, seg, resp, held)
                     source.failures = 0
                     self.active.discard(seg)
                     seg = None
                     await self._save_state()
-                except (*RETRYABLE, _Busy, _Short, _RangeIgnored, SourceError) as exc:
+                except retryable(_Busy, _Short, _RangeIgnored, SourceError) as exc:
                     if seg is not None:
                         self._requeue(seg)
                     seg = None
@@ -406,8 +493,10 @@ class SegmentedDownload:
                     delay = max(backoff(source.failures), source.not_before - time.monotonic())
                     await asyncio.sleep(delay)
                 finally:
-                    resp = None
+                    resp = held = None
         finally:
+            if held is not None:
+                held.close()  # never used (no source left)
             self.connections -= 1
             self.on_connections(self.connections)
 
@@ -454,17 +543,21 @@ class SegmentedDownload:
         return resp
 
     async def _transfer(
-        self, source: Source, seg: Segment, resp: aiohttp.ClientResponse | None
+        self,
+        source: Source,
+        seg: Segment,
+        resp: aiohttp.ClientResponse | None,
+        held: _Held | None = None,
     ) -> None:
         if resp is None and source.threaded is not None:
-            await self._threaded(source, source.threaded, seg)
+            await self._threaded(source, source.threaded, seg, held)
             return
         if resp is None:
             resp = await self._request(source, {"Range": f"bytes={seg.cursor}-{seg.end - 1}"})
             if resp.status == 200:
                 resp.release()
                 raise _RangeIgnored(f"{source.label} ignores Range")
-            if resp.status == 416 or self._content_range(resp, seg) != self.size:
+            if resp.status == 416 or self._content_range(resp.headers, seg) != self.size:
                 resp.release()
                 raise _Short(f"{source.label}: wrong Content-Range")
             etag = resp.headers.get("ETag")
@@ -487,7 +580,9 @@ class SegmentedDownload:
         if seg.cursor < seg.end:
             raise _Short(f"{source.label}: body ended at {seg.cursor} of {seg.end}")
 
-    async def _threaded(self, source: Source, threaded: ThreadedRanges, seg: Segment) -> None:
+    async def _threaded(
+        self, source: Source, threaded: ThreadedRanges, seg: Segment, held: _Held | None = None
+    ) -> None:
         wait = source.not_before - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
@@ -508,6 +603,7 @@ class SegmentedDownload:
             self.ingest.meta.get("etag"),
             moved,
             lambda: self._closing,
+            held,
         )
         try:
             try:
@@ -630,12 +726,40 @@ class ThreadedRanges:
     def _connection(self) -> http.client.HTTPConnection:
         conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
         if conn is None:
-            if self.context is not None:
-                conn = _PinnedHTTPS(self.host, self.port, self.address, self.context, self.timeout)
-            else:
-                conn = http.client.HTTPConnection(self.address, self.port, timeout=self.timeout)
-            self._local.conn = conn
+            conn = self._local.conn = self._new_connection()
         return conn
+
+    def _new_connection(self) -> http.client.HTTPConnection:
+        if self.context is not None:
+            return _PinnedHTTPS(self.host, self.port, self.address, self.context, self.timeout)
+        return http.client.HTTPConnection(self.address, self.port, timeout=self.timeout)
+
+    def _send(
+        self, conn: http.client.HTTPConnection, start: int, end: int
+    ) -> http.client.HTTPResponse:
+        host = self.host if self.port in (80, 443) else f"{self.host}:{self.port}"
+        conn.request(
+            "GET",
+            self.target,
+            headers={"Host": host, "Range": f"bytes={start}-{end - 1}", "User-Agent": USER_AGENT},
+        )
+        return conn.getresponse()
+
+    def open_range(self, start: int, end: int) -> _Held | None:
+        """Ask for bytes [start, end) on a new connection (blocking): the held response if
+        the answer is a 206 (or a 200: the server ignores Range), else None (closed)."""
+        conn = self._new_connection()
+        try:
+            resp = self._send(conn, start, end)
+        except BaseException:
+            conn.close()
+            raise
+        if resp.status not in (200, 206):
+            conn.close()
+            if resp.status in (429, 502, 503, 504):
+                raise _Busy(f"HTTP {resp.status}", retry_after(dict(resp.headers), 1.0))
+            return None
+        return _Held(conn, resp)
 
     def _drop(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -651,27 +775,26 @@ class ThreadedRanges:
         etag: str | None,
         moved: Callable[[int], None],
         closing: Callable[[], bool],
+        held: _Held | None = None,
     ) -> None:
         """Fill ``seg`` (blocking). ``moved(n)`` reports bytes written; stops early when
-        ``seg.stop`` or ``closing()``; raises the same errors as the aiohttp path."""
-        conn = self._connection()
-        host = self.host if self.port in (80, 443) else f"{self.host}:{self.port}"
-        try:
-            conn.request(
-                "GET",
-                self.target,
-                headers={
-                    "Host": host,
-                    "Range": f"bytes={seg.cursor}-{seg.end - 1}",
-                    "User-Agent": USER_AGENT,
-                },
-            )
-            resp = conn.getresponse()
-        except (OSError, http.client.HTTPException) as exc:
+        ``seg.stop`` or ``closing()``; raises the same errors as the aiohttp path. With
+        ``held`` (the probe's checked response), its body is read instead of a new GET,
+        and its connection becomes this thread's."""
+        if held is not None:
             self._drop()
-            raise ConnectionError(f"{self.label}: {exc}") from exc
+            conn, resp = held.conn, held.resp
+            self._local.conn = conn
+        else:
+            conn = self._connection()
+            try:
+                resp = self._send(conn, seg.cursor, seg.end)
+            except (OSError, http.client.HTTPException) as exc:
+                self._drop()
+                raise ConnectionError(f"{self.label}: {exc}") from exc
         try:
-            self._check(resp, seg, size, etag)
+            if held is None:
+                self._check(resp, seg, size, etag)
             fd = os.open(ingest.data_path, os.O_WRONLY | os.O_CLOEXEC)
             seg.sock = conn.sock
             try:
@@ -783,6 +906,18 @@ class ThreadedRanges:
         seg.window_bytes += len(data)
         ingest.record(at, len(data))
         moved(len(data))
+
+
+@dataclass
+class _Held:
+    """A request sent on a connection of its own whose body is not read yet (the probe's):
+    a worker thread reads it with :meth:`ThreadedRanges.fetch`, or it is closed."""
+
+    conn: http.client.HTTPConnection
+    resp: http.client.HTTPResponse
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 class _PinnedHTTPS(http.client.HTTPSConnection):

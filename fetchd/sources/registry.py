@@ -46,12 +46,12 @@ from fetchd.model import (
 )
 from fetchd.sources.auth import Authenticator, load_credentials
 from fetchd.sources.http import (
-    RETRYABLE,
     backoff,
     origin,
     pump,
     redact,
     retry_after,
+    retryable,
     translate,
 )
 from fetchd.sources.ranges import SegmentedDownload, Source
@@ -145,7 +145,7 @@ class Registry:
                 resp = await self._follow(method, url, sent)
             except aiohttp.ClientConnectorCertificateError as exc:
                 raise translate(exc, what, self.config) from exc
-            except RETRYABLE as exc:
+            except retryable() as exc:
                 if attempt >= self.config.attempts:
                     raise translate(exc, what, self.config) from exc
                 log.info("%s: %s; retrying", what, exc)
@@ -248,7 +248,7 @@ class Registry:
                     if not more:
                         break
                     raw += more
-            except RETRYABLE as exc:
+            except retryable() as exc:
                 raise translate(exc, what, self.config) from exc
             if len(raw) > MAX_MANIFEST_SIZE:
                 raise ManifestTooLarge(f"{what} is over the {MAX_MANIFEST_SIZE} byte limit")
@@ -366,7 +366,7 @@ class Registry:
             try:
                 await self._stream(name, desc, ingest, on_bytes, what, url)
                 break
-            except (*RETRYABLE, _ShortBody) as exc:
+            except retryable(_ShortBody) as exc:
                 # Progress resets the count: a flaky but moving transfer goes on.
                 failures = 1 if ingest.offset > before else failures + 1
                 if failures >= self.config.attempts:
@@ -392,7 +392,7 @@ class Registry:
     ) -> None:
         """One GET of the blob from the registry (``url`` None) or from ``url``.
 
-        Appends to ``ingest`` from its offset; raises a RETRYABLE error or
+        Appends to ``ingest`` from its offset; raises a ``retryable()`` error or
         :class:`_ShortBody` when the body ends early, after keeping what arrived.
         """
         headers = {}
