@@ -35,7 +35,7 @@ import statistics
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
@@ -215,6 +215,8 @@ class SegmentedDownload:
             if resp.status == 200:
                 await self._single_stream(resp)
                 return
+            if source.threaded is None:
+                source.threaded = ThreadedRanges.following(resp, self.config, source.label)
         self.queue.extend(self._plan(skip=probe))
         self.active.add(probe)
         try:
@@ -706,8 +708,11 @@ class ThreadedRanges:
 
     BUFFER = WRITE_CHUNK  # one read, one write (see WRITE_CHUNK)
 
-    def __init__(self, url: str, config: Config, label: str) -> None:
+    def __init__(
+        self, url: str, config: Config, label: str, headers: Mapping[str, str] | None = None
+    ) -> None:
         parts = urlsplit(url)
+        self.headers = dict(headers or {})  # sent with every request (a registry's token)
         self.https = parts.scheme == "https"
         self.host = parts.hostname or ""
         self.port = parts.port or (443 if self.https else 80)
@@ -722,6 +727,19 @@ class ThreadedRanges:
         if self.https:
             self.context = ctx if isinstance(ctx, ssl.SSLContext) else _unverified()
         self._local = threading.local()
+
+    @classmethod
+    def following(
+        cls, resp: aiohttp.ClientResponse, config: Config, label: str
+    ) -> ThreadedRanges | None:
+        """Threads for the rest of a download whose probe ``resp`` came over aiohttp (a
+        registry blob): the URL it was finally served from (after redirects), with the
+        Authorization header that request carried, if any."""
+        url = resp.url
+        if url.scheme not in ("http", "https") or not url.host:
+            return None
+        sent = resp.request_info.headers.get("Authorization")
+        return cls(str(url), config, label, {"Authorization": sent} if sent else None)
 
     def _connection(self) -> http.client.HTTPConnection:
         conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
@@ -741,7 +759,12 @@ class ThreadedRanges:
         conn.request(
             "GET",
             self.target,
-            headers={"Host": host, "Range": f"bytes={start}-{end - 1}", "User-Agent": USER_AGENT},
+            headers={
+                **self.headers,
+                "Host": host,
+                "Range": f"bytes={start}-{end - 1}",
+                "User-Agent": USER_AGENT,
+            },
         )
         return conn.getresponse()
 
@@ -817,6 +840,8 @@ class ThreadedRanges:
         status = resp.status
         if status in (301, 302, 303, 307, 308):
             raise _NoThreads(f"{self.label} redirects")
+        if status in (401, 403):  # a token expired: aiohttp's path authenticates again
+            raise _NoThreads(f"{self.label}: HTTP {status}")
         if status in (429, 502, 503, 504):
             raise _Busy(f"HTTP {status}", retry_after(dict(resp.headers), 1.0))
         if status == 404:
