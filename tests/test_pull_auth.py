@@ -18,6 +18,7 @@ from tests.support.images import (
     Layer,
     build_image,
     push,
+    random_layer,
     registry_manifest_digest,
 )
 from tests.support.registry import Registry, start_registry
@@ -114,6 +115,40 @@ def test_token_auth_registry(layout: Path, fetchd: Fetchd, tmp_path: Path) -> No
         # one token serves the manifest and every blob: the cache works
         assert len(asked) == 1
         assert "ok" in ok(fetchd("fsck"))
+
+
+def test_token_auth_big_layer_over_parallel_ranges(fetchd: Fetchd, tmp_path: Path) -> None:
+    """A layer big enough for range requests, from a token-auth registry: the probe goes
+    over aiohttp, the other segments over threads, and every one of them carries the one
+    token (no 401, one token request)."""
+    layout = tmp_path / "layout"
+    built = build_image(layout, "big", [random_layer(96 << 20, seed=43)])
+    (layer,) = built.layers
+    with (
+        start_token_server(tmp_path / "tok", users={"alice": "s3cret"}) as tokens,
+        start_registry(tmp_path / "reg", auth=tokens.registry_auth_config()) as reg,
+    ):
+        push(layout, "big", f"{reg.host}/team/big:1", creds="alice:s3cret")
+        right = auth_file(tmp_path / "auth.json", reg.host, "alice", "s3cret")
+        tokens.requests.clear()
+        out = ok(
+            fetchd(
+                "pull",
+                "--insecure-options",
+                "http",
+                f"docker://{reg.host}/team/big:1",
+                env={"REGISTRY_AUTH_FILE": str(right)},
+            )
+        )
+        gets = reg.blob_gets(layer.digest)
+
+    assert out.strip() == built.digest
+    assert layer.digest in fetchd.blobs()
+    assert len([g for g in gets if g.status == 206]) >= 2, [(g.status, g.bytes) for g in gets]
+    assert all(g.status == 206 for g in gets), [(g.status, g.bytes) for g in gets]
+    assert sum(g.bytes for g in gets) <= 1.15 * layer.size
+    assert len([r for r in tokens.requests if r.user == "alice"]) == 1
+    assert "ok" in ok(fetchd("fsck"))
 
 
 def test_basic_auth_registry(layout: Path, fetchd: Fetchd, tmp_path: Path) -> None:
