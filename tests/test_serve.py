@@ -761,6 +761,58 @@ def test_hostile_requests_are_refused_and_read_nothing_outside_the_store(
     # lacks), but no answer anywhere carried its content: checked above.
 
 
+SLOW_READ_RATE = 3 * MIB  # bytes a second: a client on a poor link
+GUARD_TIMEOUT = 10.0  # fetchd serve's HEADER_TIMEOUT: a connection idle this long is dropped
+
+
+def slow_get(port: int, path: str, rate: float) -> tuple[bytes, bytes, float]:
+    """GET path on a socket with a small receive buffer, reading at most `rate` bytes a
+    second: (head, body, seconds). The pacing is the slowness under test, not a wait."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.settimeout(30)
+    started = time.monotonic()
+    try:
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        data = bytearray()
+        while len(data) < 2 * 60 * rate:  # bounded: 2 minutes at the rate
+            chunk = sock.recv(256 * 1024)
+            if not chunk:
+                break
+            data += chunk
+            ahead = started + len(data) / rate - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
+    finally:
+        sock.close()
+    head, _, body = bytes(data).partition(b"\r\n\r\n")
+    return head, body, time.monotonic() - started
+
+
+def test_a_slow_reader_of_a_big_cached_blob_gets_all_of_it(
+    tmp_path: Path, upstream: Registry, fetchd: Fetchd
+) -> None:
+    """The guard that drops idle connections must not count a response still being sent
+    as idle: a client reading a cached 48 MiB blob for longer than that timeout gets it
+    whole (it used to be cut off once the handler had handed the file to sendfile)."""
+    layout = tmp_path / "layout"
+    image = build_image(layout, "large", [random_layer(48 * MIB, 5701)])
+    push(layout, "large", f"{upstream.host}/slow/large:1")
+    (layer,) = image.layers
+    path = f"/v2/slow/large/blobs/{layer.digest}"
+    with start_serve(fetchd, [upstream.url]) as cache:
+        status, body, broken = read_blob(cache.port, path)  # now it is in the store
+        assert (status, broken, len(body)) == (200, None, layer.size)
+        head, body, seconds = slow_get(cache.port, path, SLOW_READ_RATE)
+        assert_stops_cleanly(cache)
+
+    assert head.startswith(b"HTTP/1.1 200"), head[:200]
+    assert seconds > GUARD_TIMEOUT + 1, f"the read took only {seconds:.1f} s"
+    assert len(body) == layer.size, f"{len(body)} of {layer.size} bytes after {seconds:.1f} s"
+    assert "sha256:" + sha256_hex(body) == layer.digest
+
+
 def test_64_kib_of_headers_in_many_lines_are_refused(upstream: Registry, fetchd: Fetchd) -> None:
     """A request whose header block is 64 KiB is refused or dropped, however it is split."""
     with start_serve(fetchd, [upstream.url]) as cache:

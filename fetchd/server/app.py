@@ -12,12 +12,13 @@ statuses and OCI error codes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import html
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -415,7 +416,11 @@ class _BlobFile(web.FileResponse):
         self.headers["ETag"] = self._digest_etag
 
     async def prepare(self, request: web.BaseRequest) -> Any:
-        writer = await super().prepare(request)
+        # FileResponse sends the whole body here, after the handler (and so the guard
+        # middleware) returned: the connection is busy until the last byte is out, or
+        # the guard would cut a slow reader of a big blob after HEADER_TIMEOUT.
+        with _busy(request):
+            writer = await super().prepare(request)
         if request.method == "GET" and self.content_length:
             self._cache.stats.bytes_served += self.content_length
         return writer
@@ -578,20 +583,27 @@ class _Guard(asyncio.Protocol):
         self.inner.connection_lost(exc)
 
 
-@web.middleware
-async def _guard_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
+@contextlib.contextmanager
+def _busy(request: web.BaseRequest) -> Iterator[None]:
+    """Mark the request's connection busy (the guard leaves it alone) while inside."""
     guard = _guards.get(request.transport) if request.transport is not None else None
     if guard is not None:
         guard.busy += 1
         guard.unclaimed = 0
     try:
-        return await handler(request)
+        yield
     finally:
         if guard is not None:
             guard.busy -= 1
             guard.last = time.monotonic()
+
+
+@web.middleware
+async def _guard_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    with _busy(request):
+        return await handler(request)
 
 
 async def serve(server: Server, host: str, port: int, ready: Callable[[str], None]) -> None:
