@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 FLIGHT_START_TIMEOUT = 60.0
 STREAM_WAIT = 1.0
+STREAM_BATCH = 4 << 20  # bytes a client of a blob still arriving is sent at once ...
+STREAM_FLUSH = 0.2  # ... or what arrived, once this many seconds passed since the last send
 
 
 @dataclass
@@ -333,8 +335,15 @@ class Cache:
     ) -> int:
         """Send ``flight``'s bytes from ``start`` as they land, with ``send(file, offset,
         count)`` (sendfile: no copy through Python); the last byte only once the blob
-        verified. Returns the bytes sent; raises StoreError if the fetch failed."""
+        verified. Returns the bytes sent; raises StoreError if the fetch failed.
+
+        Bytes go out in batches of STREAM_BATCH, or whatever has arrived once
+        STREAM_FLUSH passed since the last send: a send for every MiB that lands woke
+        every client for every MiB, and 8 skopeo clients fed that way spent 40 % more CPU
+        than the same clients reading from a registry (serve_cache.py, 8 × 1 GiB)."""
+        loop = asyncio.get_running_loop()
         sent = start
+        flushed = loop.time()
         f = await asyncio.to_thread(_open_ingest, flight, self.store)
         try:
             while sent < flight.size:
@@ -344,13 +353,20 @@ class Cache:
                 if outcome is not None and outcome is not False:
                     raise StoreError(f"blob {flight.digest.short} failed: {outcome}")
                 limit = flight.size if outcome is None else min(flight.contiguous, flight.size - 1)
-                if sent < limit:
-                    await send(f, sent, limit - sent)
-                    self.stats.bytes_served += limit - sent
+                ready = limit - sent
+                now = loop.time()
+                if ready > 0 and (
+                    ready >= STREAM_BATCH or outcome is None or now - flushed >= STREAM_FLUSH
+                ):
+                    await send(f, sent, ready)
+                    self.stats.bytes_served += ready
                     sent = limit
+                    flushed = loop.time()
                     continue
+                # More bytes, the end, or (with bytes waiting) the flush time, first.
+                wait = STREAM_WAIT if ready <= 0 else max(0.0, flushed + STREAM_FLUSH - now)
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(STREAM_WAIT):
+                    async with asyncio.timeout(wait):
                         await flight.wait()
         finally:
             f.close()
