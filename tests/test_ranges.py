@@ -255,6 +255,23 @@ def test_plain_http_needs_insecure_options_http_then_ranges_with_the_digest_give
     assert covered(lines) == [(0, big.size)]
 
 
+def test_an_ipv6_literal_url_comes_over_parallel_ranges(tmp_path: Path, fetchd: Fetchd) -> None:
+    """http://[::1]:PORT/…: every request (the probe and the segments, all on threads)
+    names the host as [::1]:PORT, which nginx accepts (an unbracketed ::1:PORT is a 400)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    digest = make_file(root / "v6.bin", 40 * MIB + 4321, seed=6)
+    with start_nginx(tmp_path / "nginx", root, ipv6=True) as server:
+        url = f"http://[::1]:{server.port}/v6.bin"
+        out = ok(bounded(fetchd, "pull", *HTTP, "--digest", digest, url))
+        lines = server.requests("/v6.bin")
+
+    assert out.strip() == digest
+    assert_stored(fetchd, digest, 40 * MIB + 4321)
+    assert {line.status for line in lines} == {206}, [(x.status, x.body_bytes) for x in lines]
+    assert len(lines) >= 2
+
+
 def test_https_without_the_test_ca_is_a_clear_error(big: Big, fetchd: Fetchd) -> None:
     failed(fetchd("pull", big.url("untrusted")), "certificate", "SSL_CERT_FILE")
     assert fetchd.blobs() == set()

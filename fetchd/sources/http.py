@@ -116,6 +116,8 @@ def redact(url: str) -> str:
     """A URL fit for logs and errors: no userinfo, no query (it may carry tokens)."""
     parts = urlsplit(url)
     host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 literal
     if parts.port:
         host = f"{host}:{parts.port}"
     return urlunsplit((parts.scheme, host, parts.path, "", ""))

@@ -755,7 +755,9 @@ class ThreadedRanges:
     def _send(
         self, conn: http.client.HTTPConnection, start: int, end: int
     ) -> http.client.HTTPResponse:
-        host = self.host if self.port in (80, 443) else f"{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 literal
+        if self.port != (443 if self.https else 80):
+            host = f"{host}:{self.port}"
         conn.request(
             "GET",
             self.target,

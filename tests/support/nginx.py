@@ -213,11 +213,14 @@ def _config(
     tls_port: int | None,
     headers: dict[str, str],
     workers: int,
+    ipv6: bool = False,
 ) -> str:
     for name, value in headers.items():
         if not _HEADER_NAME.fullmatch(name) or _UNSAFE_VALUE.search(value):
             raise ValueError(f"header {name!r}: {value!r} cannot go into nginx.conf verbatim")
     listen = [f"listen 127.0.0.1:{port};"]
+    if ipv6:
+        listen.append(f"listen [::1]:{port};")
     if tls is not None:
         listen += [
             f"listen 127.0.0.1:{tls_port} ssl;",
@@ -262,10 +265,12 @@ def start_nginx(
     tls: tuple[Path, Path] | None = None,
     headers: dict[str, str] | None = None,
     workers: int = 1,
+    ipv6: bool = False,
 ) -> Nginx:
     """Start nginx serving root on a free port of 127.0.0.1 (and a second one with TLS, given
     (certificate, key)); wait until it answers. `headers` are added to every response (e.g.
-    {"Cache-Control": "max-age=60"}). Config, pid, logs and temp dirs live in workdir."""
+    {"Cache-Control": "max-age=60"}); `ipv6` adds [::1] on the same plain port. Config, pid,
+    logs and temp dirs live in workdir."""
     workdir.mkdir(parents=True, exist_ok=True)
     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (workdir / "tmp" / kind).mkdir(parents=True, exist_ok=True)
@@ -277,7 +282,7 @@ def start_nginx(
             if tls_port != port:
                 break
     conf = workdir / "nginx.conf"
-    conf.write_text(_config(workdir, root, port, tls, tls_port, headers or {}, workers))
+    conf.write_text(_config(workdir, root, port, tls, tls_port, headers or {}, workers, ipv6))
     proc = Proc(
         ["nginx", "-c", str(conf), "-p", str(workdir), "-e", str(workdir / "error.log")],
         workdir / "nginx.out",
