@@ -335,6 +335,30 @@ def test_server_ignoring_range_gives_the_right_bytes_over_one_stream(
     assert [(s.status, s.body_bytes) for s in gets] == [(200, len(data))], "not one stream"
 
 
+def test_a_resume_that_falls_back_to_one_stream_keeps_the_validators(
+    data: bytes, fetchd: Fetchd
+) -> None:
+    """A partial download left by a kill, then the server stops honouring Range: the plain
+    stream starts over, and the URL's ETag is still recorded, so `--pull-policy update`
+    asks with If-None-Match and takes the 304 (nothing is downloaded again)."""
+    with RangeServer(data, fault="stall-one") as server:
+        ingest = url_ingest(fetchd, server.file_url)
+        proc = fetchd.popen("pull", *HTTP, "--max-connections", "1", server.file_url)
+        kill_when(proc, lambda: server.stalled.is_set() and on_disk(ingest) > 0, "a stall")
+        server.set_fault("ignore-range")
+        out = ok(bounded(fetchd, "pull", *HTTP, server.file_url))
+        server.set_fault("none")  # (the fault ignores conditional requests as well)
+        before = len(server.seen)
+        again = ok(bounded(fetchd, "pull", *HTTP, "--pull-policy", "update", server.file_url))
+        check = server.seen[before:]
+
+    assert out.strip() == again.strip() == sha256(data)
+    assert_stored(fetchd, sha256(data), len(data))
+    assert [(s.headers.get("If-None-Match"), s.status) for s in check] == [(server.etag, 304)], (
+        check
+    )
+
+
 def test_busy_server_with_retry_after_twice_then_succeeds(data: bytes, fetchd: Fetchd) -> None:
     with RangeServer(data, fault="busy", busy_count=2) as server:
         started = time.monotonic()

@@ -304,6 +304,7 @@ class SegmentedDownload:
         try:
             if self.ingest.offset:
                 await self.ingest.restart()
+                self._check_validators(held.resp.headers)  # the restart cleared them
             length = None if held.resp.chunked else held.resp.length
             if length is not None:
                 self._set_size(length)
@@ -405,6 +406,7 @@ class SegmentedDownload:
         """The server ignores Range: take the body whole, from its start."""
         if self.ingest.offset:
             await self.ingest.restart()
+            self._check_validators(resp.headers)  # the restart cleared them
         length = resp.content_length
         if length is not None:
             self._set_size(length)
