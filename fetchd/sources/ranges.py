@@ -881,13 +881,20 @@ class ThreadedRanges:
         view = memoryview(buf)
         body = None if resp.chunked else resp.length  # what the response still holds
         consumed = 0  # of it, taken from the connection here
+        # For TLS, SSLSocket.recv_into is two Python frames over the C object that does
+        # the work (it releases the GIL and honours the socket's timeout): call that.
+        # An EOF then raises SSLEOFError (an OSError: a failed, retried transfer).
+        sslobj = getattr(sock, "_sslobj", None)
+        decrypt: Callable[[int, memoryview], int] | None = sslobj.read if sslobj else None
 
         def read(into: memoryview) -> int:
             nonlocal consumed
             if body is None:
                 return resp.readinto(into)
             into = into[: body - consumed]
-            n = sock.recv_into(into, len(into)) if into else 0
+            if not into:
+                return 0
+            n = decrypt(len(into), into) if decrypt is not None else sock.recv_into(into)
             consumed += n
             return n
 
