@@ -134,6 +134,10 @@ class StoreCorrupt(StoreError):
     """fsck found blobs whose bytes do not match their digest."""
 
 
+class NotEnoughSpace(StoreError):
+    """A blob is bigger than the free space of the store's disk: refused before any byte."""
+
+
 def unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The error to report for a failed TaskGroup: its first FetchdError, else the group.
 
