@@ -138,6 +138,18 @@ class NotEnoughSpace(StoreError):
     """A blob is bigger than the free space of the store's disk: refused before any byte."""
 
 
+class DiskFull(StoreError):
+    """The store's disk ran out of space (ENOSPC, EDQUOT) while writing; nothing was
+    committed half-way (the write's temporary file is gone)."""
+
+    def __init__(self, what: str, store: object) -> None:
+        super().__init__(
+            f"no space left on device while writing {what} in {store}; "
+            "free space or use fetchd gc"
+        )
+        self.what = what
+
+
 def unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The error to report for a failed TaskGroup: its first FetchdError, else the group.
 
