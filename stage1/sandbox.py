@@ -17,9 +17,15 @@ The process tree of one run::
   and a path string would need every directory above the tree to be searchable by the uid.
 - Mount points inside the image are resolved with ``inroot``: a symlink planted at /proc,
   /dev, /tmp or /etc/hosts is replaced (in the writable layer), never followed out.
-- Signals: stage1 and init block the forwarded signals and take them with sigwaitinfo;
-  a signal sent by a process is passed down (stage1 → init → the process); one the kernel
-  sent a whole terminal process group (Ctrl-C) is not, the process got it already.
+- Terminal: init and the process each run in a session of their own, so no process of the
+  container has the user's terminal as its controlling terminal, and none holds a
+  descriptor of it: where stage1's stdin, stdout or stderr is a terminal, the process has
+  the slave of a pty of the container's devpts instead, and stage1 relays
+  (``stage1.terminal``). Pipes and files are passed through.
+- Signals: stage1 and init block the forwarded signals and take them with sigwaitinfo and
+  pass each down (stage1 → init → the process), whoever sent it: the container is in no
+  process group of the user's terminal, so Ctrl-C reaches it only this way (or, through
+  the pty, as the pty's own SIGINT). With a pty, SIGWINCH resizes it instead.
 - Lifetime: init has PR_SET_PDEATHSIG=SIGKILL; when init exits the kernel kills every
   process left in the pid namespace. So nothing of the container outlives stage1.
 """
@@ -27,9 +33,12 @@ The process tree of one run::
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
+import socket
 import stat
+import termios
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -37,6 +46,7 @@ from stage1 import linux
 from stage1.errors import Stage1Error
 from stage1.inroot import O_DIR, Location, Root, remove
 from stage1.process import Process
+from stage1.terminal import Relay, UserTerminal, open_pty
 
 FORWARDED = (
     signal.SIGTERM,
@@ -47,7 +57,6 @@ FORWARDED = (
     signal.SIGUSR2,
     signal.SIGWINCH,
 )
-_SI_KERNEL = 0x80
 _DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 # Docker's default capability set: what root in the container keeps (in its namespace).
 _KEPT_CAPS = frozenset((0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31))
@@ -72,6 +81,7 @@ def run(container: Container) -> int:
     """
     host_uid, host_gid = os.geteuid(), os.getegid()
     proc = container.process
+    user_tty = UserTerminal.find()
     flags = (
         linux.CLONE_NEWUSER
         | linux.CLONE_NEWNS
@@ -96,19 +106,38 @@ def run(container: Container) -> int:
         raise Stage1Error(f"cannot create the container's namespaces: {_reason(exc)}") from exc
     status_r, status_w = os.pipe()
     alive_r, alive_w = os.pipe()
+    # init sends the pty's master over this (SCM_RIGHTS), as runc's console socket does.
+    console, console_init = socket.socketpair() if user_tty else (None, None)
     waited: set[signal.Signals] = {signal.SIGCHLD, *FORWARDED}
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, waited)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - pid 1 of the container; it never returns
         os.close(status_r)
         os.close(alive_w)
-        _init(container, lower, status_w, alive_r, old_mask, waited)
+        if console is not None:
+            console.close()
+        _init(container, lower, status_w, alive_r, old_mask, waited, user_tty, console_init)
     os.close(status_w)
     os.close(alive_r)
     os.close(lower)
-    with os.fdopen(status_r, "rb") as pipe:
-        message = pipe.read().decode(errors="replace")  # empty once the process is exec'd
-    status = _supervise(pid, waited)
+    relay = None
+    try:
+        if console is not None and console_init is not None and user_tty is not None:
+            console_init.close()
+            with console:
+                master = _receive_fd(console)
+            if master is not None:
+                relay = Relay(master, user_tty)
+                relay.start()
+        with os.fdopen(status_r, "rb") as pipe:
+            message = pipe.read().decode(errors="replace")  # empty once the process is exec'd
+        if relay is not None:
+            status = _exit_status(relay.run(pid, waited))
+        else:
+            status = _supervise(pid, waited)
+    finally:
+        if relay is not None:
+            relay.stop()
     os.close(alive_w)
     if message:
         raise Stage1Error(message.removeprefix("error: "), status)
@@ -120,6 +149,17 @@ def _exit_status(wait_status: int) -> int:
     return 128 - code if code < 0 else code
 
 
+def _receive_fd(sock: socket.socket) -> int | None:
+    """The descriptor init sends; None if init ended first (it then reports why)."""
+    try:
+        _, fds, _, _ = socket.recv_fds(sock, 1, 1)
+    except OSError:
+        return None
+    for extra in fds[1:]:
+        os.close(extra)
+    return fds[0] if fds else None
+
+
 def _supervise(child: int, waited: set[signal.Signals]) -> int:
     """Pass signals to CHILD until it exits; its exit status (128+N for signal N)."""
     while True:
@@ -128,7 +168,7 @@ def _supervise(child: int, waited: set[signal.Signals]) -> int:
             done, status = os.waitpid(child, os.WNOHANG)
             if done == child:
                 return _exit_status(status)
-        elif info.si_code != _SI_KERNEL:
+        else:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, info.si_signo)
 
@@ -140,10 +180,13 @@ def _init(
     alive_r: int,
     old_mask: Iterable[int],
     waited: set[signal.Signals],
+    user_tty: UserTerminal | None,
+    console: socket.socket | None,
 ) -> None:  # pragma: no cover - runs as pid 1 of the container
     """pid 1: set up the root, start the process, reap, forward; exit with its status."""
     try:
         linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+        os.setsid()  # out of the user's session: no controlling terminal
         os.set_blocking(alive_r, False)
         try:
             if os.read(alive_r, 1) == b"":
@@ -151,7 +194,12 @@ def _init(
         except BlockingIOError:
             pass
         os.close(alive_r)
-        _setup(container, lower)
+        slave = _setup(container, lower, user_tty, console)
+        if user_tty is not None and slave is not None:
+            # From here init holds no descriptor of the user's terminal either.
+            for fd in user_tty.fds:
+                os.dup2(slave, fd)
+            os.close(slave)
     except BaseException as exc:
         reason = _reason(exc)
         os.write(status_w, f"error: cannot set up the container: {reason}".encode())
@@ -167,6 +215,14 @@ def _init(
             signal.signal(signal.SIGPIPE, signal.SIG_DFL)
             signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            os.setsid()
+            if user_tty is not None:
+                fcntl.ioctl(user_tty.fds[0], termios.TIOCSCTTY, 0)
+        except OSError as exc:
+            message = f"error: cannot give the process its terminal: {_reason(exc)}"
+            os.write(status_w, message.encode())
+            os._exit(1)
+        try:
             os.chdir(proc.cwd)
         except OSError as exc:
             message = f"error: cannot enter the working directory {proc.cwd}: {exc.strerror}"
@@ -193,7 +249,7 @@ def _init(
                     break
                 if done == child:
                     os._exit(_exit_status(status))
-        elif info.si_code != _SI_KERNEL:
+        else:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, info.si_signo)
 
@@ -204,7 +260,10 @@ def _reason(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, Stage1Error) else repr(exc)
 
 
-def _setup(container: Container, lower: int) -> None:  # pragma: no cover - in pid 1
+def _setup(
+    container: Container, lower: int, user_tty: UserTerminal | None, console: socket.socket | None
+) -> int | None:  # pragma: no cover - in pid 1
+    """Make the container's root and enter it; the pty's slave, when there is a user tty."""
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE, None)
     linux.mount("tmpfs", _SCRATCH, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0700")
     for name in ("upper", "work", "root"):
@@ -221,6 +280,12 @@ def _setup(container: Container, lower: int) -> None:  # pragma: no cover - in p
     os.close(_mount(root, "proc", "proc", nosuid_nodev | linux.MS_NOEXEC, None))
     dev = _mount(root, "dev", "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC, "mode=0755")
     _populate_dev(dev)
+    slave = None
+    if user_tty is not None and console is not None:
+        master, slave = open_pty(f"/proc/self/fd/{dev}/pts/ptmx", user_tty)
+        socket.send_fds(console, [b"m"], [master])
+        os.close(master)
+        console.close()
     os.close(dev)
     os.close(_mount(root, "tmp", "tmpfs", nosuid_nodev, "mode=1777"))
     for path, content in container.files:
@@ -248,6 +313,7 @@ def _setup(container: Container, lower: int) -> None:  # pragma: no cover - in p
     linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
     # pid 1 keeps capabilities in the namespace: no process of the container may ptrace it.
     linux.prctl(linux.PR_SET_DUMPABLE, 0)
+    return slave
 
 
 def _mountpoint(root: Root, path: str, *, directory: bool) -> Location:
