@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: deps demo test lint typecheck pytest bench clean
+.PHONY: deps demo test lint typecheck pytest bench soak clean
 
 deps:
 	bash scripts/install-deps.sh
@@ -26,6 +26,11 @@ test: lint typecheck pytest
 
 bench: deps
 	$(PY) benchmarks/pull_registry.py
+
+# kill -9 at 20 random moments across pulls from three sources while gc loops (issue 9);
+# minutes, so not part of `test`. SOAK_ARGS="--seed N" repeats a run's plan.
+soak: deps
+	$(PY) tests/soak.py --kills 20 $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
