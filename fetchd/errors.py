@@ -48,6 +48,18 @@ class ManifestTooLarge(ManifestInvalid):
     """A manifest is larger than the limit (4 MiB, as the distribution spec suggests)."""
 
 
+class TagInvalid(ReferenceInvalid):
+    """A tag does not follow the distribution spec's grammar."""
+
+
+class RangeNotSatisfiable(FetchdError):
+    """A client's ``Range`` header names no byte of the blob (or does not parse)."""
+
+    def __init__(self, message: str, size: int) -> None:
+        super().__init__(message)
+        self.size = size
+
+
 class UnsupportedMediaType(FetchdError):
     """A manifest or layer has a media type fetchd cannot handle."""
 
