@@ -39,6 +39,7 @@ from fetchd.store import layout
 from fetchd.store.cas import Ingest, SegmentedIngest, Store
 from fetchd.store.maintenance import record_url, remove_unreferenced
 from fetchd.store.meta import Meta, UrlRecord
+from fetchd.store.space import ensure_room
 
 if TYPE_CHECKING:
     import aiohttp
@@ -46,6 +47,10 @@ if TYPE_CHECKING:
     from fetchd.sources.registry import Registry
 
 log = logging.getLogger(__name__)
+
+#: The most layers one image manifest may list. Docker stops at 127 (overlayfs depth);
+#: OCI names no bound, but a manifest under the 4 MiB limit could list ~30,000.
+MAX_LAYERS = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +61,25 @@ class PullResult:
     manifest: Descriptor
     #: False when policy ``new`` found the image complete in the store (no network)
     fetched: bool
+
+
+def distinct_blobs(manifest: ImageManifest, name: str) -> tuple[Descriptor, ...]:
+    """The manifest's config and layers, each digest once (an image may repeat a layer),
+    in order; at most MAX_LAYERS layers, and one size per digest."""
+    if len(manifest.layers) > MAX_LAYERS:
+        raise ManifestInvalid(
+            f"{name}: the manifest lists {len(manifest.layers)} layers, more than the "
+            f"{MAX_LAYERS} fetchd accepts"
+        )
+    seen: dict[Digest, Descriptor] = {}
+    for desc in manifest.blobs():
+        first = seen.setdefault(desc.digest, desc)
+        if first.size != desc.size:
+            raise ManifestInvalid(
+                f"{name}: the manifest gives blob {desc.digest.short} two sizes "
+                f"({first.size} and {desc.size})"
+            )
+    return tuple(seen.values())
 
 
 def is_url(text: str) -> bool:
@@ -243,7 +267,16 @@ class Engine:
             keep[mdigest] = raw
         manifest = Descriptor(OCI_MANIFEST, mdigest, len(raw), (), annotations, platform)
 
-        blobs = parsed.blobs()
+        blobs = distinct_blobs(parsed, name)
+        # What is missing, once per pull (one stat per blob): per blob it was O(layers²).
+        todo = [d for d in blobs if not self.store.has(d.digest)]
+        missing = sum(d.size for d in todo)
+        if todo:
+            # Before any request for a blob: a size nothing could hold is refused now.
+            big = max(todo, key=lambda d: d.size)
+            ensure_room(
+                self.store.ingests, big.size, f"{name}: blob {big.digest.short}", self.store.root
+            )
         # What this pull may add: on failure, those of them no name uses are removed
         # again. (Tracking what it committed instead would miss a blob whose commit
         # finished just as a sibling's failure cancelled the task that made it.)
@@ -258,7 +291,7 @@ class Engine:
                         for desc in blobs:
                             tg.create_task(
                                 self.ensure_blob(
-                                    registry, ref.name, desc, self._segment(desc, blobs)
+                                    registry, ref.name, desc, self._segment(desc, missing)
                                 )
                             )
                 except BaseExceptionGroup as group:
@@ -282,11 +315,11 @@ class Engine:
         await asyncio.to_thread(self.meta.touch_image, name, str(top), pulled=True)
         return PullResult(name, top, manifest, fetched=True)
 
-    def _segment(self, desc: Descriptor, blobs: tuple[Descriptor, ...]) -> bool:
+    def _segment(self, desc: Descriptor, missing: int) -> bool:
         """Fetch ``desc`` over several range requests? Only a big blob that dominates
-        the image: when several big blobs come at once they already fill the
-        connections, and segmenting them only costs requests and a re-read to hash."""
-        missing = sum(d.size for d in blobs if not self.store.has(d.digest))
+        the image (``missing``: the bytes of its blobs not in the store): when several
+        big blobs come at once they already fill the connections, and segmenting them
+        only costs requests and a re-read to hash."""
         return desc.size >= self.config.segmented_threshold and 2 * desc.size >= missing
 
     async def ensure_blob(
@@ -325,6 +358,8 @@ class Engine:
         ):
             if ingest.exists:
                 return  # another process committed it while we waited for the lock
+            need = desc.size - ingest.offset
+            ensure_room(self.store.ingests, need, f"blob {desc.digest.short}", self.store.root)
             if ingest.resumed_from:
                 log.info("%s: resuming at %d bytes", desc.digest.short, ingest.resumed_from)
             self.progress.start(key, desc.digest.short, desc.size, ingest.resumed_from)

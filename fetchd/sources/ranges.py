@@ -6,7 +6,9 @@ serve the same bytes. The first request (the probe) asks for the first segment w
 Last-Modified), and its body is the first segment. Then:
 
 * the missing byte ranges are cut into segments of ``SEGMENT`` bytes, handed out in
-  order, so the ingest's hash follower can keep up with the front;
+  order, so the ingest's hash follower can keep up with the front; they are cut as
+  connections ask for them, so what a download holds is bounded by its connections
+  and gaps, not by the size a server claims (which :func:`ensure_room` checked first);
 * connections are added while they raise throughput (up to ``max_connections``);
 * a connection that runs out of segments takes half of the largest remaining one
   (work stealing), so the tail does not wait for one slow connection;
@@ -37,7 +39,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NoReturn, Protocol
 from urllib.parse import urlsplit
 
 from fetchd.config import Config
@@ -60,6 +62,7 @@ from fetchd.sources.http import (
     translate,
 )
 from fetchd.store.cas import WRITE_CHUNK, SegmentedIngest, pwrite_all
+from fetchd.store.space import ensure_room, no_room, room
 from fetchd.threads import finish
 
 log = logging.getLogger(__name__)
@@ -124,6 +127,40 @@ class Segment:
         return self.end - self.cursor
 
 
+class _Plan:
+    """The segments still to fetch: the gaps, cut into SEGMENT-sized pieces lazily (when
+    a connection asks), after any segment given back. Memory is O(gaps + given back),
+    never O(size / SEGMENT): a server may claim 2^62 bytes."""
+
+    def __init__(self) -> None:
+        self._returned: deque[Segment] = deque()
+        self._gaps: deque[tuple[int, int]] = deque()
+
+    def __bool__(self) -> bool:
+        return bool(self._returned or self._gaps)
+
+    def clear(self) -> None:
+        self._returned.clear()
+        self._gaps.clear()
+
+    def add_gap(self, start: int, end: int) -> None:
+        if start < end:
+            self._gaps.append((start, end))
+
+    def appendleft(self, seg: Segment) -> None:
+        """Give ``seg`` back: it is the next one handed out."""
+        self._returned.appendleft(seg)
+
+    def popleft(self) -> Segment:
+        if self._returned:
+            return self._returned.popleft()
+        a, b = self._gaps.popleft()
+        e = min(b, a + SEGMENT)
+        if e < b:
+            self._gaps.appendleft((e, b))
+        return Segment(a, e, a)
+
+
 class _Restart(Exception):
     """The content changed under us (validators differ): start over from nothing."""
 
@@ -165,7 +202,7 @@ class SegmentedDownload:
         self.on_bytes = on_bytes
         self.on_connections = on_connections
         self.size: int | None = ingest.size
-        self.queue: deque[Segment] = deque()
+        self.queue = _Plan()
         self.active: set[Segment] = set()
         self.connections = 0  # transfers running now
         self._next_source = 0
@@ -217,7 +254,7 @@ class SegmentedDownload:
                 return
             if source.threaded is None:
                 source.threaded = ThreadedRanges.following(resp, self.config, source.label)
-        self.queue.extend(self._plan(skip=probe))
+        self._plan(skip=probe)
         self.active.add(probe)
         try:
             async with asyncio.TaskGroup() as tg:
@@ -248,16 +285,12 @@ class SegmentedDownload:
         gaps = self.ingest.missing(self.size if self.size is not None else 1 << 62)
         return gaps[0][0] if gaps else (self.size or 0)
 
-    def _plan(self, skip: Segment) -> list[Segment]:
+    def _plan(self, skip: Segment) -> None:
+        """Queue every gap but the probe's segment ``skip``."""
         assert self.size is not None
-        out = []
         for a, b in self.ingest.missing(self.size):
             a = max(a, skip.end) if a < skip.end and b > skip.start else a
-            while a < b:
-                e = min(b, a + SEGMENT)
-                out.append(Segment(a, e, a))
-                a = e
-        return out
+            self.queue.add_gap(a, b)
 
     # --- the probe -----------------------------------------------------------------------
 
@@ -311,10 +344,14 @@ class SegmentedDownload:
         except BaseException:
             held.close()
             raise
-        seg = Segment(0, length if length is not None else 1 << 62, 0)
+        # A body of no stated length may go on for ever: at most what the disk can hold.
+        budget = await asyncio.to_thread(room, self.ingest.store.ingests)
+        seg = Segment(0, length if length is not None else budget + 1, 0)
         self.on_connections(1)
         try:
             await self._threaded(source, source.threaded, seg, held)
+            if length is None:
+                await self._endless(budget)
         except _Short:
             if length is not None:
                 raise SizeMismatch(self.ingest._what, length, seg.cursor) from None
@@ -377,9 +414,19 @@ class SegmentedDownload:
     def _set_size(self, total: int) -> None:
         if self.size is not None and total != self.size:
             raise SizeMismatch(self.ingest._what, self.size, total)
+        if self.size is None:  # a size the server states: bounded before it is planned
+            store = self.ingest.store
+            need = total - self.ingest.offset
+            ensure_room(store.ingests, need, self.sources[0].label, store.root)
         self.size = total
         self.ingest.size = total
         self.ingest.meta["size"] = total
+
+    async def _endless(self, budget: int) -> NoReturn:
+        """A body of no stated length ran past ``budget``: drop it (it would fill the
+        disk) and fail."""
+        await self.ingest.discard()
+        raise no_room(f"{self.sources[0].label} runs on", budget, self.ingest.store.root)
 
     def _check_validators(self, headers: Headers) -> None:
         """Record the validators; raises _Restart if they differ from a resumed ingest's."""
@@ -410,11 +457,15 @@ class SegmentedDownload:
         length = resp.content_length
         if length is not None:
             self._set_size(length)
+        # A body of no stated length may go on for ever: at most what the disk can hold.
+        budget = await asyncio.to_thread(room, self.ingest.store.ingests)
         self.on_connections(1)
         offset = 0
 
         async def sink(pieces: list[bytes], n: int) -> None:
             nonlocal offset
+            if self.size is None and offset + n > budget:
+                await self._endless(budget)
             await self.ingest.write_at(offset, pieces)
             offset += n
             self.on_bytes(n)
@@ -590,7 +641,9 @@ class SegmentedDownload:
         wait = source.not_before - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
-        assert self.size is not None
+        # Unknown only for the one stream of a body without a length (its held answer
+        # needs no Content-Range check): its segment's end is the bound.
+        size = self.size if self.size is not None else seg.end
 
         def moved(n: int) -> None:
             # From a worker thread: counted here, reported by _control (waking the
@@ -603,7 +656,7 @@ class SegmentedDownload:
             threaded.fetch,
             seg,
             self.ingest,
-            self.size,
+            size,
             self.ingest.meta.get("etag"),
             moved,
             lambda: self._closing,

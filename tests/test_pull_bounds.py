@@ -1,0 +1,133 @@
+"""Sizes and counts a peer states are bounded before fetchd spends anything on them.
+
+The servers here are test doubles of somebody else's lying server (tests.support
+.fakeregistry): they agree to any size asked. fetchd runs as a process of its own; its
+peak RSS is read from the kernel (``wait4``), and an address-space limit makes a
+regression fail in seconds instead of eating the machine's memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.cli import Fetchd
+from tests.support.fakeregistry import OCI_MANIFEST, Answer, FakeRegistry, sha256
+
+HUGE = 1 << 62  # 4 EiB: more than any disk, less than int64
+MAX_RSS = 200 << 20
+ADDRESS_SPACE = 2 << 30  # a plan of 2^39 segments hits this within seconds
+RUN_TIMEOUT = 60.0
+FAST = 20.0  # seconds: generous for a loaded machine; the refusal takes well under 2
+ONE_LINE = re.compile(
+    r"^error: .* is 4\.0 EiB, more than the [0-9.]+ [KMGTPE]?i?B free in (?P<store>\S+); "
+    r"free space there or pull into a store on a bigger disk \(--store\)$"
+)
+
+
+def _limit_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
+
+
+def run_bounded(fetchd: Fetchd, tmp: Path, *args: str) -> tuple[int, str, int, float]:
+    """Run fetchd under the address-space limit: (exit status, stderr, peak RSS, seconds).
+    Reaped with wait4: the peak RSS is this child's own, not that of the test's others."""
+    err_path = tmp / "stderr.txt"
+    started = time.monotonic()
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(
+            fetchd.argv(*args),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=fetchd.env({"MALLOC_ARENA_MAX": "2"}),
+            preexec_fn=_limit_memory,
+        )
+    deadline = started + RUN_TIMEOUT
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            proc.kill()
+            os.wait4(proc.pid, 0)
+            proc.returncode = -9
+            raise AssertionError(f"fetchd ran for more than {RUN_TIMEOUT} s")
+        time.sleep(0.05)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    elapsed = time.monotonic() - started
+    return proc.returncode, err_path.read_text(), usage.ru_maxrss * 1024, elapsed
+
+
+def check_refused(code: int, stderr: str, rss: int, elapsed: float, fetchd: Fetchd) -> None:
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert code == 1, stderr[-2000:]
+    assert len(lines) == 1 and ONE_LINE.match(lines[0]), stderr[-2000:]
+    assert ONE_LINE.match(lines[0])["store"] == str(fetchd.store)  # type: ignore[index]
+    assert rss < MAX_RSS, f"peak RSS {rss >> 20} MiB"
+    assert elapsed < FAST, f"{elapsed:.1f} s"
+    assert fetchd.blobs() == set()
+    assert fetchd.ingests() == []
+
+
+@pytest.fixture(scope="module")
+def liar() -> Iterator[FakeRegistry]:
+    """Agrees to 2^62 bytes: in a layer descriptor, and in every 206 it answers."""
+    with FakeRegistry() as server:
+        agreed = Answer(
+            b"x" * 4096, {"Content-Range": f"bytes 0-{(8 << 20) - 1}/{HUGE}"}, status=206
+        )
+        server.image("huge", {"digest": sha256(b"never sent"), "size": HUGE}, agreed)
+        server.routes["/huge.bin"] = agreed
+        yield server
+
+
+def test_a_descriptor_of_4_eib_is_refused_before_any_blob_request(
+    liar: FakeRegistry, fetchd: Fetchd, tmp_path: Path
+) -> None:
+    result = run_bounded(
+        fetchd, tmp_path, "pull", "--insecure-options", "http", f"docker://{liar.host}/huge:1"
+    )
+    check_refused(*result, fetchd)
+    blob_gets = [p for p, _ in liar.seen if "/blobs/" in p and sha256(b"never sent") in p]
+    assert blob_gets == [], "a blob no disk can hold was asked for"
+
+
+def test_a_206_agreeing_to_4_eib_is_refused(
+    liar: FakeRegistry, fetchd: Fetchd, tmp_path: Path
+) -> None:
+    result = run_bounded(
+        fetchd, tmp_path, "pull", "--insecure-options", "http", f"{liar.url}/huge.bin"
+    )
+    check_refused(*result, fetchd)
+
+
+def test_a_manifest_over_the_layer_limit_is_refused(fetchd: Fetchd) -> None:
+    config = b"{}"
+    layer = {"mediaType": "application/vnd.oci.image.layer.v1.tar", "size": 1}
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": sha256(config),
+            "size": len(config),
+        },
+        "layers": [{**layer, "digest": sha256(b"%d" % i)} for i in range(10_001)],
+    }
+    with FakeRegistry() as server:
+        server.manifest("wide", json.dumps(manifest).encode())
+        result = fetchd("pull", "--insecure-options", "http", f"docker://{server.host}/wide:1")
+        assert not [p for p, _ in server.seen if "/blobs/" in p]
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == [
+        f"error: {server.host}/wide:1: the manifest lists 10001 layers, "
+        "more than the 10000 fetchd accepts"
+    ]
