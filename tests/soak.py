@@ -239,6 +239,8 @@ class Source:
     complete: bool = False  # the client store holds it, named
     in_progress: bool = False  # a generation started and not yet removed
     generations: int = 0  # times a pull of it started from nothing
+    kept: set[str] = field(default_factory=set)  # blobs committed when its pull was killed
+    dropped: int = 0  # bytes of those the store no longer held when the next pull began
 
     @property
     def size(self) -> int:
@@ -595,6 +597,7 @@ class Soak:
                 else:
                     proc.kill()
                     proc.wait(30)
+                    self.note_kill(src)
                     log(
                         f"  kill {done + 1}/{len(plan)}: {src.key} pull at {delay:.2f} s"
                         f" (unkilled {src.calibrated:.2f} s); {mib(self.on_disk(src))}"
@@ -639,10 +642,23 @@ class Soak:
 
     def begin(self, src: Source) -> None:
         """Count a new generation when src starts from nothing (its first pull, or the
-        first after its rm was reclaimed); kills in between resume the same one."""
+        first after its rm was reclaimed); kills in between resume the same one. Notes
+        what a killed pull had committed and the store lost since (gc took it)."""
         if not src.in_progress and not src.complete:
             src.generations += 1
             src.in_progress = True
+        gone = sorted(d for d in src.kept if not self.present(self.client.store, d))
+        if gone:
+            size = sum(src.fetched_blobs[d] for d in gone)
+            src.dropped += size
+            log(
+                f"    {src.key}: {len(gone)} blobs ({mib(size)}) the killed pull had committed"
+                " are gone before the next pull"
+            )
+        src.kept = set()
+
+    def note_kill(self, src: Source) -> None:
+        src.kept = {d for d in src.fetched_blobs if self.present(self.client.store, d)}
 
     def kill_serve(
         self,
@@ -690,6 +706,7 @@ class Soak:
             )
         else:
             last = (res.stderr.strip().splitlines() or ["(no stderr)"])[-1]
+            self.note_kill(src)
             log(f"    the pull of c failed (exit {res.returncode}): {last}")
             if not last.startswith("error: "):
                 self.finding(f"c {when}: no one-line error after the server's kill ({err_path})")
@@ -793,6 +810,16 @@ class Soak:
                 found.append(f"ingest/{d.name}: a URL ingest (every URL here has --digest)")
         return found
 
+    def started_over(self) -> dict[str, int]:
+        """Per source, how many soak pulls (calibration aside) logged that they discarded
+        a partial download and started over."""
+        counts: dict[str, int] = {}
+        for path in sorted((self.work / "pulls").glob("*.err")):
+            key = path.name.split("-")[1]
+            if "calibrate" not in path.name and "starting over" in path.read_text():
+                counts[key] = counts.get(key, 0) + 1
+        return counts
+
     def bytes_report(self) -> list[tuple[str, int, int, str]]:
         """(source, bytes it sent, the least it had to send, how that least is made up)."""
         self.nginx_().wait_idle()
@@ -847,6 +874,20 @@ class Soak:
                 log(
                     f"{label}: sent {mib(sent)} for {mib(least)} of blobs ({note});"
                     f" re-sent {mib(sent - least)} over {self.kills_done} kills"
+                )
+            over = self.started_over()
+            if over:
+                log(
+                    "resumes that threw their partial data away ('starting over'): "
+                    + ", ".join(f"{key} {n}×" for key, n in sorted(over.items()))
+                )
+            dropped = ", ".join(
+                f"{s.key} {mib(s.dropped)}" for s in self.sources.values() if s.dropped
+            )
+            if dropped:
+                log(
+                    "fetched again because gc removed blobs a killed pull had committed but"
+                    f" not yet named: {dropped}"
                 )
             log(
                 f"gc: {len(gc_runs)} runs removed {self.gc.removed_blobs} blobs;"
