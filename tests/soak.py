@@ -19,15 +19,16 @@ The three sources, each a real peer on 127.0.0.1:
 
 Each round starts one pull (the plan, drawn from the seed, says which), waits a random
 delay between the interpreter's start-up time and that source's unkilled duration (both
-measured first, the pulls into throwaway stores), and kills it with SIGKILL; a few rounds
-kill the `fetchd serve` process instead (and restart it) while a pull of c runs through
-it. A pull that finishes before its kill counts no kill: the round is repeated. A
-finished image is checked (name and blobs present), then removed with `fetchd rm`, and
-the gc loop must reclaim its blobs before the next round of that source starts it again
-from nothing. After the kills each
-source is pulled to completion once; then `fetchd fsck` must pass on both stores, every
-blob must hash to its name, every name must point at the digest the image was built with,
-and nothing but resumable ingests may be left over.
+measured first, the pulls into throwaway stores), and kills it with SIGKILL; a few
+rounds kill the `fetchd serve` process instead (and restart it) while a pull of c runs
+through it (its store wiped first, if it holds c, so that the kill lands while it
+fetches from the registry). A pull that finishes before its kill counts no kill: the
+round is repeated. A finished image is checked (name and blobs present), then removed
+with `fetchd rm`, and the gc loop must reclaim its blobs before the next round of that
+source starts it again from nothing. After the kills each source is pulled to completion
+once; then `fetchd fsck` must pass on both stores, every blob must hash to its name,
+every name must point at the digest the image was built with, and nothing but resumable
+ingests may be left over.
 
 Bytes re-sent come from the peers' own logs (the registry's and nginx's access logs) and
 the relay's count: what each source wrote into its sockets, against the least it had to
@@ -286,6 +287,7 @@ class Soak:
         self.serve: ServeProcess | None = None
         self.serve_store = self.work / "serve-store"
         self.serve_restarts = 0
+        self.serve_wipes = 0
         self.relay = Relay()
         self.client = Fetchd(self.work / "store", self.work / "home")
         (self.work / "home").mkdir(exist_ok=True)
@@ -568,6 +570,8 @@ class Soak:
                 self.check_named(src, f"{when}, before rm")
                 self.restart_from_nothing(src, when)
             self.begin(src)
+            if target == "serve":
+                self.cold_serve()
             delay = self.rng.uniform(self.startup, src.calibrated)
             started = time.monotonic()
             proc, out_path, err_path, out, err = self.start_pull(self.client, src, f"r{rounds}")
@@ -711,6 +715,19 @@ class Soak:
             if not last.startswith("error: "):
                 self.finding(f"c {when}: no one-line error after the server's kill ({err_path})")
 
+    def cold_serve(self) -> None:
+        """Before a round that kills the server: if its store holds c whole, stop it, wipe
+        its store (a cache may be wiped) and start it again, so that the kill lands while
+        it fetches from the upstream, not only while it sends what it has."""
+        if not all(self.present(self.serve_store, d) for d in self.sources["c"].fetched_blobs):
+            return
+        assert self.serve is not None
+        self.serve.stop()
+        self.judge_serve_log(self.serve, "before a wipe")
+        shutil.rmtree(self.serve_store)
+        self.serve_wipes += 1
+        self.start_serve()
+
     def judge_serve_log(self, serve: ServeProcess, when: str) -> None:
         text = serve.log_path.read_text(errors="replace")
         if "Traceback" in text or "internal error" in text.lower():
@@ -828,13 +845,14 @@ class Soak:
         a, b, c = self.sources["a"], self.sources["b"], self.sources["c"]
         wanted = set(a.fetched_blobs) | set(c.fetched_blobs)
         registry_sent = sum(line.bytes for line in registry_lines if line.blob_digest in wanted)
-        # The server's store is never collected: it needs c from the registry once.
+        # The server's store is never collected: it needs c from the registry once, and
+        # again after each wipe (see cold_serve).
         return [
             (
                 "registry",
                 registry_sent,
-                a.generations * a.size + c.size,
-                f"a {a.generations}×, c once to fetchd serve",
+                a.generations * a.size + (1 + self.serve_wipes) * c.size,
+                f"a {a.generations}×, c {1 + self.serve_wipes}× to fetchd serve",
             ),
             (
                 "nginx",
