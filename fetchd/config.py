@@ -12,6 +12,13 @@ from fetchd.model import Platform
 
 INSECURE_OPTIONS = frozenset({"none", "http", "tls", "image", "pubkey", "all-fetch"})
 PULL_POLICIES = ("new", "update", "never")
+#: a request's whole budget, in stall timeouts (see Config.request_budget) ...
+REQUEST_BUDGET_STALLS = 4
+#: ... but never less than this many seconds (a 4 MiB manifest at 1 MiB/s fits)
+MIN_REQUEST_BUDGET = 5.0
+#: waits for a response head that time out (a server that accepts, then says nothing)
+#: before a request fails: one retry, not config.attempts of them
+SILENT_ATTEMPTS = 2
 
 
 def default_store() -> Path:
@@ -66,8 +73,8 @@ class Config:
     attempts: int = 5
     #: blobs transferred at once across the whole process
     max_parallel_blobs: int = 8
-    #: longest Retry-After fetchd honours; longer waits fail instead
-    max_retry_after: float = 60.0
+    #: longest Retry-After fetchd honours; a longer one fails the request at once
+    max_retry_after: float = 30.0
     auth_file: Path | None = None
     progress: bool = False
     #: connections per segmented download (adaptive up to this)
@@ -76,3 +83,12 @@ class Config:
     segmented_threshold: int = 64 << 20
     #: seconds for a whole pull, if set
     deadline: float | None = None
+
+    @property
+    def request_budget(self) -> float:
+        """Seconds one registry request may take in all: every attempt, backoff and
+        Retry-After wait until a usable answer, and for the small documents (manifests,
+        indexes, token answers, error bodies: at most 4 MiB) the whole body too. Blob
+        bodies are bounded by the stall timeout alone: they may be big and slow. A
+        manifest dripping a byte a second beats any stall timeout; this bounds it."""
+        return max(REQUEST_BUDGET_STALLS * self.stall_timeout, MIN_REQUEST_BUDGET)

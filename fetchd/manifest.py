@@ -24,6 +24,7 @@ from fetchd.model import (
     OCI_MANIFEST,
     Descriptor,
     Platform,
+    load_json,
 )
 
 
@@ -49,35 +50,51 @@ class ImageIndex:
                 return d
         have = sorted(
             {
-                "/".join(
-                    str(v)
-                    for v in (
-                        d.platform.get("os"),
-                        d.platform.get("architecture"),
-                        d.platform.get("variant"),
+                _printable(
+                    "/".join(
+                        str(v)
+                        for v in (
+                            d.platform.get("os"),
+                            d.platform.get("architecture"),
+                            d.platform.get("variant"),
+                        )
+                        if v
                     )
-                    if v
                 )
                 for d in self.manifests
                 if d.platform
             }
         )
+        listed = ", ".join(have[:MAX_LISTED]) + (", …" if len(have) > MAX_LISTED else "")
         raise PlatformNotFound(
-            f"{where} has no image for {platform} (it has: {', '.join(have) or 'none'}); "
+            f"{where} has no image for {platform} (it has: {listed or 'none'}); "
             "choose one with --platform"
         )
 
 
+#: platforms named at most in an error (an index may list thousands)
+MAX_LISTED = 20
+
+
+def _printable(text: str, limit: int = 60) -> str:
+    """A peer's string fit for a one-line error: control characters out, length bounded."""
+    clean = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return clean + ("…" if len(text) > limit else "")
+
+
+def _shown(value: object, limit: int = 80) -> str:
+    """``repr`` of a peer's value, bounded (a 4 MiB media type must not become the error)."""
+    text = repr(value) if not isinstance(value, dict | list) else type(value).__name__
+    return text[:limit] + ("…" if len(text) > limit else "")
+
+
 def _load(raw: bytes, where: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ManifestInvalid(f"{where}: the manifest is not valid JSON ({exc})") from exc
+    doc = load_json(raw, f"{where}: the manifest")
     if not isinstance(doc, dict):
         raise ManifestInvalid(f"{where}: the manifest is not a JSON object")
     if doc.get("schemaVersion") != 2:
         raise UnsupportedMediaType(
-            f"{where}: manifest schemaVersion {doc.get('schemaVersion')!r} is not supported "
+            f"{where}: manifest schemaVersion {_shown(doc.get('schemaVersion'))} is not supported "
             "(only schema 2: OCI and Docker v2s2)"
         )
     return doc
@@ -115,11 +132,11 @@ def parse_manifest(raw: bytes, content_type: str | None, where: str) -> ImageMan
         for d in descs:
             if d.media_type not in LAYER_TYPES:
                 raise UnsupportedMediaType(
-                    f"{where}: layer {d.digest.short} has media type {d.media_type!r}, "
+                    f"{where}: layer {d.digest.short} has media type {_shown(d.media_type)}, "
                     "which fetchd cannot unpack"
                 )
         return ImageManifest(mt, config, descs)
-    raise UnsupportedMediaType(f"{where}: manifest media type {mt!r} is not supported")
+    raise UnsupportedMediaType(f"{where}: manifest media type {_shown(mt)} is not supported")
 
 
 _DOCKER_TO_OCI_LAYER = {
@@ -138,13 +155,24 @@ def docker_to_oci(raw: bytes) -> bytes:
     Only media types change; config and layer blobs (and so their digests) stay. The
     OCI layout needs it: skopeo's and umoci's layout readers ignore Docker media types.
     """
-    doc = json.loads(raw)
-    if media_type_of(doc, None) != DOCKER_MANIFEST:
+    doc = load_json(raw, "the Docker manifest")
+    if not isinstance(doc, dict) or media_type_of(doc, None) != DOCKER_MANIFEST:
         raise ManifestInvalid("only Docker schema 2 manifests can be converted")
+    config, layers = doc.get("config"), doc.get("layers")
+    if not (
+        isinstance(config, dict)
+        and isinstance(layers, list)
+        and all(isinstance(layer, dict) for layer in layers)
+    ):
+        raise ManifestInvalid("the Docker manifest needs a config object and a layers list")
     doc["mediaType"] = OCI_MANIFEST
-    config = doc["config"]
     if config.get("mediaType") == DOCKER_CONFIG:
         config["mediaType"] = OCI_CONFIG
-    for layer in doc["layers"]:
-        layer["mediaType"] = _DOCKER_TO_OCI_LAYER.get(layer["mediaType"], layer["mediaType"])
-    return json.dumps(doc, separators=(",", ":")).encode()
+    for layer in layers:
+        mt = layer.get("mediaType")
+        if isinstance(mt, str) and mt in _DOCKER_TO_OCI_LAYER:
+            layer["mediaType"] = _DOCKER_TO_OCI_LAYER[mt]
+    try:
+        return json.dumps(doc, separators=(",", ":")).encode()
+    except RecursionError:  # deep unknown fields the decoder only just managed
+        raise ManifestInvalid("the Docker manifest is JSON nested too deeply") from None

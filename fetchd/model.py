@@ -7,13 +7,14 @@ with raw strings. Grammars follow the OCI image and distribution specs.
 from __future__ import annotations
 
 import hashlib
+import json
 import platform as _platform
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fetchd.errors import DigestInvalid, ManifestInvalid, ReferenceInvalid
+from fetchd.errors import DigestInvalid, FetchdError, ManifestInvalid, ReferenceInvalid
 
 # --- media types ---------------------------------------------------------------------
 
@@ -47,11 +48,36 @@ NONDISTRIBUTABLE_TYPES = frozenset(
 
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+#: the largest size a descriptor may state (the OCI spec's int64)
+MAX_BLOB_SIZE = (1 << 63) - 1
+
+# --- JSON from a peer ----------------------------------------------------------------
+
+
+def load_json(raw: bytes, what: str, error: type[FetchdError] = ManifestInvalid) -> Any:
+    """``raw`` (UTF-8 JSON, as the OCI specs require) parsed, or ``error`` with one line.
+
+    Every JSON document a peer sends (manifests, indexes, token answers, error bodies,
+    tag lists) goes through here, so that malformed, non-UTF-8, absurdly nested (the
+    C decoder's recursion limit: ``RecursionError``) or over-long-integer input becomes
+    a :class:`FetchdError` and never escapes as a Python exception. Memory is bounded
+    by the caller, which never reads more than :data:`MAX_MANIFEST_SIZE` bytes.
+    """
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        # from None: the chained exception would hold a stack a thousand frames deep
+        raise error(f"{what} is JSON nested too deeply to be a real document") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, int digit limit
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise error(f"{what} is not valid JSON ({reason})") from exc
+
 
 # --- digests -------------------------------------------------------------------------
 
 _HEX_LEN = {"sha256": 64, "sha512": 128}
-_DIGEST_RE = re.compile(r"^([a-z0-9]+(?:[.+_-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)$")
+_HEX_RE = re.compile(r"[0-9a-f]+")
+_DIGEST_RE = re.compile(r"([a-z0-9]+(?:[.+_-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,16 +89,17 @@ class Digest:
 
     @classmethod
     def parse(cls, text: str) -> Digest:
-        m = _DIGEST_RE.match(text)
+        # fullmatch, not match with $: "$" also matches before a trailing newline
+        m = _DIGEST_RE.fullmatch(text)
         if not m:
             raise DigestInvalid(f"{text[:80]!r} is not a digest (expected sha256:<64 hex>)")
         alg, hexpart = m.group(1), m.group(2)
         want = _HEX_LEN.get(alg)
         if want is None:
             raise DigestInvalid(
-                f"digest algorithm {alg!r} is not supported (only sha256 and sha512)"
+                f"digest algorithm {alg[:40]!r} is not supported (only sha256 and sha512)"
             )
-        if len(hexpart) != want or not re.fullmatch(r"[0-9a-f]+", hexpart):
+        if len(hexpart) != want or not _HEX_RE.fullmatch(hexpart):
             raise DigestInvalid(f"{text[:80]!r} is not a valid {alg} digest")
         return cls(alg, hexpart)
 
@@ -114,7 +141,7 @@ class Platform:
     def parse(cls, text: str) -> Platform:
         parts = text.split("/")
         if len(parts) not in (2, 3) or not all(re.fullmatch(r"[a-z0-9_.-]+", p) for p in parts):
-            raise ReferenceInvalid(f"platform {text!r} is not OS/ARCH[/VARIANT]")
+            raise ReferenceInvalid(f"platform {text[:80]!r} is not OS/ARCH[/VARIANT]")
         return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
 
     @classmethod
@@ -133,6 +160,24 @@ class Platform:
 
 
 # --- descriptors ---------------------------------------------------------------------
+
+_PLATFORM_STRINGS = ("os", "architecture", "variant", "os.version")
+_PLATFORM_LISTS = ("os.features", "features")
+
+
+def _check_platform(plat: object, where: str) -> None:
+    """The OCI ``platform`` object: its fields of the spec have the spec's types."""
+    if not isinstance(plat, dict):
+        raise ManifestInvalid(f"{where}: platform must be an object")
+    for key in _PLATFORM_STRINGS:
+        if key in plat and not isinstance(plat[key], str):
+            raise ManifestInvalid(f"{where}: platform {key} must be a string")
+    for key in _PLATFORM_LISTS:
+        value = plat.get(key)
+        if value is not None and not (
+            isinstance(value, list) and all(isinstance(v, str) for v in value)
+        ):
+            raise ManifestInvalid(f"{where}: platform {key} must be a list of strings")
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,8 +200,8 @@ class Descriptor:
         digest = obj.get("digest")
         if not isinstance(media_type, str):
             raise ManifestInvalid(f"{where}: mediaType must be a string")
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise ManifestInvalid(f"{where}: size must be a non-negative integer")
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_BLOB_SIZE:
+            raise ManifestInvalid(f"{where}: size must be an integer from 0 to 2^63-1")
         if not isinstance(digest, str):
             raise ManifestInvalid(f"{where}: digest must be a string")
         urls = obj.get("urls") or []
@@ -164,10 +209,12 @@ class Descriptor:
         plat = obj.get("platform")
         if not (isinstance(urls, list) and all(isinstance(u, str) for u in urls)):
             raise ManifestInvalid(f"{where}: urls must be a list of strings")
-        if not isinstance(annotations, dict):
-            raise ManifestInvalid(f"{where}: annotations must be an object")
-        if plat is not None and not isinstance(plat, dict):
-            raise ManifestInvalid(f"{where}: platform must be an object")
+        if not (
+            isinstance(annotations, dict) and all(isinstance(v, str) for v in annotations.values())
+        ):
+            raise ManifestInvalid(f"{where}: annotations must be an object of strings")
+        if plat is not None:
+            _check_platform(plat, where)
         return cls(media_type, Digest.parse(digest), size, tuple(urls), annotations, plat)
 
     def to_json(self) -> dict[str, Any]:
@@ -188,11 +235,12 @@ class Descriptor:
 # --- references ----------------------------------------------------------------------
 
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
-_NAME_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
-_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+# Used with fullmatch only: "$" would also match before a trailing newline ("a:1\n").
+_NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+_TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _HOST_RE = re.compile(
-    r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
-    r"|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$"
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+    r"|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
 )
 MAX_NAME_LENGTH = 255
 DOCKER_HUB = "docker.io"
@@ -221,7 +269,7 @@ class Reference:
         first, slash, remainder = rest.partition("/")
         if slash and ("." in first or ":" in first or first == "localhost"):
             host, path = first, remainder
-            if not _HOST_RE.match(host):
+            if not _HOST_RE.fullmatch(host):
                 raise ReferenceInvalid(f"{text[:80]!r}: {host!r} is not a valid registry host")
         else:
             host, path = DOCKER_HUB, rest
@@ -229,11 +277,11 @@ class Reference:
         colon = path.rfind(":")
         if colon > path.rfind("/"):
             name, tag = path[:colon], path[colon + 1 :]
-            if not _TAG_RE.match(tag):
+            if not _TAG_RE.fullmatch(tag):
                 raise ReferenceInvalid(f"{text[:80]!r}: {tag[:80]!r} is not a valid tag")
         if host == DOCKER_HUB and "/" not in name:
             name = f"library/{name}"
-        if len(name) > MAX_NAME_LENGTH or not _NAME_RE.match(name):
+        if len(name) > MAX_NAME_LENGTH or not _NAME_RE.fullmatch(name):
             raise ReferenceInvalid(
                 f"{text[:80]!r}: the repository name must be lowercase components "
                 "[a-z0-9] separated by '/', '.', '_' or '-' (no '..', no empty parts)"
@@ -258,4 +306,4 @@ class Reference:
 
 
 def is_valid_repository_name(name: str) -> bool:
-    return len(name) <= MAX_NAME_LENGTH and bool(_NAME_RE.match(name))
+    return len(name) <= MAX_NAME_LENGTH and bool(_NAME_RE.fullmatch(name))

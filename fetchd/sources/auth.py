@@ -5,26 +5,58 @@ carries ``Bearer realm=…,service=…,scope=…`` or ``Basic realm=…``; for B
 realm for a token for that scope, with Basic credentials when we have them, and cache
 it until shortly before it expires. Credentials come from ``$REGISTRY_AUTH_FILE`` or
 ``~/.docker/config.json`` (the ``auths`` map written by ``docker/podman login``) and are
-only ever sent to the host they are configured for.
+only ever sent to the host they are configured for and to the token realm its challenge
+names — and to that realm only over https, or over plain http when the realm is on the
+registry's own host and the registry itself is reached over http (which needs
+``--insecure-options http``). A challenge may name any realm: over plain http a machine
+in the middle could name its own, so credentials never go to another host in clear.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import math
 import os
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 
-from fetchd.errors import AccessDenied, AuthenticationFailed, TransferFailed
+from fetchd.errors import (
+    AccessDenied,
+    AuthenticationFailed,
+    InsecureRefused,
+    TransferFailed,
+    TransferTimeout,
+)
+from fetchd.model import load_json
 from fetchd.sources.http import redact
 
-_PARAM_RE = re.compile(r'([A-Za-z_]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
+# RFC 9110 section 11: challenges are ``scheme [token68 | #auth-param]``, several may
+# share one header (comma-separated), and schemes and parameter names are
+# case-insensitive. A quoted-string is taken up to its closing quote, escapes undone.
+# Every loop below consumes input or stops, so a hostile header costs linear time.
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_SCHEME_RE = re.compile(rf"[ \t,]*({_TOKEN})")
+_PARAM_RE = re.compile(
+    # a bare value as lenient as before (real servers quote; a bare URL is seen too)
+    rf'[ \t]*({_TOKEN})[ \t]*=[ \t]*(?:"((?:[^"\\]|\\.)*)"|([^ \t,"]+))[ \t]*'
+)
+_TOKEN68_RE = re.compile(r"[ \t]+[A-Za-z0-9._~+/-]+=*[ \t]*(?=,|$)")
+_COMMA_RE = re.compile(r"[ \t]*,")
+_ESCAPE_RE = re.compile(r"\\(.)")
+#: challenges read from one 401 at most (a header is at most a few KiB anyway)
+MAX_CHALLENGES = 16
 MAX_TOKEN_RESPONSE = 1 << 20
+#: a bearer token goes into a header: visible ASCII only (no CR/LF, no spaces)
+_TOKEN_VALUE_RE = re.compile(r"[\x21-\x7e]{1,65536}")
+#: longest token lifetime believed (a day); absent: 60 s, as the token spec says
+MAX_TOKEN_LIFETIME = 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,18 +71,46 @@ class Credentials:
 
 @dataclass(frozen=True, slots=True)
 class Challenge:
-    scheme: str  # "bearer" or "basic"
-    params: dict[str, str]
+    scheme: str  # lower case: "bearer", "basic", …
+    params: dict[str, str]  # names lower case
+
+    @classmethod
+    def parse_all(cls, header: str) -> list[Challenge]:
+        """Every challenge of a ``WWW-Authenticate`` value (several headers joined by
+        ", " are one value). Stops at the first thing that is no challenge."""
+        out: list[Challenge] = []
+        pos = 0
+        while pos < len(header) and len(out) < MAX_CHALLENGES:
+            m = _SCHEME_RE.match(header, pos)
+            if not m:
+                break
+            scheme, pos = m.group(1).lower(), m.end()
+            params: dict[str, str] = {}
+            t68 = _TOKEN68_RE.match(header, pos)
+            if t68 and not _PARAM_RE.match(header, pos):
+                pos = t68.end()  # a token68 credential (Negotiate …): nothing we use
+            else:
+                while p := _PARAM_RE.match(header, pos):
+                    quoted, bare = p.group(2), p.group(3)
+                    value = _ESCAPE_RE.sub(r"\1", quoted) if quoted is not None else bare
+                    params.setdefault(p.group(1).lower(), value)
+                    pos = p.end()
+                    comma = _COMMA_RE.match(header, pos)
+                    if not comma:
+                        break
+                    pos = comma.end()  # another parameter, or the next challenge
+            out.append(cls(scheme, params))
+        return out
 
     @classmethod
     def parse(cls, header: str) -> Challenge | None:
-        scheme, _, rest = header.strip().partition(" ")
-        if not scheme:
-            return None
-        params = {
-            m.group(1).lower(): m.group(2) or m.group(3) or "" for m in _PARAM_RE.finditer(rest)
-        }
-        return cls(scheme.lower(), params)
+        """The challenge to answer: Bearer if offered, else Basic, else the first."""
+        found = cls.parse_all(header)
+        for scheme in ("bearer", "basic"):
+            for ch in found:
+                if ch.scheme == scheme:
+                    return ch
+        return found[0] if found else None
 
 
 def auth_file_candidates(explicit: Path | None) -> list[Path]:
@@ -104,12 +164,23 @@ class _Token:
     expires: float
 
 
+def _lifetime(value: object) -> float:
+    """A token answer's ``expires_in``: a positive number of seconds, at most a day;
+    60 (the token spec's default) when absent or not a sane number."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 60.0
+    seconds = float(min(value, MAX_TOKEN_LIFETIME))  # min() first: 10**400 has no float
+    return seconds if math.isfinite(seconds) and seconds > 0 else 60.0
+
+
 class Authenticator:
     """Answers challenges for one registry host; caches tokens per scope. Task-safe."""
 
-    def __init__(self, host: str, credentials: Credentials | None) -> None:
+    def __init__(self, host: str, credentials: Credentials | None, *, budget: float = 60.0) -> None:
+        """``budget``: seconds a token request may take in all (``Config.request_budget``)."""
         self.host = host
         self.credentials = credentials
+        self.budget = budget
         self._tokens: dict[str, _Token] = {}
         self._basic = False
 
@@ -123,11 +194,18 @@ class Authenticator:
         return None
 
     async def answer(
-        self, session: aiohttp.ClientSession, challenge_header: str, scope: str
+        self,
+        session: aiohttp.ClientSession,
+        challenge_header: str,
+        scope: str,
+        registry_url: str = "",
     ) -> None:
         """Handle a 401's ``WWW-Authenticate``; afterwards :meth:`header` has an answer.
 
-        Raises :class:`AuthenticationFailed` when credentials are missing or refused.
+        ``registry_url`` is the URL that answered 401: a plain-http realm gets the
+        credentials only if it is on that URL's host and that URL is plain http too.
+        Raises :class:`AuthenticationFailed` when credentials are missing or refused,
+        :class:`InsecureRefused` when they would go to another host in clear.
         """
         ch = Challenge.parse(challenge_header)
         if ch is None:
@@ -141,7 +219,7 @@ class Authenticator:
             return
         if ch.scheme != "bearer" or "realm" not in ch.params:
             raise AuthenticationFailed(
-                f"registry {self.host} asks for unsupported authentication {ch.scheme!r}"
+                f"registry {self.host} asks for unsupported authentication {ch.scheme[:40]!r}"
             )
         if ch.params.get("error") == "insufficient_scope":
             if self.credentials is None:
@@ -150,12 +228,54 @@ class Authenticator:
                 f"registry {self.host} denies access to {scope or 'this resource'} "
                 "(insufficient_scope); check the name and your permissions"
             )
-        self._tokens[scope] = await self._fetch_token(session, ch.params, scope)
+        try:
+            async with asyncio.timeout(self.budget):
+                token = await self._fetch_token(session, ch.params, scope, registry_url)
+        except TimeoutError:
+            raise TransferTimeout(
+                f"cannot get a token for {self.host} from {redact(ch.params['realm'])}: "
+                f"no complete answer within {self.budget:g} s; check that server "
+                "(or raise --stall-timeout)"
+            ) from None
+        self._tokens[scope] = token
+
+    def _may_send_credentials(self, realm: str, registry_url: str) -> bool:
+        """https realms get them; a plain-http realm only on the registry's own host,
+        when the registry is itself plain http (the user allowed that in clear)."""
+        r, reg = urlsplit(realm), urlsplit(registry_url)
+        if r.scheme == "https":
+            return True
+        return (
+            r.scheme == "http"
+            and reg.scheme == "http"
+            and bool(r.hostname)
+            and r.hostname == reg.hostname
+        )
 
     async def _fetch_token(
-        self, session: aiohttp.ClientSession, params: dict[str, str], scope: str
+        self,
+        session: aiohttp.ClientSession,
+        params: dict[str, str],
+        scope: str,
+        registry_url: str,
     ) -> _Token:
         realm = params["realm"]
+        try:
+            scheme = urlsplit(realm).scheme
+        except ValueError:
+            scheme = ""
+        if scheme not in ("https", "http"):
+            raise AuthenticationFailed(
+                f"registry {self.host} names a token realm {realm[:80]!r} that is no http(s) URL"
+            )
+        if self.credentials and not self._may_send_credentials(realm, registry_url):
+            raise InsecureRefused(
+                f"registry {self.host} wants the credentials sent to the token realm "
+                f"{redact(realm)} over plain HTTP on another host; fetchd sends them only "
+                "over https, or over http to the registry's own host (with --insecure-options "
+                "http): give the registry an https realm, or remove the credentials for "
+                f"{self.host} to pull anonymously"
+            )
         query = []
         if params.get("service"):
             query.append(("service", params["service"]))
@@ -169,10 +289,11 @@ class Authenticator:
             headers["Authorization"] = self.credentials.basic()
         started = time.monotonic()
         try:
+            # aiohttp drops Authorization on a redirect to another origin (scheme too)
             async with session.get(realm, params=query, headers=headers) as resp:
                 body = await resp.content.read(MAX_TOKEN_RESPONSE)
                 status = resp.status
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientError, ValueError, OSError) as exc:
             raise TransferFailed(
                 f"cannot get a token for {self.host} from {redact(realm)}: {exc}"
             ) from exc
@@ -182,16 +303,19 @@ class Authenticator:
             raise AuthenticationFailed(
                 f"the token server {redact(realm)} for {self.host} answered HTTP {status}"
             )
-        try:
-            doc = json.loads(body)
-            value = doc.get("token") or doc.get("access_token")
-            expires_in = float(doc.get("expires_in") or 60)
-        except (ValueError, AttributeError, TypeError) as exc:
+        doc = load_json(
+            body,
+            f"the answer of the token server {redact(realm)} for {self.host}",
+            AuthenticationFailed,
+        )
+        if not isinstance(doc, dict):
             raise AuthenticationFailed(
                 f"the token server {redact(realm)} for {self.host} sent an unreadable answer"
-            ) from exc
-        if not isinstance(value, str) or not value:
-            raise AuthenticationFailed(f"the token server {redact(realm)} sent no token")
+            )
+        value = doc.get("token") or doc.get("access_token")
+        if not isinstance(value, str) or not _TOKEN_VALUE_RE.fullmatch(value):
+            raise AuthenticationFailed(f"the token server {redact(realm)} sent no usable token")
+        expires_in = _lifetime(doc.get("expires_in"))
         # Renew a little early: a token that expires in flight costs a 401 round trip.
         return _Token(value, started + max(1.0, expires_in * 0.9 - 1))
 

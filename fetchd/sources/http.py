@@ -15,6 +15,7 @@ import asyncio
 import datetime
 import os
 import random
+import re
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
@@ -99,8 +100,12 @@ def new_session(config: Config, *, limit_per_host: int = 16) -> aiohttp.ClientSe
         ssl=ssl_context(config),
         resolver=_pinned_resolver()(config.resolve),
     )
+    # Connecting includes the TLS handshake: a server that accepts and then says nothing
+    # has stalled, so that wait is bounded by the stall timeout too.
     timeout = aiohttp.ClientTimeout(
-        total=None, sock_connect=config.connect_timeout, sock_read=config.stall_timeout
+        total=None,
+        sock_connect=min(config.connect_timeout, config.stall_timeout),
+        sock_read=config.stall_timeout,
     )
     return aiohttp.ClientSession(
         connector=connector,
@@ -129,18 +134,40 @@ def origin(url: str) -> tuple[str, str, int | None]:
     return p.scheme, (p.hostname or "").lower(), port
 
 
+#: the longest wait a ``Retry-After`` or ``max-age`` is taken to state (a year): anything
+#: longer is read as this, so callers compare finite numbers and print short ones
+MAX_DELTA_SECONDS = 365 * 86400.0
+_DIGITS = re.compile(r"[0-9]+")
+#: a byte position of 19 digits or fewer fits int64 (sizes beyond are refused anyway)
+_CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)")
+_UNSATISFIED_RANGE = re.compile(r"bytes \*/([0-9]{1,19})")
+
+
+def _delta_seconds(text: str) -> float | None:
+    """RFC 9111 delta-seconds (ASCII digits only; ``str.isdigit`` would accept "²")."""
+    if not _DIGITS.fullmatch(text):
+        return None
+    return MAX_DELTA_SECONDS if len(text) > 9 else min(float(text), MAX_DELTA_SECONDS)
+
+
 def retry_after(headers: Mapping[str, str], default: float) -> float:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date),
+    from 0 to :data:`MAX_DELTA_SECONDS`; ``default`` when absent or unreadable. Callers
+    cap it (``Config.max_retry_after``): a peer's number is a request, not an order."""
     value = headers.get("Retry-After", "").strip()
     if not value:
         return default
-    if value.isdigit():
-        return float(value)
+    delta = _delta_seconds(value)
+    if delta is not None:
+        return delta
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        if when.tzinfo is None:  # "-0000": UTC, its source unknown (RFC 5322)
+            when = when.replace(tzinfo=datetime.UTC)
+        wait = (when - datetime.datetime.now(datetime.UTC)).total_seconds()
+    except (TypeError, ValueError, OverflowError, IndexError):
         return default
-    return max(0.0, (when - datetime.datetime.now(datetime.UTC)).total_seconds())
+    return min(max(0.0, wait), MAX_DELTA_SECONDS)
 
 
 def cache_max_age(header: str | None) -> float | None:
@@ -152,9 +179,31 @@ def cache_max_age(header: str | None) -> float | None:
         name, _, value = part.strip().partition("=")
         if name in ("no-cache", "no-store"):
             return 0.0
-        if name == "max-age" and value.strip().isdigit():
-            max_age = float(value)
+        if name == "max-age":
+            age = _delta_seconds(value.strip().strip('"'))
+            if age is not None:
+                max_age = age
     return max_age
+
+
+def content_range(header: str | None) -> tuple[int, int, int | None] | None:
+    """``(first, last, complete length or None)`` of a 206's ``Content-Range:
+    bytes FIRST-LAST/LENGTH``, or None unless it is well formed and consistent
+    (first <= last < length: RFC 9110 calls anything else invalid)."""
+    m = _CONTENT_RANGE.fullmatch((header or "").strip())
+    if not m:
+        return None
+    first, last = int(m.group(1)), int(m.group(2))
+    complete = None if m.group(3) == "*" else int(m.group(3))
+    if last < first or (complete is not None and last >= complete):
+        return None
+    return first, last, complete
+
+
+def unsatisfied_length(header: str | None) -> int | None:
+    """The complete length of a 416's ``Content-Range: bytes */LENGTH``, or None."""
+    m = _UNSATISFIED_RANGE.fullmatch((header or "").strip())
+    return int(m.group(1)) if m else None
 
 
 def backoff(attempt: int, base: float = 0.2, cap: float = 10.0) -> float:

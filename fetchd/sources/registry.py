@@ -9,20 +9,25 @@ handed to an :class:`~fetchd.store.Ingest`, whose ``commit`` verifies them. Retr
 (connection errors, stalls, 429/502/503/504 with ``Retry-After``), authentication
 challenges and redirects are handled here; ``Authorization`` is never sent to a host
 other than the registry's (blob storage behind a redirect gets none).
+
+Time bounds (see ``Config.request_budget``): a request's retries, backoffs and
+``Retry-After`` waits together stay within the request budget, a ``Retry-After`` over
+``config.max_retry_after`` fails at once, a server that accepts and never answers is
+given ``SILENT_ATTEMPTS`` stall timeouts, and a manifest or tag list (head and body)
+arrives whole within the budget or the request fails.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import re
+import time
 from collections.abc import Callable
 from urllib.parse import quote, urljoin, urlsplit
 
 import aiohttp
 
-from fetchd.config import Config
+from fetchd.config import SILENT_ATTEMPTS, Config
 from fetchd.errors import (
     AccessDenied,
     AuthenticationFailed,
@@ -35,6 +40,7 @@ from fetchd.errors import (
     SizeMismatch,
     SourceError,
     TransferFailed,
+    TransferTimeout,
 )
 from fetchd.model import (
     MANIFEST_ACCEPT,
@@ -43,10 +49,12 @@ from fetchd.model import (
     Descriptor,
     Digest,
     Reference,
+    load_json,
 )
 from fetchd.sources.auth import Authenticator, load_credentials
 from fetchd.sources.http import (
     backoff,
+    content_range,
     origin,
     pump,
     redact,
@@ -62,7 +70,8 @@ log = logging.getLogger(__name__)
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
-_CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+#: bytes of an error body read for its OCI error (a hostile one may be endless)
+MAX_ERROR_BODY = 64 * 1024
 
 
 class _ShortBody(Exception):
@@ -91,7 +100,11 @@ class Registry:
         # docker.io names the registry; its API lives on another host (as docker does).
         self.api_host = "registry-1.docker.io" if host == "docker.io" else host
         auth_host = urlsplit(base).netloc if base else host
-        self.auth = Authenticator(auth_host, load_credentials(auth_host, config.auth_file))
+        self.auth = Authenticator(
+            auth_host,
+            load_credentials(auth_host, config.auth_file),
+            budget=config.request_budget,
+        )
         self._base: str | None = base.rstrip("/") if base else None
         self._base_lock = asyncio.Lock()
         self.query = f"?ns={quote(ns, safe='')}" if ns else ""
@@ -108,8 +121,9 @@ class Registry:
     async def _probe(self) -> str:
         https = f"https://{self.api_host}"
         try:
-            async with self.session.get(f"{https}/v2/", allow_redirects=False) as resp:
-                await resp.read()
+            # Only the status line matters; the body is not read (it may be endless).
+            async with self.session.get(f"{https}/v2/", allow_redirects=False):
+                pass
             return https
         except aiohttp.ClientConnectorCertificateError as exc:
             raise translate(exc, f"registry {self.host}", self.config) from exc
@@ -133,7 +147,10 @@ class Registry:
         retried up to ``config.attempts`` times, honouring ``Retry-After``.
         """
         url = f"{await self.base()}{path}"
+        budget = self.config.request_budget
+        started = time.monotonic()
         attempt = 0
+        silent = 0
         auth_rounds = 0
         while True:
             attempt += 1
@@ -146,13 +163,19 @@ class Registry:
             except aiohttp.ClientConnectorCertificateError as exc:
                 raise translate(exc, what, self.config) from exc
             except retryable() as exc:
-                if attempt >= self.config.attempts:
+                if isinstance(exc, TimeoutError):
+                    # Accepted (or not) and then nothing: retried once, not attempts times.
+                    silent += 1
+                    if silent >= SILENT_ATTEMPTS:
+                        raise TransferTimeout(self._silent(what, silent)) from exc
+                delay = backoff(attempt)
+                if attempt >= self.config.attempts or not self._fits(started, delay):
                     raise translate(exc, what, self.config) from exc
                 log.info("%s: %s; retrying", what, exc)
-                await asyncio.sleep(backoff(attempt))
+                await asyncio.sleep(delay)
                 continue
             if resp.status == 401:
-                challenge = resp.headers.get("WWW-Authenticate", "")
+                challenge = ", ".join(resp.headers.getall("WWW-Authenticate", []))
                 resp.release()
                 if auth_rounds >= 2:
                     raise AuthenticationFailed(
@@ -162,7 +185,7 @@ class Registry:
                 auth_rounds += 1
                 attempt -= 1  # answering a challenge is not a failed attempt
                 self.auth.forget(scope)
-                await self.auth.answer(self.session, challenge, scope)
+                await self.auth.answer(self.session, challenge, scope, str(resp.url))
                 continue
             if resp.status in RETRY_STATUSES and attempt < self.config.attempts:
                 delay = retry_after(resp.headers, backoff(attempt))
@@ -170,12 +193,31 @@ class Registry:
                 if delay > self.config.max_retry_after:
                     raise TransferFailed(
                         f"{what}: the registry answered HTTP {resp.status} and asks to retry "
-                        f"after {delay:.0f} s; try again later"
+                        f"after {delay:.0f} s, longer than fetchd waits "
+                        f"({self.config.max_retry_after:g} s); try again later"
+                    )
+                if not self._fits(started, delay):
+                    raise TransferFailed(
+                        f"{what}: the registry answered HTTP {resp.status} {attempt} times in "
+                        f"{time.monotonic() - started:.0f} s (a request may take "
+                        f"{budget:g} s in all, waits included); try again later"
                     )
                 log.info("%s: HTTP %d, retrying in %.1f s", what, resp.status, delay)
                 await asyncio.sleep(delay)
                 continue
             return resp
+
+    def _fits(self, started: float, delay: float) -> bool:
+        """Whether waiting ``delay`` more still ends within the request budget."""
+        return time.monotonic() - started + delay <= self.config.request_budget
+
+    def _silent(self, what: str, times: int) -> str:
+        wait = self.config.stall_timeout
+        return (
+            f"{what}: registry {self.host} did not answer (no data for {wait:g} s, "
+            f"{times} times); the server is down or overloaded: check it or try again "
+            "later (or raise --stall-timeout if it is only slow)"
+        )
 
     async def _follow(
         self, method: str, url: str, headers: dict[str, str]
@@ -195,14 +237,11 @@ class Registry:
 
     async def _error(self, resp: aiohttp.ClientResponse, what: str) -> FetchdError:
         """Translate a non-success status (OCI error body included) into an error."""
-        detail = ""
         try:
-            body = await resp.content.read(64 * 1024)
-            errors = json.loads(body).get("errors") or []
-            if errors and isinstance(errors[0], dict):
-                detail = f" ({errors[0].get('code', '')}: {errors[0].get('message', '')})"
-        except (TimeoutError, ValueError, AttributeError, aiohttp.ClientError):
-            pass
+            body = await resp.content.read(MAX_ERROR_BODY)
+        except (TimeoutError, aiohttp.ClientError):
+            body = b""
+        detail = oci_error_detail(body)
         if resp.status == 401:
             return AuthenticationFailed(f"{what}: registry {self.host} requires login{detail}")
         if resp.status == 403:
@@ -211,6 +250,34 @@ class Registry:
             cls = ManifestNotFound if "manifest" in what else BlobNotFound
             return cls(f"{what}: not found on {self.host}{detail}")
         return TransferFailed(f"{what}: registry {self.host} answered HTTP {resp.status}{detail}")
+
+    async def _document(self, resp: aiohttp.ClientResponse, what: str) -> bytes:
+        """The whole body of a manifest or tag list, at most MAX_MANIFEST_SIZE bytes."""
+        if resp.content_length is not None and resp.content_length > MAX_MANIFEST_SIZE:
+            raise ManifestTooLarge(
+                f"{what} is {resp.content_length} bytes, over the {MAX_MANIFEST_SIZE} byte limit"
+            )
+        pieces: list[bytes] = []
+        got = 0
+        try:
+            while got <= MAX_MANIFEST_SIZE:
+                more = await resp.content.read(MAX_MANIFEST_SIZE + 1 - got)
+                if not more:
+                    break
+                pieces.append(more)
+                got += len(more)
+        except retryable() as exc:
+            raise translate(exc, what, self.config) from exc
+        if got > MAX_MANIFEST_SIZE:
+            raise ManifestTooLarge(f"{what} is over the {MAX_MANIFEST_SIZE} byte limit")
+        return b"".join(pieces)
+
+    def _too_slow(self, what: str) -> TransferTimeout:
+        return TransferTimeout(
+            f"{what}: not complete within {self.config.request_budget:g} s (registry "
+            f"{self.host} sends it too slowly or not at all); check the server or the "
+            "network, or raise --stall-timeout (the bound is 4 × --stall-timeout, at least 5 s)"
+        )
 
     # --- manifests -----------------------------------------------------------------
 
@@ -226,34 +293,23 @@ class Registry:
         want = expected.digest if expected else ref.digest
         target = str(want) if want else str(ref.tag)
         what = f"manifest {ref.repository}{'@' if want else ':'}{target}"
-        resp = await self._send(
-            "GET",
-            f"/v2/{ref.name}/manifests/{target}{self.query}",
-            f"repository:{ref.name}:pull",
-            {"Accept": ", ".join(MANIFEST_ACCEPT)},
-            what,
-        )
-        async with resp:
-            if resp.status != 200:
-                raise await self._error(resp, what)
-            if resp.content_length is not None and resp.content_length > MAX_MANIFEST_SIZE:
-                raise ManifestTooLarge(
-                    f"{what} is {resp.content_length} bytes, "
-                    f"over the {MAX_MANIFEST_SIZE} byte limit"
+        try:
+            async with asyncio.timeout(self.config.request_budget):
+                resp = await self._send(
+                    "GET",
+                    f"/v2/{ref.name}/manifests/{target}{self.query}",
+                    f"repository:{ref.name}:pull",
+                    {"Accept": ", ".join(MANIFEST_ACCEPT)},
+                    what,
                 )
-            try:
-                raw = await resp.content.read(MAX_MANIFEST_SIZE + 1)
-                while len(raw) <= MAX_MANIFEST_SIZE and not resp.content.at_eof():
-                    more = await resp.content.read(MAX_MANIFEST_SIZE + 1 - len(raw))
-                    if not more:
-                        break
-                    raw += more
-            except retryable() as exc:
-                raise translate(exc, what, self.config) from exc
-            if len(raw) > MAX_MANIFEST_SIZE:
-                raise ManifestTooLarge(f"{what} is over the {MAX_MANIFEST_SIZE} byte limit")
-            content_type = resp.headers.get("Content-Type")
-            reported = resp.headers.get("Docker-Content-Digest")
+                async with resp:
+                    if resp.status != 200:
+                        raise await self._error(resp, what)
+                    raw = await self._document(resp, what)
+                    content_type = resp.headers.get("Content-Type")
+                    reported = resp.headers.get("Docker-Content-Digest")
+        except TimeoutError:
+            raise self._too_slow(what) from None
         if want is None and reported:
             want = Digest.parse(reported.strip())
         digest = Digest.of(raw, want.algorithm if want else "sha256")
@@ -266,20 +322,22 @@ class Registry:
     async def tags(self, name: str) -> list[str]:
         """``GET /v2/NAME/tags/list`` (first page: up to the registry's default count)."""
         what = f"tags of {self.host}/{name}"
-        resp = await self._send(
-            "GET", f"/v2/{name}/tags/list{self.query}", f"repository:{name}:pull", {}, what
-        )
-        async with resp:
-            if resp.status != 200:
-                raise await self._error(resp, what)
-            try:
-                doc = json.loads(await resp.content.read(MAX_MANIFEST_SIZE))
-                tags = doc.get("tags") or []
-            except (ValueError, AttributeError) as exc:
-                raise TransferFailed(f"{what}: not a tag list") from exc
-        if not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
+        try:
+            async with asyncio.timeout(self.config.request_budget):
+                resp = await self._send(
+                    "GET", f"/v2/{name}/tags/list{self.query}", f"repository:{name}:pull", {}, what
+                )
+                async with resp:
+                    if resp.status != 200:
+                        raise await self._error(resp, what)
+                    body = await self._document(resp, what)
+        except TimeoutError:
+            raise self._too_slow(what) from None
+        doc = load_json(body, what, TransferFailed)
+        tags = doc.get("tags") if isinstance(doc, dict) else None
+        if not (isinstance(tags, list | None) and all(isinstance(t, str) for t in tags or [])):
             raise TransferFailed(f"{what}: not a tag list")
-        return tags
+        return list(tags or [])
 
     # --- blobs ---------------------------------------------------------------------
 
@@ -410,8 +468,8 @@ class Registry:
             resp = await self.session.get(url, headers=headers)
         async with resp:
             if resp.status == 206:
-                m = _CONTENT_RANGE_RE.match(resp.headers.get("Content-Range", ""))
-                if not m or int(m.group(1)) != ingest.offset:
+                got = content_range(resp.headers.get("Content-Range"))
+                if got is None or got[0] != ingest.offset:
                     await ingest.restart()
                     raise _ShortBody("bad Content-Range")
             elif resp.status == 200:
@@ -432,3 +490,22 @@ class Registry:
         await ingest.flush()
         if ingest.offset < desc.size:
             raise _ShortBody(f"body ended at {ingest.offset}")
+
+
+def oci_error_detail(body: bytes) -> str:
+    """`` (CODE: message)`` of an OCI error body's first error, or "" if it has none.
+
+    The body is a peer's: any bytes at all, so anything unreadable is just no detail,
+    and what is shown is printable and short (an error stays one line)."""
+    try:
+        doc = load_json(body, "the error body")
+    except FetchdError:
+        return ""
+    errors = doc.get("errors") if isinstance(doc, dict) else None
+    first = errors[0] if isinstance(errors, list) and errors else None
+    if not isinstance(first, dict):
+        return ""
+    code, message = first.get("code", ""), first.get("message", "")
+    text = f"{code if isinstance(code, str) else ''}: {message if isinstance(message, str) else ''}"
+    text = "".join(c if c.isprintable() else " " for c in text[:200])
+    return f" ({text})"
