@@ -73,7 +73,9 @@ STATE_INTERVAL = 2.0
 CONTROL_INTERVAL = 0.25
 INITIAL_CONNECTIONS = 2
 SLOW_FOR = 2.0  # seconds a connection may lag far behind its peers before it is cut
-_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+# ASCII digits, at most 19 (int64): "\d" takes any Unicode digit, and int() of a
+# 5000-digit position raises ValueError; \Z, as "$" also matches before a newline
+_CONTENT_RANGE = re.compile(r"^bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)\Z")
 
 if TYPE_CHECKING:
     import aiohttp
@@ -383,7 +385,7 @@ class SegmentedDownload:
                 resp.release()
                 if self.ingest.offset:
                     raise _Restart()
-                m = re.match(r"bytes \*/(\d+)", resp.headers.get("Content-Range", ""))
+                m = re.match(r"bytes \*/([0-9]{1,19})\Z", resp.headers.get("Content-Range", ""))
                 if m and int(m.group(1)) == 0:
                     self._set_size(0)
                     return None, source
