@@ -286,16 +286,7 @@ class Engine:
             # Twice at most: a gc running at the same moment may delete a blob we saw
             # present before we publish the name (set_entry checks under gc's lock).
             for attempt in (1, 2):
-                try:
-                    async with asyncio.TaskGroup() as tg:
-                        for desc in blobs:
-                            tg.create_task(
-                                self.ensure_blob(
-                                    registry, ref.name, desc, self._segment(desc, missing)
-                                )
-                            )
-                except BaseExceptionGroup as group:
-                    raise unwrap(group) from None
+                await self._fetch_all(registry, ref.name, blobs, missing)
                 for digest, data in keep.items():
                     await asyncio.to_thread(self.store.put, data, digest)
                 try:
@@ -314,6 +305,25 @@ class Engine:
             raise
         await asyncio.to_thread(self.meta.touch_image, name, str(top), pulled=True)
         return PullResult(name, top, manifest, fetched=True)
+
+    async def _fetch_all(
+        self, registry: Registry, name: str, blobs: tuple[Descriptor, ...], missing: int
+    ) -> None:
+        """:meth:`ensure_blob` for each of ``blobs``, in order, by as many workers as blobs
+        may move at once: tasks O(parallel), not O(layers), and the first request goes
+        out at once, not after a task for each of 5,000 layers was made."""
+        queue = iter(blobs)
+
+        async def worker() -> None:
+            for desc in queue:  # shared: each blob goes to the next free worker
+                await self.ensure_blob(registry, name, desc, self._segment(desc, missing))
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(min(len(blobs), max(1, self.config.max_parallel_blobs))):
+                    tg.create_task(worker())
+        except BaseExceptionGroup as group:
+            raise unwrap(group) from None
 
     def _segment(self, desc: Descriptor, missing: int) -> bool:
         """Fetch ``desc`` over several range requests? Only a big blob that dominates
