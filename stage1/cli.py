@@ -9,7 +9,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from stage1.errors import Stage1Error, UsageError
+from stage1.errors import InvalidImageConfig, Stage1Error, UsageError
 
 USAGE = """\
 usage: stage1 [--store DIR] run [--fetch [--insecure-options LIST]] [--net none|host]
@@ -61,7 +61,7 @@ def _value(args: list[str], i: int, option: str) -> tuple[str, int]:
 
 
 def _id(text: str, option: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 2**32 - 1:
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 2**32 - 1:
         raise UsageError(f"{option} must be a non-zero number, not {text!r}")
     return int(text)
 
@@ -172,7 +172,19 @@ def _run(opts: Options) -> int:
     if opts.fetch:
         _prefetch(store, opts.ref, opts.insecure)
     layout = Layout(store)
-    image = layout.image(ref)
+    try:
+        image = layout.image(ref)
+    except InvalidImageConfig as exc:
+        raise Stage1Error(
+            f"image {opts.ref} cannot be run: {exc}; it needs a corrected image "
+            f"(remove it with: fetchd rm {opts.ref})"
+        ) from exc
+    except RecursionError:
+        # json.loads of a manifest or config nested deeper than the interpreter recurses.
+        raise Stage1Error(
+            f"image {opts.ref} cannot be run: its manifest or config is JSON nested too "
+            f"deeply; it needs a corrected image (remove it with: fetchd rm {opts.ref})"
+        ) from None
     tree_fd = Trees(store).prepare(layout, image, owner)
     files: tuple[tuple[str, bytes], ...] = ()
     if opts.net == "host":

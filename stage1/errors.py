@@ -25,3 +25,8 @@ class UsageError(Stage1Error):
 
 class DigestMismatch(Stage1Error):
     """A blob's bytes do not hash to its digest (or its size differs)."""
+
+
+class InvalidImageConfig(Stage1Error):
+    """An image config stage1 cannot run: a field of the wrong type, a NUL byte, an Env
+    entry that is not NAME=VALUE, a string or list larger than execve(2) takes."""

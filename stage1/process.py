@@ -12,6 +12,7 @@ from stage1.model import ImageConfig
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _MAX_TABLE = 4 << 20
 _MAX_ID = 2**32 - 2
+_MAX_HOME = 4095  # PATH_MAX
 
 
 @dataclass(frozen=True)
@@ -60,13 +61,18 @@ def _table(tree: Root, path: str) -> list[list[str]]:
         return []
     rows = []
     for line in data.decode(errors="replace").splitlines():
-        if line and not line.startswith(("#", "+", "-")):
+        # A NUL could not reach execve(2) (HOME); such a line is no entry.
+        if line and not line.startswith(("#", "+", "-")) and "\0" not in line:
             rows.append(line.split(":"))
     return rows
 
 
+def _number(text: str) -> bool:
+    return text.isascii() and text.isdigit()  # str.isdigit alone takes "²" and "١"
+
+
 def _id(text: str, what: str, ref: str) -> int:
-    if not text.isdigit() or int(text) > _MAX_ID:
+    if not _number(text) or len(text) > 10 or int(text) > _MAX_ID:
         raise Stage1Error(f"image {ref}: invalid {what} {text!r}")
     return int(text)
 
@@ -76,7 +82,7 @@ def _user(spec: str, tree: Root, ref: str) -> tuple[int, int, str]:
     name, _, group = spec.partition(":")
     name = name or "0"
     passwd = [row for row in _table(tree, "/etc/passwd") if len(row) >= 4]
-    if name.isdigit():
+    if _number(name):
         uid = _id(name, "user", ref)
         entry = next((row for row in passwd if row[2] == name), None)
     else:
@@ -84,7 +90,7 @@ def _user(spec: str, tree: Root, ref: str) -> tuple[int, int, str]:
         if entry is None:
             raise Stage1Error(f"image {ref}: user {name!r} is not in the image's /etc/passwd")
         uid = _id(entry[2], f"uid of user {name!r}", ref)
-    if group.isdigit():
+    if _number(group):
         gid = _id(group, "group", ref)
     elif group:
         groups = [row for row in _table(tree, "/etc/group") if len(row) >= 3]
@@ -97,4 +103,6 @@ def _user(spec: str, tree: Root, ref: str) -> tuple[int, int, str]:
     else:
         gid = 0
     home = entry[5] if entry is not None and len(entry) > 5 and entry[5] else "/"
+    if len(home) > _MAX_HOME:
+        home = "/"
     return uid, gid, home

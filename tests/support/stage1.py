@@ -316,3 +316,34 @@ def remove_index_entry(layout: Path, ref: str) -> None:
         if m.get("annotations", {}).get("org.opencontainers.image.ref.name") != ref
     ]
     path.write_text(json.dumps(index))
+
+
+def image_with_raw_config(
+    stage1: Stage1, ref: str, config: bytes, *, base: bool = True
+) -> BuiltImage:
+    """An image named REF (the busybox layer if BASE) whose config blob is exactly CONFIG's
+    bytes: for configs json.dumps cannot write (NUL bytes are fine, deep nesting is not)."""
+    built = image(stage1, ref, base=base)
+    blobs = stage1.layout / "blobs" / "sha256"
+    config_hex = hashlib.sha256(config).hexdigest()
+    (blobs / config_hex).write_bytes(config)
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": f"sha256:{config_hex}",
+            "size": len(config),
+        },
+        "layers": [layer.descriptor() for layer in built.layers],
+    }
+    data = json.dumps(manifest).encode()
+    manifest_hex = hashlib.sha256(data).hexdigest()
+    (blobs / manifest_hex).write_bytes(data)
+    index_path = stage1.layout / "index.json"
+    index = json.loads(index_path.read_text())
+    for entry in index["manifests"]:
+        if entry.get("annotations", {}).get("org.opencontainers.image.ref.name") == ref:
+            entry.update(digest=f"sha256:{manifest_hex}", size=len(data))
+    index_path.write_text(json.dumps(index))
+    return built
