@@ -18,14 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 from fetchd.config import Config
 from fetchd.errors import (
-    DigestMismatch,
     FetchdError,
     ImageNotInStore,
     InsecureRefused,
     ManifestInvalid,
     ReferenceInvalid,
-    SizeMismatch,
-    SourceError,
     TransferFailed,
     UsageError,
     unwrap,
@@ -232,9 +229,22 @@ class Engine:
             mirror = _registry_class()(self.session(), self.config, ref.host, base=url, ns=ref.host)
             try:
                 return await self._pull_from(ref, name, mirror)
-            except (SourceError, DigestMismatch, SizeMismatch) as exc:
-                log.warning("mirror %s failed for %s: %s", redact(url), name, exc)
-                failures.append(f"{redact(url)}: {exc}")
+            except UsageError:
+                raise
+            except Exception as exc:
+                # A mirror is a cache: whatever it gets wrong (a captive portal's HTML, an
+                # oversized, endless or deeply nested manifest, a bad digest, a bug it
+                # trips in us), the next mirror or the origin may still answer. Only
+                # cancellation and the deadline (BaseException) go straight on up.
+                why = str(exc) if isinstance(exc, FetchdError) else type(exc).__name__
+                then = (
+                    "; trying the next mirror"
+                    if url != mirrors[-1]
+                    else ("" if mirror_only else "; trying the origin")
+                )
+                log.warning("mirror %s failed for %s: %s%s", redact(url), name, why, then)
+                log.debug("mirror %s failed", redact(url), exc_info=True)
+                failures.append(f"{redact(url)}: {why}")
         if mirror_only and mirrors:
             raise TransferFailed(
                 f"{name}: every mirror failed and --mirror-only forbids the origin "
