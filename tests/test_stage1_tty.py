@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.images import File, Layer
-from tests.support.stage1 import Stage1, image
+from tests.support.stage1 import Stage1, image, process_table
 
 REF = "127.0.0.1:5000/stage1/tty:latest"
 DEADLINE = 30.0
@@ -243,3 +243,21 @@ def test_ctrl_c_reaches_the_container_through_its_pty(stage1: Stage1, terminal: 
     terminal.type("\x03")  # the user's terminal is raw: ^C is a byte, the pty's ISIG acts
     assert terminal.expect(r"rc=(\d+)").group(1) == b"130"
     assert b"not interrupted" not in terminal.output
+
+
+def test_sigterm_to_stage1_ends_the_run_and_restores_the_terminal(
+    stage1: Stage1, terminal: Terminal
+) -> None:
+    _tty_image(stage1)
+    script = 'echo RE""ADY; exec /bin/sleep 60'
+    terminal.type(
+        f"echo B$(stty -g)B; {_stage1(stage1, '/bin/sh', '-c', script)}; "
+        "echo rc=$?; echo A$(stty -g)A\n"
+    )
+    before = terminal.expect(r"B([0-9a-f:]+)B").group(1)
+    terminal.expect(r"READY")
+    # The shell's child; its own child (init) is a python process too.
+    (stage1_pid,) = [pid for pid, (ppid, _, _) in process_table().items() if ppid == terminal.pid]
+    os.kill(stage1_pid, signal.SIGTERM)
+    assert terminal.expect(r"rc=(\d+)").group(1) == b"143"
+    assert terminal.expect(r"A([0-9a-f:]+)A").group(1) == before
