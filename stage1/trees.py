@@ -12,6 +12,13 @@ already dropped to that uid; the root process only creates the partial directory
 over (fchown) and renames it: it never writes a byte inside a tree. A tree that belongs to
 another uid (stage1 was run with another --uid before) is handed over by root with lchown,
 walking through file descriptors without following links.
+
+Only the store's owner may reach a tree: ``trees/`` is 0700 (tightened when an older store
+left it open), as containerd and podman keep a container's root filesystem. A tree keeps
+the image's modes (a 0777 directory, a 1777 /tmp) for the container, where they mean what
+the image says; on the host nobody else can even open them. The container's uid needs no
+way through ``trees/``: stage1 opens the tree as the store's owner and hands the container
+the descriptor.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from typing import IO
 
 from stage1 import linux
 from stage1.errors import Stage1Error
-from stage1.inroot import O_DIR, remove
+from stage1.inroot import O_DIR, Cursor, descend, remove
 from stage1.layout import Layout
 from stage1.model import Descriptor, Image
 
@@ -51,10 +58,24 @@ class Trees:
     def _open(self, create: bool) -> int:
         try:
             if create:
-                os.makedirs(self.path, 0o755, exist_ok=True)
-            return os.open(self.path, O_DIR)
+                os.makedirs(os.path.dirname(self.path), 0o755, exist_ok=True)
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(self.path, 0o700)
+            fd = os.open(self.path, O_DIR)
         except OSError as exc:
             raise Stage1Error(f"cannot open {self.path}: {exc.strerror}") from exc
+        try:
+            st = os.fstat(fd)
+            if stat.S_IMODE(st.st_mode) != 0o700:
+                # An older stage1 made it 0755: no other user may reach a tree.
+                os.fchmod(fd, 0o700)
+        except OSError as exc:
+            os.close(fd)
+            raise Stage1Error(
+                f"{self.path} is open to other users and cannot be made private "
+                f"({exc.strerror}); run stage1 as the store's owner, or: chmod 700 {self.path}"
+            ) from exc
+        return fd
 
     def prepare(self, layout: Layout, image: Image, owner: Owner | None) -> int:
         """An O_PATH descriptor of IMAGE's complete tree, rendered now if it is not cached.
@@ -129,6 +150,7 @@ class Trees:
             return
         keep = {digest.hex for digest in layout.referenced_manifests()}
         trees_fd = self._open(create=False)
+        failed: list[str] = []
         try:
             for name in sorted(os.listdir(trees_fd)):
                 if name.startswith(PARTIAL):
@@ -137,10 +159,21 @@ class Trees:
                         continue
                 elif name in keep or not _is_hex(name):
                     continue
-                remove(trees_fd, name)
+                try:
+                    remove(trees_fd, name)
+                except OSError as exc:
+                    # One tree that cannot be removed must not keep gc from the others.
+                    _warn(f"warning: cannot remove {self.path}/{name}: {exc.strerror or exc}")
+                    failed.append(name)
+                    continue
                 yield name
         finally:
             os.close(trees_fd)
+        if failed:
+            raise Stage1Error(
+                f"could not remove {len(failed)} tree(s) in {self.path} (see the warnings); "
+                "run stage1 gc as the store's owner or as root"
+            )
 
 
 Blobs = list[tuple[Descriptor, IO[bytes]]]
@@ -199,25 +232,27 @@ def _open_tree(trees_fd: int, name: str) -> int | None:
 
 
 def _chown_tree(trees_fd: int, name: str, owner: Owner) -> None:
-    """Hand a tree to OWNER (root only): lchown everything, through descriptors."""
-    stack = [os.open(name, O_DIR, dir_fd=trees_fd)]
+    """Hand a tree to OWNER (root only): lchown everything, through descriptors (at most
+    two open, however deep or wide the tree)."""
+
+    def scan(cur: Cursor) -> list[str]:
+        subdirs = []
+        with os.scandir(cur.fd) as entries:
+            for entry in entries:
+                os.chown(entry.name, owner.uid, owner.gid, dir_fd=cur.fd, follow_symlinks=False)
+                if entry.is_dir(follow_symlinks=False):
+                    subdirs.append(entry.name)
+        return subdirs
+
+    cursor = Cursor(trees_fd)
     try:
-        os.fchown(stack[0], owner.uid, owner.gid)
-        while stack:
-            fd = stack.pop()
-            try:
-                for entry in os.listdir(fd):
-                    os.chown(entry, owner.uid, owner.gid, dir_fd=fd, follow_symlinks=False)
-                    st = os.stat(entry, dir_fd=fd, follow_symlinks=False)
-                    if stat.S_ISDIR(st.st_mode):
-                        stack.append(os.open(entry, O_DIR, dir_fd=fd))
-            finally:
-                os.close(fd)
+        cursor.down(name)
+        os.fchown(cursor.fd, owner.uid, owner.gid)
+        descend(cursor, scan)
     except OSError as exc:
         raise Stage1Error(f"cannot hand tree {name} to uid {owner.uid}: {exc}") from exc
     finally:
-        for fd in stack:
-            os.close(fd)
+        cursor.close()
 
 
 def _alive(pid: int) -> bool:
