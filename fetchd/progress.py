@@ -27,14 +27,34 @@ class Transfer:
     connections: int = 0
 
 
+#: Finished transfers kept by name (for the bars); older ones are only counted in
+#: ``earlier``, so a 5,000-layer pull or a server's long life holds a bounded number.
+KEEP_FINISHED = 32
+#: Bars drawn at most (running ones first), besides the total.
+MAX_BARS = 12
+
+
 class Progress:
-    """What is being transferred. Not thread-safe: call from the event loop."""
+    """What is being transferred. Not thread-safe: call from the event loop.
+
+    ``transfers`` holds the running ones and the last KEEP_FINISHED finished ones;
+    ``earlier`` sums the finished ones no longer listed (``earlier_count`` of them)."""
 
     def __init__(self) -> None:
         self.transfers: dict[str, Transfer] = {}
+        self.earlier = Transfer("earlier", 0, finished=True)
+        self.earlier_count = 0
 
     def start(self, key: str, label: str, total: int, resumed: int = 0) -> None:
+        self.transfers.pop(key, None)  # a retry of the same blob: listed once, at the end
         self.transfers[key] = Transfer(label, total, resumed, resumed)
+        self._fold()
+
+    def resize(self, key: str, total: int) -> None:
+        """The size became known (a URL's first answer)."""
+        t = self.transfers.get(key)
+        if t:
+            t.total = total
 
     def advance(self, key: str, n: int) -> None:
         t = self.transfers.get(key)
@@ -51,6 +71,26 @@ class Progress:
         if t:
             t.done = t.total
             t.finished = True
+            self._fold()
+
+    def drop(self, key: str) -> None:
+        """The transfer failed: no bar for it; the bytes it moved still count."""
+        t = self.transfers.pop(key, None)
+        if t:
+            t.total = t.done
+            self._count(t)
+
+    def _fold(self) -> None:
+        # O(len(transfers)), which is bounded: running ones + KEEP_FINISHED + 1.
+        finished = [k for k, t in self.transfers.items() if t.finished]
+        for k in finished[: max(0, len(finished) - KEEP_FINISHED)]:
+            self._count(self.transfers.pop(k))
+
+    def _count(self, t: Transfer) -> None:
+        self.earlier.total += t.total
+        self.earlier.done += t.done
+        self.earlier.resumed += t.resumed
+        self.earlier_count += 1
 
 
 def _size(n: float) -> str:
@@ -89,17 +129,29 @@ class TerminalBars:
         self._start = time.monotonic()
 
     def render(self) -> list[str]:
+        """At most MAX_BARS bars (running transfers first, in the order they started),
+        and a total over every transfer, listed or not."""
         now = time.monotonic()
         lines = []
-        total = done = fresh = 0
-        for t in self.progress.transfers.values():
-            rate = (t.done - t.resumed) / max(now - t.started, 1e-3)
-            label = f"{t.label} ×{t.connections}" if t.connections > 1 else t.label
-            lines.append(_line(label, t.done, t.total, None if t.finished else rate))
+        listed = list(self.progress.transfers.values())
+        running = [t for t in listed if not t.finished]
+        shown = set(map(id, running[:MAX_BARS]))
+        for t in reversed(listed):
+            if len(shown) >= MAX_BARS:
+                break
+            shown.add(id(t))
+        earlier = self.progress.earlier
+        total, done, fresh = earlier.total, earlier.done, earlier.done - earlier.resumed
+        for t in listed:
             total += t.total
             done += t.done
             fresh += t.done - t.resumed
-        if len(lines) > 1:
+            if id(t) not in shown:
+                continue
+            rate = (t.done - t.resumed) / max(now - t.started, 1e-3)
+            label = f"{t.label} ×{t.connections}" if t.connections > 1 else t.label
+            lines.append(_line(label, t.done, t.total, None if t.finished else rate))
+        if len(listed) + self.progress.earlier_count > 1:
             lines.append(_line("total", done, total, fresh / max(now - self._start, 1e-3)))
         return lines
 

@@ -8,6 +8,7 @@ regression fail in seconds instead of eating the machine's memory.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from fetchd.progress import Progress, TerminalBars
 from tests.support.cli import Fetchd
 from tests.support.fakeregistry import OCI_MANIFEST, Answer, FakeRegistry, sha256
 
@@ -202,3 +204,24 @@ def test_a_5000_layer_manifest_is_planned_in_under_2_s(fetchd: Fetchd) -> None:
         assert m is not None and b is not None, "the pull ended before any blob request"
         planned = server.seen.times[b] - server.seen.times[m]
     assert planned < PLAN_LIMIT, f"{planned:.2f} s from the manifest to the first blob"
+
+
+def test_progress_of_5000_blobs_holds_and_draws_a_bounded_number() -> None:
+    """The bars a 5,000-layer pull (or a server's long life) keeps and redraws 8 times a
+    second: a bounded number, with a total over every blob."""
+    progress = Progress()
+    bars = TerminalBars(progress, io.StringIO())
+    for i in range(5000):
+        key = f"blob-{i}"
+        progress.start(key, key, 10)
+        progress.advance(key, 10)
+        if i % 1000 == 999:
+            progress.drop(key)  # failed: no bar, but its bytes moved
+        else:
+            progress.finish(key)
+        assert len(progress.transfers) <= 64
+    progress.start("running", "running", 100)
+    lines = bars.render()
+    assert 2 <= len(lines) <= 21
+    assert any(line.startswith("running") for line in lines)
+    assert lines[-1].startswith("total") and "48.8 KiB / 48.9 KiB" in lines[-1], lines[-1]

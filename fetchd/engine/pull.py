@@ -396,6 +396,7 @@ class Engine:
                 )
             except BaseException as exc:
                 flight.finish(exc)
+                self.progress.drop(key)
                 raise
             finally:
                 del self.flights[desc.digest]
@@ -481,7 +482,7 @@ class Engine:
 
             def advance(n: int) -> None:
                 self.progress.advance(label, n)
-                self.progress.transfers[label].total = ingest.size or 0
+                self.progress.resize(label, ingest.size or 0)
 
             download = SegmentedDownload(
                 ingest,
@@ -490,8 +491,12 @@ class Engine:
                 advance,
                 lambda n: self.progress.connections(label, n),
             )
-            await download.run()
-            await ingest.commit()
+            try:
+                await download.run()
+                await ingest.commit()
+            except BaseException:
+                self.progress.drop(label)
+                raise
             self.progress.finish(label)
             return ingest.digest, ingest.size or 0, dict(ingest.meta)
 
