@@ -88,6 +88,9 @@ def liar() -> Iterator[FakeRegistry]:
         )
         server.image("huge", {"digest": sha256(b"never sent"), "size": HUGE}, agreed)
         server.routes["/huge.bin"] = agreed
+        server.routes["/huge-200.bin"] = Answer(
+            b"x" * 4096, {"Content-Length": str(HUGE)}, send_length=False
+        )
         yield server
 
 
@@ -102,12 +105,12 @@ def test_a_descriptor_of_4_eib_is_refused_before_any_blob_request(
     assert blob_gets == [], "a blob no disk can hold was asked for"
 
 
-def test_a_206_agreeing_to_4_eib_is_refused(
-    liar: FakeRegistry, fetchd: Fetchd, tmp_path: Path
+@pytest.mark.parametrize("path", ["/huge.bin", "/huge-200.bin"], ids=["206", "200"])
+def test_a_url_agreeing_to_4_eib_is_refused(
+    path: str, liar: FakeRegistry, fetchd: Fetchd, tmp_path: Path
 ) -> None:
-    result = run_bounded(
-        fetchd, tmp_path, "pull", "--insecure-options", "http", f"{liar.url}/huge.bin"
-    )
+    """A 206 whose Content-Range, or a 200 whose Content-Length, says 2^62 bytes."""
+    result = run_bounded(fetchd, tmp_path, "pull", "--insecure-options", "http", liar.url + path)
     check_refused(*result, fetchd)
 
 
