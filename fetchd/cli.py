@@ -20,11 +20,12 @@ from pathlib import Path
 from fetchd import __version__
 from fetchd.config import PULL_POLICIES, Config, default_store, parse_insecure, parse_resolve
 from fetchd.engine import Engine, PullResult
-from fetchd.errors import FetchdError, StoreCorrupt, UsageError
+from fetchd.errors import DiskFull, FetchdError, StoreCorrupt, UsageError
 from fetchd.model import Digest, Platform
 from fetchd.progress import Progress, TerminalBars
 from fetchd.store import Store
 from fetchd.store import maintenance as mt
+from fetchd.store.diskfull import is_full
 
 log = logging.getLogger("fetchd")
 
@@ -345,6 +346,12 @@ def run(argv: Sequence[str]) -> int:
     return commands[args.command](args, store)
 
 
+def _disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_disk_full(e) for e in exc.exceptions)
+    return is_full(exc)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
     try:
@@ -358,6 +365,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except Exception as exc:  # a bug: still one line unless -v asks for the traceback
         if verbose:
             raise
+        if _disk_full(exc):  # a write into the store that no seam translated
+            print(f"error: {DiskFull('data', 'the store')}", file=sys.stderr)
+            sys.exit(1)
         print(
             f"error: internal error: {type(exc).__name__}: {exc} (run with -v for details)",
             file=sys.stderr,

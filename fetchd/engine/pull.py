@@ -34,7 +34,9 @@ from fetchd.sources.http import cache_max_age, new_session, redact, retryable, t
 from fetchd.sources.ranges import Opener, SegmentedDownload, Source, ThreadedRanges
 from fetchd.store import layout
 from fetchd.store.cas import Ingest, SegmentedIngest, Store
-from fetchd.store.maintenance import record_url, remove_unreferenced
+from fetchd.store.leases import Lease
+from fetchd.store.leases import current as current_lease
+from fetchd.store.maintenance import abandon, record_url
 from fetchd.store.meta import Meta, UrlRecord
 from fetchd.store.space import ensure_room
 
@@ -287,11 +289,11 @@ class Engine:
             ensure_room(
                 self.store.ingests, big.size, f"{name}: blob {big.digest.short}", self.store.root
             )
-        # What this pull may add: on failure, those of them no name uses are removed
-        # again. (Tracking what it committed instead would miss a blob whose commit
-        # finished just as a sibling's failure cancelled the task that made it.)
-        absent = {d.digest for d in blobs if not self.store.has(d.digest)}
-        absent |= {d for d in keep if not self.store.has(d)}
+        # A lease protects every blob of the image from gc until the name is published
+        # (leases.py); the store records in it what this pull commits, through the
+        # context the blob tasks and threads inherit.
+        lease = await asyncio.to_thread(Lease.take, self.store, [*keep, *(d.digest for d in blobs)])
+        leased = current_lease.set(lease)
         try:
             # Twice at most: a gc running at the same moment may delete a blob we saw
             # present before we publish the name (set_entry checks under gc's lock).
@@ -308,11 +310,14 @@ class Engine:
                     if attempt == 2:
                         raise
         except BaseException:
-            # Leave the store as it was: blobs this pull added that no name uses go again
-            # (partial ingests stay, to be resumed).
-            if absent:
-                await asyncio.to_thread(remove_unreferenced, self.store, absent)
+            # Leave the store as it was: release the lease, then remove the blobs this
+            # pull committed itself that no name and no other pull's lease uses. (The
+            # TaskGroup waited for every commit, each of which runs to its end.)
+            await asyncio.to_thread(abandon, self.store, lease)
             raise
+        finally:
+            current_lease.reset(leased)
+            lease.release()  # the name is published (or the pull failed): idempotent
         await asyncio.to_thread(self.meta.touch_image, name, str(top), pulled=True)
         return PullResult(name, top, manifest, fetched=True)
 

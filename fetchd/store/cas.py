@@ -12,6 +12,12 @@ Contract (after containerd's content store):
   blob committed). Its ``data`` file survives a crash or a kill -9, and the next writer
   resumes from its end after re-hashing what is there.
 * Who verifies: the store, always. Callers hand it bytes; they need not hash anything.
+* An ingest's directory and lock file are removed only by the writer holding the lock
+  (see locks.py), so a waiter never locks a file that is being deleted under it.
+* Inside a lease (:data:`leases.current`), every blob committed is first added to the
+  lease, and recorded as committed by it if this writer made it visible.
+* A full disk raises :class:`~fetchd.errors.DiskFull` naming what was being written, and
+  leaves no temporary file behind.
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -31,9 +36,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from fetchd.errors import DigestMismatch, SizeMismatch, StoreError
+from fetchd.errors import DigestMismatch, DiskFull, SizeMismatch, StoreError
 from fetchd.model import Digest
-from fetchd.store.locks import alocked
+from fetchd.store import leases
+from fetchd.store.diskfull import is_full, writing
+from fetchd.store.locks import alocked, remove_locked_dir
 from fetchd.threads import finish
 
 log = logging.getLogger(__name__)
@@ -56,6 +63,9 @@ class Store:
         self.quarantine = root / "quarantine"
         self.index_path = self.layout / "index.json"
         self.index_lock = root / "index.lock"
+        #: held shared while a lease adds digests, exclusively while blobs are deleted
+        self.gc_lock = root / "gc.lock"
+        self.leases = root / "leases"
         self.db_path = root / "fetchd.db"
 
     @classmethod
@@ -73,6 +83,8 @@ class Store:
                 with contextlib.suppress(FileExistsError):
                     atomic_write(store.index_path, json.dumps(doc).encode(), exclusive=True)
         except OSError as exc:
+            if is_full(exc):
+                raise DiskFull("the store's layout", root) from exc
             raise StoreError(f"cannot open the store at {root}: {exc.strerror or exc}") from exc
         return store
 
@@ -134,9 +146,11 @@ class Store:
         cls = SegmentedIngest if segmented else Ingest
         async with alocked(path / "lock"):
             ing = cls(self, digest, size, path)
+            ing.lease = leases.current.get()
             try:
                 if not ing.exists:
-                    await asyncio.to_thread(ing.open)
+                    with writing(ing._what, self.root):
+                        await asyncio.to_thread(ing.open)
                 yield ing
             finally:
                 await ing.close()
@@ -146,8 +160,15 @@ class Store:
         actual = Digest.of(data, expected.algorithm)
         if actual != expected:
             raise DigestMismatch(f"blob {expected.short}", str(expected), str(actual))
-        if not self.has(expected):
+        if self.has(expected):
+            return
+        lease = leases.current.get()
+        if lease is not None:
+            lease.add([expected])
+        with writing(f"blob {expected.short}", self.root):
             atomic_write(self.blob_path(expected), data)
+        if lease is not None:
+            lease.mark_committed(expected)
 
 
 class Ingest:
@@ -177,6 +198,8 @@ class Ingest:
         self._written = 0
         #: bumped whenever the data is thrown away: readers of the old data must stop
         self.generation = 0
+        #: the lease of the pull this ingest serves (see leases.py), if any
+        self.lease: leases.Lease | None = None
 
     @property
     def exists(self) -> bool:
@@ -237,7 +260,8 @@ class Ingest:
         """Wait until every chunk handed to :meth:`write` is hashed and written."""
         pending, self._pending = self._pending, None
         if pending is not None:
-            await pending
+            with writing(self._what, self.store.root):
+                await pending
         self._written = self.offset
 
     @property
@@ -264,7 +288,8 @@ class Ingest:
         if the blob already exists) the ingest is removed.
         """
         await self.flush()
-        await finish(asyncio.ensure_future(asyncio.to_thread(self._commit)))
+        with writing(self._what, self.store.root):
+            await finish(asyncio.ensure_future(asyncio.to_thread(self._commit)))
 
     def _commit(self) -> None:
         what = f"blob {self.expected.short}" if self.expected else "download"
@@ -283,9 +308,13 @@ class Ingest:
         target = self.store.blob_path(actual)
         if not target.exists():
             os.fsync(self._fd)
+            if self.lease is not None:
+                self.lease.add([actual])  # before it is visible: gc must see it leased
             os.chmod(self.data_path, 0o444)  # blobs are immutable
             target.parent.mkdir(parents=True, exist_ok=True)
             os.rename(self.data_path, target)
+            if self.lease is not None:
+                self.lease.mark_committed(actual)
             _fsync_dir(target.parent)
         self._done = True
 
@@ -311,7 +340,9 @@ class Ingest:
             self._fd = -1
         empty = not self.data_path.exists() or self.data_path.stat().st_size == 0
         if self._done or empty or self.exists:
-            await asyncio.to_thread(shutil.rmtree, self.path, True)
+            # We hold the lock (Store.ingest): the protocol of locks.py, never rmtree,
+            # which would delete the lock file of a waiter that just re-created it.
+            await asyncio.to_thread(remove_locked_dir, self.path, self.path / "lock")
 
 
 def _load_sync_file_range() -> Callable[[int, int, int], None]:
@@ -444,7 +475,10 @@ class SegmentedIngest(Ingest):
         if n < 0:
             await self.discard()
             raise SizeMismatch(self._what, self.size or 0, offset - n)
-        await asyncio.get_running_loop().run_in_executor(None, self.write_at_sync, offset, pieces)
+        with writing(self._what, self.store.root):
+            await asyncio.get_running_loop().run_in_executor(
+                None, self.write_at_sync, offset, pieces
+            )
 
     def write_at_sync(self, offset: int, pieces: Sequence[bytes | memoryview]) -> None:
         """:meth:`write_at` for a worker thread (callers check the room themselves)."""
@@ -506,7 +540,8 @@ class SegmentedIngest(Ingest):
         )
         if self.hashed != self.offset:
             raise StoreError(f"{self._what}: {self.offset - self.hashed} bytes are not in order")
-        await finish(asyncio.ensure_future(asyncio.to_thread(self._commit)))
+        with writing(self._what, self.store.root):
+            await finish(asyncio.ensure_future(asyncio.to_thread(self._commit)))
 
     def _reset(self) -> None:
         with self._lock:
@@ -525,13 +560,14 @@ class SegmentedIngest(Ingest):
             return
         with self._lock:
             state = {"meta": self.meta, "ranges": [list(r) for r in self.ranges]}
-        atomic_write(self.state_path, json.dumps(state).encode(), sync=False)
+        with writing(f"the state of {self._what}", self.store.root):
+            atomic_write(self.state_path, json.dumps(state).encode(), sync=False)
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             await self.flush()
         if not self._done and self._fd >= 0:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, StoreError):
                 self.save_state()
         self._follower.shutdown(wait=True)
         await super().close()
@@ -556,15 +592,17 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_write(path: Path, data: bytes, *, exclusive: bool = False, sync: bool = True) -> None:
-    """Write ``data`` to ``path`` via a temporary file and one rename (or link)."""
+    """Write ``data`` to ``path`` via a temporary file and one rename (or link).
+
+    On any failure (a full disk) the temporary file is removed and ``path`` unchanged."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        if sync:
-            os.fsync(f.fileno())
     try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            if sync:
+                os.fsync(f.fileno())
         if exclusive:
             os.link(tmp, path)  # fails with FileExistsError instead of replacing
         else:

@@ -20,6 +20,7 @@ from fetchd.errors import ManifestInvalid, StoreError
 from fetchd.manifest import ImageIndex, parse_manifest
 from fetchd.model import MAX_MANIFEST_SIZE, REF_NAME_ANNOTATION, Descriptor, Digest
 from fetchd.store.cas import Store, atomic_write
+from fetchd.store.diskfull import writing
 from fetchd.store.locks import locked
 
 INDEX_DIGEST_ANNOTATION = "io.fetchd.index.digest"
@@ -77,7 +78,8 @@ class BlobsMissing(StoreError):
     """A name was about to be published while some of its blobs are gone (gc ran)."""
 
     def __init__(self, name: str, missing: list[Digest]) -> None:
-        super().__init__(f"{name}: blobs vanished before it was recorded: {missing}")
+        listed = ", ".join(str(d) for d in missing)
+        super().__init__(f"{name}: blobs vanished before it was recorded: {listed}")
         self.missing = missing
 
 
@@ -88,7 +90,8 @@ def _update(
         check()
         doc = read_index(store)
         doc["manifests"] = change(list(doc.get("manifests", [])))
-        atomic_write(store.index_path, json.dumps(doc, indent=2).encode())
+        with writing("layout/index.json", store.root):
+            atomic_write(store.index_path, json.dumps(doc, indent=2).encode())
 
 
 def _name_of(obj: Any) -> str | None:

@@ -2,6 +2,13 @@
 
 ``flock`` locks belong to an open file description, so they are released when the
 holder exits — even by kill -9 — and a crashed pull never leaves a store locked.
+
+The protocol that makes a lock file safe to delete (an ingest's, a lease's): **only
+the holder unlinks a lock file**, and a taker checks, once it holds the lock, that the
+file it locked is still the one at the path (:func:`_take`). A lock on an unlinked
+inode protects nothing, so the taker then tries again with the new file. A directory
+holding a lock file is removed with ``rmdir`` only (it fails while anyone's lock file
+is in it), never with ``rmtree``.
 """
 
 from __future__ import annotations
@@ -13,23 +20,75 @@ import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+from fetchd.errors import StoreError
+
 _POLL = 0.05
+#: Each retry means another process removed the lock (or its directory) just then, so
+#: this bound is only reached by a bug; it keeps a loop from spinning forever.
+_RETRIES = 1000
 
 
 def _open(path: Path) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    """Open (creating) the lock file and its directory, which another process may be
+    removing at this moment (its holder finished): then create them again."""
+    for _ in range(_RETRIES):
+        try:
+            # (pathlib's exist_ok re-checks with is_dir() after EEXIST: a directory
+            # removed in between raises FileExistsError)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except (FileNotFoundError, FileExistsError):
+            continue  # the directory went between mkdir and open
+    raise StoreError(f"cannot create the lock {path}: its directory keeps vanishing")
+
+
+def _current(path: Path, fd: int) -> bool:
+    """The locked ``fd`` is still the file at ``path`` (its holder did not unlink it)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _take(path: Path, flags: int) -> int | None:
+    """The fd of ``path`` locked with ``flags``; None if LOCK_NB and someone holds it."""
+    for _ in range(_RETRIES):
+        fd = _open(path)
+        try:
+            fcntl.flock(fd, flags)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        if _current(path, fd):
+            return fd
+        os.close(fd)
+    raise StoreError(f"cannot lock {path}: it keeps being replaced")
 
 
 @contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (blocking). For short critical sections only."""
-    fd = _open(path)
+def locked(path: Path, *, shared: bool = False) -> Iterator[None]:
+    """Hold a lock on ``path`` (blocking; exclusive unless ``shared``). For short
+    critical sections only."""
+    fd = _take(path, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+    assert fd is not None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # closing the description releases the lock
+
+
+@contextlib.contextmanager
+def try_locked(path: Path) -> Iterator[bool]:
+    """Hold the exclusive lock on ``path`` if nobody else does: yields whether we got it."""
+    fd = _take(path, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        yield fd is not None
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 @contextlib.asynccontextmanager
@@ -40,41 +99,28 @@ async def alocked(path: Path) -> AsyncIterator[int]:
     will die, which releases the lock); cancellable at every poll. Yields the fd.
     """
     while True:
-        fd = _open(path)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            await asyncio.sleep(_POLL)
-            continue
-        except BaseException:
-            os.close(fd)
-            raise
-        # The holder before us may have removed the lock file (an ingest it finished):
-        # a lock on an unlinked inode protects nothing, so take the new file's.
-        try:
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
+        # On the loop: a few non-blocking syscalls, and a cancellation cannot strand a
+        # locked fd in a thread.
+        fd = _take(path, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if fd is not None:
             break
-        os.close(fd)
+        await asyncio.sleep(_POLL)
     try:
         yield fd
     finally:
         os.close(fd)
 
 
-def is_locked(path: Path) -> bool:
-    """True if some process holds the lock on ``path`` right now."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+def remove_locked_dir(directory: Path, lock: Path) -> None:
+    """Remove ``directory`` whose ``lock`` (inside it) the caller holds: every other
+    entry, then the lock file, then the directory itself if nobody created a new lock
+    in it meanwhile (a waiter that did then takes the new file's lock)."""
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(directory):
+            if entry.name != lock.name:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(lock)
+    with contextlib.suppress(OSError):  # not empty: someone's new lock is in it
+        os.rmdir(directory)

@@ -2,7 +2,9 @@
 
 All of these are safe to run while pulls and a server use the store: they change
 index.json only under its lock, and gc never deletes a blob that a name references
-at the moment it looks, nor an ingest that a live process holds.
+at the moment it looks, nor one that a live lease protects (a pull in progress, see
+leases.py), nor an ingest that a live process holds. None of the read-only ones
+(images, fsck of a sound store) needs to write, so they work on a full disk.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from fetchd.manifest import ImageIndex, parse_manifest
 from fetchd.model import MAX_MANIFEST_SIZE, REF_NAME_ANNOTATION, Digest, Reference
 from fetchd.store import layout
 from fetchd.store.cas import Store, atomic_write
-from fetchd.store.locks import is_locked, locked
+from fetchd.store.leases import Lease, live_digests
+from fetchd.store.locks import locked, remove_locked_dir, try_locked
 from fetchd.store.meta import Meta, UrlRecord
 
 STALE_INGEST_SECONDS = 24 * 3600
@@ -142,16 +145,18 @@ def store_size(store: Store) -> int:
 def remove_unreferenced(
     store: Store, candidates: set[Digest] | None = None, spare: Set[Digest] = frozenset()
 ) -> dict[Digest, int]:
-    """Delete blobs no name references (only among ``candidates``, if given; never
-    those in ``spare``, such as blobs a server is sending right now).
+    """Delete blobs no name references and no live lease protects (only among
+    ``candidates``, if given; never those in ``spare``, such as blobs a server is
+    sending right now).
 
     Holds the index lock while deciding and deleting; a pull publishes a name under
     the same lock after checking its blobs are present (:func:`layout.set_entry`), so
-    no name can ever point at a blob deleted here. Returns digest → bytes freed.
+    no name can ever point at a blob deleted here. It holds the gc lock too, under
+    which leases add digests (leases.py). Returns digest → bytes freed.
     """
     freed: dict[Digest, int] = {}
-    with locked(store.index_lock):
-        keep = referenced(store)
+    with locked(store.index_lock), locked(store.gc_lock):
+        keep = referenced(store) | live_digests(store)
         for digest, path in list(store.iter_blobs()):
             if digest in keep or digest in spare:
                 continue
@@ -162,6 +167,16 @@ def remove_unreferenced(
                 path.unlink()
                 freed[digest] = size
     return freed
+
+
+def abandon(store: Store, lease: Lease) -> dict[Digest, int]:
+    """A pull failed: release its lease, then delete the blobs it committed itself that
+    no name and no other live lease uses (what others committed, or what was there
+    before, stays). Partial ingests stay too, to be resumed."""
+    lease.release()
+    if not lease.committed:
+        return {}
+    return remove_unreferenced(store, set(lease.committed))
 
 
 def record_url(store: Store, rec: UrlRecord) -> None:
@@ -195,9 +210,12 @@ def gc(
             age = now - max(p.stat().st_mtime for p in [d, *d.iterdir()])
         except (FileNotFoundError, ValueError):
             continue
-        if age >= ingest_age and not is_locked(lock):
-            shutil.rmtree(d, ignore_errors=True)
-            report.removed_ingests += 1
+        if age < ingest_age or not d.is_dir():
+            continue
+        with try_locked(lock) as ours:
+            if ours:  # nobody writes it: remove it as its writer would (locks.py)
+                remove_locked_dir(d, lock)
+                report.removed_ingests += 1
     return report
 
 

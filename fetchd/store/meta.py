@@ -4,6 +4,10 @@ The layout (index.json + blobs) is the truth about *what* the store holds; this
 database only adds *when* (for ``images`` and LRU gc). Losing it loses no content.
 Connections are short-lived and use WAL with a busy timeout, so CLI pulls and a
 server can share it. Calls block briefly: call them from a thread on hot paths.
+
+Reads never write: they open the database read-only (no schema, no journal change), so
+``fetchd images`` and gc work on a full disk; a missing database or table reads as
+empty. A write on a full disk raises :class:`~fetchd.errors.DiskFull`.
 """
 
 from __future__ import annotations
@@ -11,9 +15,14 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from fetchd.errors import StoreError
+from fetchd.store.diskfull import is_full, writing
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -48,6 +57,9 @@ CREATE TABLE IF NOT EXISTS urls (
 """
 
 
+_SETUP_TRIES = 20
+
+
 @dataclass(frozen=True, slots=True)
 class UrlRecord:
     """rkt's remote cache: what a URL gave last time and how long that stays fresh."""
@@ -71,11 +83,63 @@ class Meta:
 
     @contextlib.contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
-        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        """A connection for writing (creating the database and its tables if needed)."""
+        with writing(f"the metadata database {self.path.name}", self.path.parent):
+            conn = self._setup()
+            try:
+                yield conn
+            finally:
+                conn.close()
+
+    def _setup(self) -> sqlite3.Connection:
+        # Switching a new database to WAL while another process does the same can fail
+        # at once with "database is locked" (sqlite skips the busy timeout where
+        # waiting could deadlock): a few tries, backing off, then the error.
+        for attempt in range(_SETUP_TRIES):
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.executescript(_SCHEMA)
+                return conn
+            except sqlite3.OperationalError as exc:
+                conn.close()
+                if "locked" not in str(exc) or attempt == _SETUP_TRIES - 1:
+                    raise
+            time.sleep(0.01 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _select(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        """Rows of a query, read without writing anything (see the module docstring)."""
+        if not self.path.exists():
+            return []
+        uri = f"file:{urllib.parse.quote(str(self.path))}?mode=ro"
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.executescript(_SCHEMA)
-            yield conn
+            return self._query(uri, sql, args)
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return []
+            if not is_full(exc):
+                raise StoreError(f"cannot read {self.path}: {exc}") from exc
+            # A full disk: sqlite could not size the WAL index (-shm). Without a WAL
+            # holding changes, the main file is the whole truth: read it as immutable.
+            wal = self.path.with_name(self.path.name + "-wal")
+            if wal.exists() and wal.stat().st_size > 0:
+                raise StoreError(
+                    f"cannot read {self.path} on a full disk (its write-ahead log is not "
+                    "merged yet); free space or use fetchd gc"
+                ) from exc
+            try:
+                return self._query(uri + "&immutable=1", sql, args)
+            except sqlite3.Error as exc2:
+                raise StoreError(f"cannot read {self.path}: {exc2}") from exc2
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read {self.path}: {exc}") from exc
+
+    @staticmethod
+    def _query(uri: str, sql: str, args: tuple[Any, ...]) -> list[Any]:
+        conn = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None)
+        try:
+            return conn.execute(sql, args).fetchall()
         finally:
             conn.close()
 
@@ -94,8 +158,7 @@ class Meta:
 
     def times(self) -> dict[str, tuple[float, float]]:
         """name → (pulled_at, last_used)."""
-        with self._db() as db:
-            rows = db.execute("SELECT name, pulled_at, last_used FROM images").fetchall()
+        rows = self._select("SELECT name, pulled_at, last_used FROM images")
         return {r[0]: (r[1], r[2]) for r in rows}
 
     def forget(self, names: list[str]) -> None:
@@ -105,13 +168,12 @@ class Meta:
     # --- URLs (plain HTTP(S) blobs) ------------------------------------------------------
 
     def url(self, url: str) -> UrlRecord | None:
-        with self._db() as db:
-            row = db.execute(
-                "SELECT url, digest, size, etag, last_modified, max_age, checked_at, last_used "
-                "FROM urls WHERE url=?",
-                (url,),
-            ).fetchone()
-        return UrlRecord(*row) if row else None
+        rows = self._select(
+            "SELECT url, digest, size, etag, last_modified, max_age, checked_at, last_used "
+            "FROM urls WHERE url=?",
+            (url,),
+        )
+        return UrlRecord(*rows[0]) if rows else None
 
     def put_url(self, rec: UrlRecord) -> None:
         with self._db() as db:
@@ -130,11 +192,10 @@ class Meta:
             )
 
     def urls(self) -> list[UrlRecord]:
-        with self._db() as db:
-            rows = db.execute(
-                "SELECT url, digest, size, etag, last_modified, max_age, checked_at, last_used "
-                "FROM urls"
-            ).fetchall()
+        rows = self._select(
+            "SELECT url, digest, size, etag, last_modified, max_age, checked_at, last_used "
+            "FROM urls"
+        )
         return [UrlRecord(*r) for r in rows]
 
     def forget_urls(self, urls: list[str]) -> None:
@@ -145,18 +206,14 @@ class Meta:
 
     def tag(self, repository: str, tag: str) -> tuple[str, float] | None:
         """(digest, checked_at) of a tag the server resolved before."""
-        with self._db() as db:
-            row = db.execute(
-                "SELECT digest, checked_at FROM tags WHERE repository=? AND tag=?",
-                (repository, tag),
-            ).fetchone()
-        return (row[0], row[1]) if row else None
+        rows = self._select(
+            "SELECT digest, checked_at FROM tags WHERE repository=? AND tag=?",
+            (repository, tag),
+        )
+        return (rows[0][0], rows[0][1]) if rows else None
 
     def tags_of(self, repository: str) -> list[str]:
-        with self._db() as db:
-            rows = db.execute(
-                "SELECT tag FROM tags WHERE repository=? ORDER BY tag", (repository,)
-            ).fetchall()
+        rows = self._select("SELECT tag FROM tags WHERE repository=? ORDER BY tag", (repository,))
         return [r[0] for r in rows]
 
     def put_tag(self, repository: str, tag: str, digest: str) -> None:
@@ -176,14 +233,10 @@ class Meta:
 
     def cached_manifests(self) -> list[tuple[str, str, str, float]]:
         """(digest, repository, media_type, last_used), least recently used first."""
-        with self._db() as db:
-            return [
-                (r[0], r[1], r[2], r[3])
-                for r in db.execute(
-                    "SELECT digest, repository, media_type, last_used FROM cached "
-                    "ORDER BY last_used"
-                )
-            ]
+        rows = self._select(
+            "SELECT digest, repository, media_type, last_used FROM cached ORDER BY last_used"
+        )
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
 
     def forget_cached(self, digests: list[str]) -> None:
         with self._db() as db:
