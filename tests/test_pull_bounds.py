@@ -228,3 +228,62 @@ def test_progress_of_5000_blobs_holds_and_draws_a_bounded_number() -> None:
     assert 2 <= len(lines) <= 21
     assert any(line.startswith("running") for line in lines)
     assert lines[-1].startswith("total") and "48.8 KiB / 48.9 KiB" in lines[-1], lines[-1]
+
+
+SMALL_DISK = 96  # MiB of tmpfs: 32 MiB of room once fetchd's 64 MiB reserve is kept
+
+
+def run_on_small_disk(fetchd: Fetchd, mount: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """fetchd with its store on a tmpfs of SMALL_DISK MiB, mounted in a mount namespace of
+    its own (nothing outside the process sees it; it goes away with the process); stdout
+    lists the ingests it left."""
+    mount.mkdir()
+    argv = fetchd.argv(*args)
+    # After fetchd, what is left in ingest/ goes to stdout (fetchd's own is empty on error).
+    script = (
+        f'm="$1"; shift; mount -t tmpfs -o size={SMALL_DISK}m fetchd-test "$m" || exit 99; '
+        '"$@"; rc=$?; ls -A "$m/store/ingest"; exit $rc'
+    )
+    return subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            str(mount),
+            *argv,
+        ],
+        capture_output=True,
+        text=True,
+        env=fetchd.env(),
+        timeout=RUN_TIMEOUT,
+    )
+
+
+def test_a_body_of_no_length_stops_at_the_free_space(liar: FakeRegistry, tmp_path: Path) -> None:
+    """A URL that streams without end (no Content-Length): fetchd stops at what the disk
+    can hold, says so in one line and keeps nothing of it."""
+    probe = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", f"mount -t tmpfs -o size=1m t {tmp_path}"],
+        capture_output=True,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs in a mount namespace here: {probe.stderr!r}")
+    liar.routes["/endless.bin"] = Answer(send_length=False, endless=True)
+    mount = tmp_path / "small"
+    fetchd = Fetchd(mount / "store", tmp_path)
+
+    result = run_on_small_disk(
+        fetchd, mount, "pull", "--insecure-options", "http", f"{liar.url}/endless.bin"
+    )
+
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.splitlines() == [
+        f"error: {liar.url}/endless.bin runs on, more than the 32 MiB free in {fetchd.store}; "
+        "free space there or pull into a store on a bigger disk (--store)"
+    ]
+    assert result.stdout == "", f"left in ingest/: {result.stdout}"
