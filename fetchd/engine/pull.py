@@ -445,24 +445,34 @@ class Engine:
             )
         if rec is not None and await self._still_valid(url, rec):
             return self._url_result(url, Digest.parse(rec.digest), rec.size, False)
-        for attempt in (1, 2):
-            got, size, meta = await self._download_url(url, digest, mirrors)
-            rec = UrlRecord(
-                url,
-                str(got),
-                size,
-                meta.get("etag"),
-                meta.get("last_modified"),
-                meta.get("max_age"),
-                now,
-                now,
-            )
-            try:
-                await asyncio.to_thread(record_url, self.store, rec)
-                break
-            except layout.BlobsMissing:
-                if attempt == 2:  # a gc deleted it between our commit and now: twice
-                    raise
+        # A lease, as for an image: the blob's digest (if not given) joins it at commit.
+        lease = await asyncio.to_thread(Lease.take, self.store, [digest] if digest else [])
+        leased = current_lease.set(lease)
+        try:
+            for attempt in (1, 2):
+                got, size, meta = await self._download_url(url, digest, mirrors)
+                rec = UrlRecord(
+                    url,
+                    str(got),
+                    size,
+                    meta.get("etag"),
+                    meta.get("last_modified"),
+                    meta.get("max_age"),
+                    now,
+                    now,
+                )
+                try:
+                    await asyncio.to_thread(record_url, self.store, rec)
+                    break
+                except layout.BlobsMissing:
+                    if attempt == 2:  # a gc deleted it between our commit and now: twice
+                        raise
+        except BaseException:
+            await asyncio.to_thread(abandon, self.store, lease)
+            raise
+        finally:
+            current_lease.reset(leased)
+            lease.release()
         return self._url_result(url, got, size, True)
 
     async def _download_url(
