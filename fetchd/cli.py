@@ -138,6 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--insecure-options", default="none", metavar="LIST")
     sp.add_argument("--stall-timeout", type=float, default=30.0, metavar="SECONDS")
+    sp.add_argument(
+        "--public-status",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show cached repositories and recent pulls on the status page to everyone "
+        "(default: only when listening on loopback; else they need the admin token)",
+    )
+    sp.add_argument(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        help="client connections at once (default and upper bound: what RLIMIT_NOFILE "
+        "leaves after a reserve); at the limit the longest idle one is closed",
+    )
 
     sp = sub.add_parser("export", help="write an image as an OCI layout (or .tar)")
     sp.add_argument("ref", metavar="REF")
@@ -301,7 +315,7 @@ def cmd_serve(args: argparse.Namespace, store: Store) -> int:
     )
     token = read_token(args.token_file)
     cache = Cache(store, config, upstreams, args.tag_ttl)
-    server = Server(cache, token, args.max_size, args.grace)
+    server = Server(cache, token, args.max_size, args.grace, args.public_status)
 
     def ready(url: str) -> None:
         print(f"fetchd serve: listening on {url}", flush=True)
@@ -313,7 +327,7 @@ def cmd_serve(args: argparse.Namespace, store: Store) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, task.cancel)
         with contextlib.suppress(asyncio.CancelledError):
-            await serve(server, host.strip("[]"), int(port), ready)
+            await serve(server, host.strip("[]"), int(port), ready, args.max_connections)
 
     asyncio.run(main())
     return 0

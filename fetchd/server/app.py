@@ -7,15 +7,29 @@ Read-only for everyone: ``GET /v2/``, ``GET|HEAD /v2/<name>/manifests/<ref>``,
 are checked against the spec grammars before anything touches the disk; blobs are
 read only through the store, by digest. One table maps fetchd's errors to HTTP
 statuses and OCI error codes.
+
+What one client may cost the server is bounded: request headers (32 KiB, 8 KiB a
+line), an admin request body (1 MiB), the time to send a request (10 s), and the
+number of connections (below the descriptor limit; idle ones are shed first when a
+new one arrives at the limit). The status page shows counters to everyone, and the
+cached repositories and recent pulls only with ``--public-status`` (the default on
+loopback) or the admin token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import errno
 import hmac
 import html
+import ipaddress
+import json
 import logging
+import os
+import resource
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -23,7 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from aiohttp import web
+from aiohttp import StreamReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from fetchd.errors import (
     AccessDenied,
@@ -33,27 +48,38 @@ from fetchd.errors import (
     FetchdError,
     ManifestInvalid,
     ManifestNotFound,
+    RangeNotSatisfiable,
     ReferenceInvalid,
     StoreError,
+    TagInvalid,
     TransferFailed,
     TransferTimeout,
     UnsupportedMediaType,
 )
-from fetchd.model import Digest, Platform, is_valid_repository_name
+from fetchd.model import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Digest, Platform
 from fetchd.server.cache import Cache
+from fetchd.server.request import ByteRange, accepts, parse_path, parse_range
 from fetchd.server.upstreams import Route
 from fetchd.store import maintenance as mt
 
 log = logging.getLogger(__name__)
 
-_TAG_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+MAX_BODY = 1 << 20  # bytes of an admin request body
+_KINDS = {
+    OCI_MANIFEST: "OCI manifest",
+    OCI_INDEX: "OCI index",
+    DOCKER_MANIFEST: "Docker schema 2 manifest",
+    DOCKER_LIST: "Docker manifest list",
+}
 
 # fetchd error → (HTTP status, OCI error code). The first matching class wins.
 ERROR_TABLE: list[tuple[type[FetchdError], int, str]] = [
     (BlobNotFound, 404, "BLOB_UNKNOWN"),
     (ManifestNotFound, 404, "MANIFEST_UNKNOWN"),
     (DigestInvalid, 400, "DIGEST_INVALID"),
+    (TagInvalid, 400, "TAG_INVALID"),
     (ReferenceInvalid, 400, "NAME_INVALID"),
+    (RangeNotSatisfiable, 416, "RANGE_INVALID"),
     (ManifestInvalid, 502, "MANIFEST_INVALID"),
     (UnsupportedMediaType, 502, "UNSUPPORTED"),
     (AuthenticationFailed, 502, "UNAUTHORIZED"),
@@ -73,7 +99,10 @@ def oci_error(status: int, code: str, message: str) -> web.Response:
 def error_response(exc: FetchdError) -> web.Response:
     for cls, status, code in ERROR_TABLE:
         if isinstance(exc, cls):
-            return oci_error(status, code, str(exc))
+            resp = oci_error(status, code, str(exc))
+            if isinstance(exc, RangeNotSatisfiable):
+                resp.headers["Content-Range"] = f"bytes */{exc.size}"
+            return resp
     return oci_error(500, "UNKNOWN", str(exc))  # unreachable: FetchdError is in the table
 
 
@@ -98,12 +127,20 @@ class Server:
     """Handlers over one :class:`Cache`. Build the app with :meth:`app`."""
 
     def __init__(
-        self, cache: Cache, token: str | None, max_size: int | None, grace: float = 600.0
+        self,
+        cache: Cache,
+        token: str | None,
+        max_size: int | None,
+        grace: float = 600.0,
+        public_status: bool | None = None,
     ) -> None:
         self.cache = cache
         self.token = token
         self.max_size = max_size
         self.grace = grace
+        #: whether everyone sees cached repositories and recent pulls; None: decided by
+        #: :func:`serve` (yes when every listening address is a loopback one)
+        self.public_status = public_status
         self.jobs: dict[str, Job] = {}
         self._tasks: asyncio.TaskGroup | None = None
         self._job_tasks: set[asyncio.Task[None]] = set()
@@ -111,7 +148,7 @@ class Server:
     # --- the app ---------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._count, self._errors], client_max_size=1 << 20)
+        app = web.Application(middlewares=[self._count, self._errors], client_max_size=MAX_BODY)
         r = app.router
         r.add_get("/", self.status_page)
         r.add_get("/healthz", self.healthz)
@@ -184,35 +221,31 @@ class Server:
         if request.method not in ("GET", "HEAD"):
             return oci_error(405, "UNSUPPORTED", "this registry is a read-only cache")
         # raw_path: an encoded slash (%2F) must not become a path separator here.
-        path = request.rel_url.raw_path.removeprefix("/v2/")
-        if "%" in path or "//" in path or "\\" in path:
-            return oci_error(400, "NAME_INVALID", "encoded characters are not allowed")
-        name, sep, last = path.rpartition("/")
-        name, sep2, kind = name.rpartition("/")
-        if not sep or not sep2 or kind not in ("manifests", "blobs", "tags"):
+        path = parse_path(request.rel_url.raw_path.removeprefix("/v2/"))
+        if path is None:
             return oci_error(404, "NAME_UNKNOWN", "no such endpoint")
-        if kind == "tags" and last != "list":
-            return oci_error(404, "NAME_UNKNOWN", "no such endpoint")
-        if not is_valid_repository_name(name):
-            return oci_error(400, "NAME_INVALID", "invalid repository name")
-        route = self.cache.upstreams.route(name, request.query.get("ns"))
+        route = self.cache.upstreams.route(path.name, request.query.get("ns"))
         if route is None:
             return oci_error(404, "NAME_UNKNOWN", "no upstream serves this name")
-        if kind == "blobs":
-            return await self._blob(request, route, Digest.parse(last))
-        if kind == "tags":
+        if path.kind == "blobs":
+            assert path.digest is not None
+            return await self._blob(request, route, path.digest)
+        if path.kind == "tags":
             tags = await self.cache.tags(route)
-            return web.json_response({"name": name, "tags": tags})
-        if not last.startswith(("sha256:", "sha512:")) and (
-            len(last) > 128 or not set(last) <= _TAG_CHARS
-        ):
-            return oci_error(400, "TAG_INVALID", "invalid tag")
-        if last.startswith(("sha256:", "sha512:")):
-            Digest.parse(last)
-        return await self._manifest(request, route, last)
+            return web.json_response({"name": path.name, "tags": tags})
+        ref = str(path.digest) if path.digest is not None else str(path.tag)
+        return await self._manifest(request, route, ref)
 
     async def _manifest(self, request: web.Request, route: Route, ref: str) -> web.Response:
         m = await self.cache.manifest(route, ref)
+        if not accepts(request.headers.getall("Accept", []), m.media_type):
+            # What distribution/registry answers ("OCI manifest found, but accept header
+            # does not support OCI manifests"): the client cannot use what there is.
+            kind = _KINDS.get(m.media_type, m.media_type)
+            raise ManifestNotFound(
+                f"{route.key}:{ref}: {kind} found ({m.media_type}), but the request's "
+                "Accept header does not list that media type"
+            )
         headers = {
             "Content-Type": m.media_type,
             "Docker-Content-Digest": str(m.digest),
@@ -246,7 +279,7 @@ class Server:
                     raise TransferFailed(f"blob {digest.short}: {outcome}")
                 flight = None
             if flight is None:
-                return _BlobFile(self.cache, digest, headers)
+                return await self._stored_blob(request, digest, headers)
             stream = web.StreamResponse(status=200, headers=headers)
             stream.content_length = flight.size
             await stream.prepare(request)
@@ -271,6 +304,46 @@ class Server:
             self.cache.serving[digest] -= 1
             if self.cache.serving[digest] <= 0:
                 del self.cache.serving[digest]
+
+    async def _stored_blob(
+        self, request: web.Request, digest: Digest, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        """A committed blob, whole or one range of it, sent with sendfile (the kernel copies
+        file to socket). The range is parsed here, not by aiohttp (which answered
+        ``bytes=-0`` with the whole blob); ``If-Range`` must be the blob's ETag."""
+        try:
+            f = await asyncio.to_thread(open, self.cache.store.blob_path(digest), "rb")
+        except FileNotFoundError:
+            raise BlobNotFound(f"blob {digest.short} left the store meanwhile") from None
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                busy = oci_error(503, "UNAVAILABLE", "the server is out of file descriptors")
+                busy.headers["Retry-After"] = "1"
+                return busy
+            raise StoreError(f"blob {digest.short}: {exc.strerror}") from exc
+        try:
+            size = os.fstat(f.fileno()).st_size
+            rng: ByteRange | None = None
+            header = request.headers.get("Range")
+            if_range = request.headers.get("If-Range")
+            if header is not None and (if_range is None or if_range.strip() == headers["ETag"]):
+                rng = parse_range(header, size)
+            resp = web.StreamResponse(status=200 if rng is None else 206, headers=headers)
+            offset, count = (0, size) if rng is None else (rng.start, rng.length)
+            if rng is not None:
+                resp.headers["Content-Range"] = rng.content_range(size)
+            resp.content_length = count
+            await resp.prepare(request)
+            if count:
+                transport = request.transport
+                if transport is None:
+                    raise ConnectionResetError("the client went away")
+                await asyncio.get_running_loop().sendfile(transport, f, offset, count)
+                self.cache.stats.bytes_served += count
+            await resp.write_eof()
+            return resp
+        finally:
+            f.close()
 
     # --- health, metrics, status ---------------------------------------------------------
 
@@ -298,9 +371,18 @@ class Server:
             lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {value}"]
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
-    def _status(self) -> dict[str, Any]:
+    def _status(self, full: bool) -> dict[str, Any]:
         s = self.cache.stats
         asked = s.hits + s.misses
+        counters: dict[str, Any] = {
+            "hit_rate": s.hits / asked if asked else None,
+            "hits": s.hits,
+            "misses": s.misses,
+            "bytes_served": s.bytes_served,
+            "bytes_upstream": s.bytes_upstream,
+        }
+        if not full:
+            return counters
         cached = [
             {"digest": d, "repository": r, "media_type": m, "last_used": t}
             for d, r, m, t in reversed(self.cache.meta.cached_manifests())
@@ -309,22 +391,23 @@ class Server:
             {"digest": str(f.digest), "size": f.size, "done": f.contiguous}
             for f in self.cache.engine.flights.values()
         ]
-        return {
-            "hit_rate": s.hits / asked if asked else None,
-            "hits": s.hits,
-            "misses": s.misses,
-            "bytes_served": s.bytes_served,
-            "bytes_upstream": s.bytes_upstream,
-            "cached": cached,
-            "recent": list(s.recent),
-            "fetches": flights,
-        }
+        return counters | {"cached": cached, "recent": list(s.recent), "fetches": flights}
+
+    def _details_for(self, request: web.Request) -> bool:
+        """Whether this request may see what the cache holds and who pulled what."""
+        return self.public_status is True or self._authorized(request)
 
     async def status_json(self, request: web.Request) -> web.Response:
-        return web.json_response(await asyncio.to_thread(self._status))
+        full = self._details_for(request)
+        return web.json_response(await asyncio.to_thread(self._status, full))
 
     async def status_page(self, request: web.Request) -> web.Response:
-        upstreams = ", ".join(html.escape(f"{u.host} → {u.url}") for u in self.cache.upstreams.all)
+        if self._details_for(request):
+            upstreams = ", ".join(
+                html.escape(f"{u.host} → {u.url}") for u in self.cache.upstreams.all
+            )
+        else:
+            upstreams = "(shown with --public-status or the admin token)"
         return web.Response(
             text=STATUS_PAGE.replace("{upstreams}", upstreams), content_type="text/html"
         )
@@ -332,9 +415,11 @@ class Server:
     # --- admin ---------------------------------------------------------------------------
 
     def _authorized(self, request: web.Request) -> bool:
-        if not self.token:
-            return False
         given = request.headers.get("Authorization", "")
+        # A header value is bytes aiohttp decoded leniently; a token is ASCII, so
+        # anything else is simply not it (and could not be encoded back: it was a 500).
+        if not self.token or not given.isascii():
+            return False
         return hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode())
 
     def _unauthorized(self) -> web.Response:
@@ -345,15 +430,28 @@ class Server:
     async def prefetch(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
             return self._unauthorized()
+        too_large = oci_error(
+            413,
+            "SIZE_INVALID",
+            f"the request body is over the admin API's {MAX_BODY} bytes (1 MiB)",
+        )
+        if request.content_length is not None and request.content_length > MAX_BODY:
+            return too_large
         try:
-            body = await request.json()
+            data = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return too_large
+        try:
+            body = json.loads(data)
             refs = body["references"]
             platforms = [Platform.parse(p) for p in body.get("platforms", [])]
             if not (isinstance(refs, list) and refs and all(isinstance(r, str) for r in refs)):
                 raise ValueError("references must be a non-empty list of strings")
+        except RecursionError:
+            return oci_error(400, "UNSUPPORTED", "bad prefetch request: JSON nested too deeply")
         except (ValueError, KeyError, TypeError, FetchdError) as exc:
             return oci_error(400, "UNSUPPORTED", f"bad prefetch request: {exc}")
-        job = Job(uuid.uuid4().hex[:16], refs)
+        job = Job(uuid.uuid4().hex[:16], refs, results={r: {"state": "queued"} for r in refs})
         self.jobs[job.id] = job
         assert self._tasks is not None
         task = self._tasks.create_task(self._run_job(job, platforms))
@@ -364,14 +462,15 @@ class Server:
     async def _run_job(self, job: Job, platforms: list[Platform]) -> None:
         async def one(ref: str) -> None:
             try:
-                digest = await self.cache.prefetch(ref, platforms)
+                async with self.cache.job_slots:
+                    job.results[ref] = {"state": "running"}
+                    digest = await self.cache.prefetch(ref, platforms)
                 job.results[ref] = {"state": "done", "digest": str(digest)}
             except Exception as exc:  # a job must never take the server down
                 job.results[ref] = {"state": "failed", "error": str(exc)}
 
         async with asyncio.TaskGroup() as tg:
-            for ref in job.references:
-                job.results[ref] = {"state": "running"}
+            for ref in dict.fromkeys(job.references):
                 tg.create_task(one(ref))
         failed = any(r["state"] == "failed" for r in job.results.values())
         job.state = "failed" if failed else "done"
@@ -396,34 +495,6 @@ class Server:
         return await asyncio.to_thread(
             evict, self.cache, self.max_size, set(self.cache.serving), collect, self.grace
         )
-
-
-class _BlobFile(web.FileResponse):
-    """A stored blob, sent with sendfile. Its ETag is the digest (aiohttp would make one
-    from mtime and size, which would differ from HEAD's), and it counts what it sends."""
-
-    def __init__(self, cache: Cache, digest: Digest, headers: dict[str, str]) -> None:
-        super().__init__(cache.store.blob_path(digest), headers=headers)
-        self._cache = cache
-        self._digest_etag = f'"{digest}"'
-
-    @property
-    def etag(self) -> Any:
-        return self.headers.get("ETag")
-
-    @etag.setter
-    def etag(self, value: Any) -> None:
-        self.headers["ETag"] = self._digest_etag
-
-    async def prepare(self, request: web.BaseRequest) -> Any:
-        # FileResponse sends the whole body here, after the handler (and so the guard
-        # middleware) returned: the connection is busy until the last byte is out, or
-        # the guard would cut a slow reader of a big blob after HEADER_TIMEOUT.
-        with _busy(request):
-            writer = await super().prepare(request)
-        if request.method == "GET" and self.content_length:
-            self._cache.stats.bytes_served += self.content_length
-        return writer
 
 
 EVICT_INTERVAL = 30.0
@@ -472,6 +543,8 @@ td,th{border-bottom:1px solid #ddd;padding:4px 10px;text-align:left;font-family:
 </style></head><body>
 <h1>fetchd LAN cache</h1>
 <p>Upstreams: {upstreams}</p>
+<p id="private" hidden>Cached images and recent pulls are shown with <code>--public-status</code>
+or the admin token.</p>
 <p><span class="num" id="hitrate">–</span> hit rate &nbsp;
 <span class="num" id="served">–</span> served &nbsp;
 <span class="num" id="upstream">–</span> from upstream</p>
@@ -490,14 +563,15 @@ async function refresh(){
     s.hit_rate===null?"–":(100*s.hit_rate).toFixed(0)+"%";
   document.getElementById("served").textContent=mib(s.bytes_served);
   document.getElementById("upstream").textContent=mib(s.bytes_upstream);
+  document.getElementById("private").hidden=s.cached!==undefined;
   const f=document.getElementById("fetches");clear(f);
-  for(const x of s.fetches){const b=document.createElement("div");b.className="bar";
+  for(const x of s.fetches||[]){const b=document.createElement("div");b.className="bar";
     const i=document.createElement("div");i.style.width=(100*x.done/x.size)+"%";b.appendChild(i);
     row(f,[x.digest.slice(0,19),b])}
   const r=document.getElementById("recent");clear(r);
-  for(const x of s.recent){row(r,[x.name,x.digest.slice(0,19)])}
+  for(const x of s.recent||[]){row(r,[x.name,x.digest.slice(0,19)])}
   const c=document.getElementById("cached");clear(c);
-  for(const x of s.cached){row(c,[x.repository,x.digest.slice(0,19),x.media_type])}
+  for(const x of s.cached||[]){row(c,[x.repository,x.digest.slice(0,19),x.media_type])}
 }
 refresh();setInterval(refresh,1000);
 </script></body></html>
@@ -516,54 +590,211 @@ def read_token(path: Path | None) -> str | None:
 # --- running it ------------------------------------------------------------------------
 
 HEADER_TIMEOUT = 10.0  # seconds a connection may take to send a request's headers
-MAX_HEADER_BYTES = 32 * 1024  # bytes a connection may send before a request starts
+MAX_HEADER_BYTES = 32 * 1024  # bytes of request line and headers, all lines together
+BACKLOG = 4096
+# Descriptors kept for what is not a client connection: store files, upstream
+# connections, sqlite, the threads' work. The connection limit is the rest.
+FD_RESERVE_MIN = 64
+FD_RESERVE_FRACTION = 4  # ... or a quarter of the limit, whichever is more
+WARN_INTERVAL = 60.0  # seconds between two log lines about the same overload
+ACCEPT_PAUSE = 0.1  # seconds accepting pauses when the process is out of descriptors
 _guards: dict[asyncio.BaseTransport, _Guard] = {}
+
+
+class _NoClientFaults(logging.Filter):
+    """aiohttp logs every malformed request as an ERROR with a traceback, though the
+    client got its 400: a client could fill the disk with them. They are the client's
+    fault, not the server's, and are logged only at debug level."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, HttpProcessingError) or log.isEnabledFor(logging.DEBUG)
+
+
+_http_log = logging.getLogger("fetchd.server.http")
+_http_log.addFilter(_NoClientFaults())
+
+
+def connection_limit(requested: int | None) -> int:
+    """Client connections to allow: ``requested`` (--max-connections), never more than the
+    descriptors RLIMIT_NOFILE leaves once a reserve is set aside."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    room = max(16, soft - max(FD_RESERVE_MIN, soft // FD_RESERVE_FRACTION))
+    if requested is not None and requested > room:
+        log.warning(
+            "--max-connections %d is more than RLIMIT_NOFILE %d leaves room for: using %d",
+            requested,
+            soft,
+            room,
+        )
+    return room if requested is None else max(1, min(requested, room))
+
+
+def raise_nofile_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard one, as Go's runtime does for servers."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+class _Throttled:
+    """A warning logged at most once per WARN_INTERVAL, with how often it happened."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.count = 0
+        self.logged = -WARN_INTERVAL
+
+    def __call__(self, *args: object) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.logged >= WARN_INTERVAL:
+            log.warning(self.text + " (%d times since the last such message)", *args, self.count)
+            self.count = 0
+            self.logged = now
+
+
+class Connections:
+    """The open client connections: how many, and which may be shed, most idle first —
+    accepted sockets that have not sent a byte yet (no protocol is built for them until
+    they do: a flood of silent connections costs an accept and a close each), then
+    connections with no request in progress, longest idle first."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+        #: accepted, nothing received yet: socket → when it was accepted (monotonic)
+        self.silent: collections.OrderedDict[socket.socket, float] = collections.OrderedDict()
+        self.idle: collections.OrderedDict[_Guard, None] = collections.OrderedDict()
+        self._warn_shed = _Throttled("at the limit of %d connections: closed idle ones")
+
+    def opened(self, guard: _Guard) -> None:
+        self.open += 1
+        guard.counted = True
+        self.idle[guard] = None
+
+    def gone(self, guard: _Guard) -> None:
+        if guard.counted:
+            guard.counted = False
+            self.open -= 1
+        self.idle.pop(guard, None)
+
+    def active(self, guard: _Guard) -> None:
+        """The connection sent bytes, or a request of it ended: it is idle the least."""
+        if guard in self.idle:
+            self.idle.move_to_end(guard)
+
+    def add_silent(self, sock: socket.socket) -> None:
+        self.open += 1
+        self.silent[sock] = time.monotonic()
+
+    def spoke(self, sock: socket.socket) -> float:
+        """``sock`` sent its first bytes: it leaves the silent ones (its protocol, once
+        built, counts it again). Returns when it was accepted."""
+        asyncio.get_running_loop().remove_reader(sock.fileno())
+        self.open -= 1
+        return self.silent.pop(sock)
+
+    def close_silent(self, sock: socket.socket) -> None:
+        asyncio.get_running_loop().remove_reader(sock.fileno())
+        self.silent.pop(sock, None)
+        self.open -= 1
+        sock.close()
+
+    def sweep(self) -> None:
+        """Close silent sockets older than HEADER_TIMEOUT (the oldest are first)."""
+        now = time.monotonic()
+        while self.silent:
+            sock, since = next(iter(self.silent.items()))
+            if now - since < HEADER_TIMEOUT:
+                break
+            self.close_silent(sock)
+
+    def shed(self) -> bool:
+        """Close the most idle connection; False if every connection is busy."""
+        if self.silent:
+            sock = next(iter(self.silent))
+            self.close_silent(sock)
+        elif self.idle:
+            guard, _ = self.idle.popitem(last=False)
+            guard.abort()
+            self.gone(guard)
+        else:
+            return False
+        self._warn_shed(self.limit)
+        return True
+
+    def close_all_silent(self) -> None:
+        for sock in list(self.silent):
+            self.close_silent(sock)
 
 
 class _Guard(asyncio.Protocol):
     """Wraps aiohttp's protocol: drops a connection that has no request in progress
     and has not completed one for HEADER_TIMEOUT seconds (slow or idle clients), so
-    trickling clients cannot hold connections forever. Requests mark themselves busy
+    trickling clients cannot hold connections forever; bounds the bytes of a request's
+    line and headers together (aiohttp bounds each line). Requests mark themselves busy
     through :func:`_guard_middleware`."""
 
-    def __init__(self, inner: asyncio.Protocol) -> None:
+    def __init__(
+        self, inner: asyncio.Protocol, connections: Connections, since: float | None = None
+    ) -> None:
         self.inner = inner
+        self.connections = connections
+        self.counted = False
         self.busy = 0
-        self.unclaimed = 0
-        self.last = time.monotonic()
+        self.unclaimed = 0  # header bytes of the request now arriving
+        self.in_body = False  # its headers ended: what follows is its body, not counted
+        self.draining: StreamReader | None = None  # a body the handler left unread
+        self._tail = b""
+        self.last = time.monotonic() if since is None else since  # since it was accepted
         self.transport: asyncio.BaseTransport | None = None
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
         _guards[transport] = self
+        self.connections.opened(self)
         self.inner.connection_made(transport)
-        self._arm(HEADER_TIMEOUT)
+        self._arm(max(0.5, HEADER_TIMEOUT - (time.monotonic() - self.last)))
+
+    def abort(self) -> None:
+        if isinstance(self.transport, asyncio.Transport):
+            self.transport.abort()
 
     def _arm(self, delay: float) -> None:
         self._timer = asyncio.get_running_loop().call_later(delay, self._check)
 
     def _check(self) -> None:
         idle = time.monotonic() - self.last
-        if (
-            self.busy == 0
-            and idle >= HEADER_TIMEOUT
-            and isinstance(self.transport, asyncio.Transport)
-        ):
+        if self.busy == 0 and idle >= HEADER_TIMEOUT:
             log.info("dropping a connection with no complete request for %.0f s", idle)
-            self.transport.abort()
+            self.abort()
             return
         self._arm(max(0.5, HEADER_TIMEOUT - idle))
 
     def data_received(self, data: bytes) -> None:
         if self.busy == 0:
-            # Everything before a request starts is its request line and headers:
-            # aiohttp bounds each line, this bounds them all together.
-            self.unclaimed += len(data)
-            if self.unclaimed > MAX_HEADER_BYTES and isinstance(self.transport, asyncio.Transport):
-                log.info("dropping a connection that sent %d bytes of headers", self.unclaimed)
-                self.transport.abort()
-                return
+            self.connections.active(self)
+            if self.draining is not None and self.draining.is_eof():
+                self.draining = None
+            if self.draining is None and not self.in_body:
+                # Count up to the blank line that ends the headers: a body is bounded by
+                # its handler (MAX_BODY for admin JSON), not as headers.
+                window = self._tail + data
+                end = window.find(b"\r\n\r\n")
+                if end < 0:
+                    self.unclaimed += len(data)
+                else:
+                    self.unclaimed += max(0, end + 4 - len(self._tail))
+                    self.in_body = True
+                self._tail = window[-3:]
+                if self.unclaimed > MAX_HEADER_BYTES:
+                    log.info("dropping a connection that sent %d bytes of headers", self.unclaimed)
+                    self.abort()
+                    return
         self.inner.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -580,6 +811,7 @@ class _Guard(asyncio.Protocol):
             self._timer.cancel()
         if self.transport is not None:
             _guards.pop(self.transport, None)
+        self.connections.gone(self)
         self.inner.connection_lost(exc)
 
 
@@ -589,13 +821,20 @@ def _busy(request: web.BaseRequest) -> Iterator[None]:
     guard = _guards.get(request.transport) if request.transport is not None else None
     if guard is not None:
         guard.busy += 1
-        guard.unclaimed = 0
+        guard.connections.idle.pop(guard, None)
     try:
         yield
     finally:
         if guard is not None:
             guard.busy -= 1
             guard.last = time.monotonic()
+            if guard.busy == 0:
+                # The next request's headers start now; a body the handler did not
+                # read (aiohttp discards it) is not theirs.
+                guard.unclaimed, guard.in_body, guard._tail = 0, False, b""
+                guard.draining = None if request.content.is_eof() else request.content
+                if guard.counted:
+                    guard.connections.idle[guard] = None
 
 
 @web.middleware
@@ -606,36 +845,183 @@ async def _guard_middleware(
         return await handler(request)
 
 
-async def serve(server: Server, host: str, port: int, ready: Callable[[str], None]) -> None:
-    """Serve until cancelled. ``ready`` gets the URL once the socket listens."""
-    app = server.app()
-    app.middlewares.insert(0, _guard_middleware)
-    runner = web.AppRunner(
-        app,
-        access_log=None,
-        max_line_size=8190,
-        max_field_size=8190,
-        keepalive_timeout=75,
-        shutdown_timeout=5.0,  # on SIGTERM, responses still running get 5 s, not 60
-    )
-    await runner.setup()
+def _listen(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for every address ``host`` names (all of them for "")."""
     try:
-        loop = asyncio.get_running_loop()
-        factory = runner.server
-        assert factory is not None
-        listener = await loop.create_server(
-            lambda: _Guard(factory()), host, port, reuse_address=True, backlog=1024
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
+    except socket.gaierror as exc:
+        raise FetchdError(f"--listen {host}:{port}: {exc.strerror}") from exc
+    socks: list[socket.socket] = []
+    seen: set[tuple[int, Any]] = set()
+    try:
+        for family, kind, proto, _, addr in infos:
+            if (family, addr) in seen:
+                continue
+            seen.add((family, addr))
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+    except OSError as exc:
+        for sock in socks:
+            sock.close()
+        raise FetchdError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    return socks
+
+
+def _is_loopback(sock: socket.socket) -> bool:
+    address = str(sock.getsockname()[0]).split("%", 1)[0]
+    return ipaddress.ip_address(address).is_loopback
+
+
+# accept() failures that say the process or the machine is out of something (the
+# connection stays in the backlog), and those that say the peer already gave up.
+_OUT_OF = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_PEER_GONE = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+ACCEPT_BATCH = 256  # connections accepted per wake-up of a listening socket
+
+
+class _Acceptor:
+    """Accepts on the listening sockets, within the connection limit.
+
+    At the limit the most idle connection makes room for a new one; with every
+    connection busy, new ones wait in the kernel's backlog (accepting pauses). Out of
+    descriptors, accepting pauses briefly after shedding one, instead of spinning, and
+    says so once a minute, not per accept. An accepted socket gets its protocol (the
+    guard around aiohttp's) only once it sends something; silent ones are shed first
+    and closed after HEADER_TIMEOUT."""
+
+    def __init__(
+        self,
+        socks: list[socket.socket],
+        factory: Callable[[], asyncio.Protocol],
+        connections: Connections,
+        tg: asyncio.TaskGroup,
+    ) -> None:
+        self.socks = socks
+        self.factory = factory
+        self.connections = connections
+        self.tg = tg
+        self.loop = asyncio.get_running_loop()
+        self._timers: dict[socket.socket, asyncio.TimerHandle] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._warn_fds = _Throttled("out of file descriptors: accept() failed: %s")
+        self._warn_other = _Throttled("accept() failed: %s")
+
+    def start(self) -> None:
+        for sock in self.socks:
+            self.loop.add_reader(sock.fileno(), self._accept, sock)
+        self._sweep()
+
+    def stop(self) -> None:
+        for sock in self.socks:
+            self.loop.remove_reader(sock.fileno())
+        for timer in self._timers.values():
+            timer.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self.connections.close_all_silent()
+
+    def _sweep(self) -> None:
+        self.connections.sweep()
+        self._sweeper = self.loop.call_later(1.0, self._sweep)
+
+    def _pause(self, sock: socket.socket, delay: float) -> None:
+        self.loop.remove_reader(sock.fileno())
+        self._timers[sock] = self.loop.call_later(delay, self._resume, sock)
+
+    def _resume(self, sock: socket.socket) -> None:
+        self._timers.pop(sock, None)
+        self.loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def _accept(self, sock: socket.socket) -> None:
+        conns = self.connections
+        for _ in range(ACCEPT_BATCH):
+            if conns.open >= conns.limit and not conns.shed():
+                self._pause(sock, ACCEPT_PAUSE)  # every connection is busy
+                return
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _PEER_GONE:
+                    continue
+                if exc.errno in _OUT_OF:
+                    self._warn_fds(exc.strerror)
+                    conns.shed()
+                else:
+                    self._warn_other(exc.strerror or exc)
+                self._pause(sock, ACCEPT_PAUSE)
+                return
+            conn.setblocking(False)
+            conns.add_silent(conn)
+            self.loop.add_reader(conn.fileno(), self._spoke, conn)
+
+    def _spoke(self, conn: socket.socket) -> None:
+        since = self.connections.spoke(conn)
+        self.tg.create_task(self._wrap(conn, since))
+
+    async def _wrap(self, conn: socket.socket, since: float) -> None:
+        def guarded() -> asyncio.Protocol:
+            return _Guard(self.factory(), self.connections, since)
+
         try:
-            sock = listener.sockets[0].getsockname()
-            ready(
-                f"http://{sock[0]}:{sock[1]}"
-                if ":" not in sock[0]
-                else f"http://[{sock[0]}]:{sock[1]}"
-            )
-            await asyncio.Event().wait()
+            await self.loop.connect_accepted_socket(guarded, conn)
+        except OSError:
+            conn.close()
+
+
+async def serve(
+    server: Server,
+    host: str,
+    port: int,
+    ready: Callable[[str], None],
+    max_connections: int | None = None,
+) -> None:
+    """Serve until cancelled. ``ready`` gets the URL once the socket listens."""
+    raise_nofile_limit()
+    connections = Connections(connection_limit(max_connections))
+    socks = _listen(host, port)
+    try:
+        if server.public_status is None:
+            server.public_status = all(_is_loopback(sock) for sock in socks)
+        app = server.app()
+        app.middlewares.insert(0, _guard_middleware)
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            logger=_http_log,
+            max_line_size=8190,
+            max_field_size=8190,
+            keepalive_timeout=75,
+            shutdown_timeout=5.0,  # on SIGTERM, responses still running get 5 s, not 60
+        )
+        await runner.setup()
+        try:
+            factory = runner.server
+            assert factory is not None
+            async with asyncio.TaskGroup() as tg:
+                acceptor = _Acceptor(socks, factory, connections, tg)
+                acceptor.start()
+                try:
+                    name = socks[0].getsockname()
+                    ready(
+                        f"http://{name[0]}:{name[1]}"
+                        if ":" not in name[0]
+                        else f"http://[{name[0]}]:{name[1]}"
+                    )
+                    await asyncio.Event().wait()
+                finally:
+                    acceptor.stop()
         finally:
-            listener.close()
-            await listener.wait_closed()
+            await runner.cleanup()
     finally:
-        await runner.cleanup()
+        for sock in socks:
+            sock.close()

@@ -17,25 +17,26 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from fetchd.config import Config
 from fetchd.engine.pull import Engine, Flight
 from fetchd.errors import (
     BlobNotFound,
     FetchdError,
+    ManifestInvalid,
     ManifestNotFound,
     StoreError,
     TransferFailed,
     TransferTimeout,
+    UnsupportedMediaType,
     unwrap,
 )
-from fetchd.manifest import ImageIndex, media_type_of, parse_manifest
+from fetchd.manifest import ImageIndex, ImageManifest, parse_manifest
 from fetchd.model import MAX_MANIFEST_SIZE, Descriptor, Digest, Platform, Reference
 from fetchd.progress import Progress
 from fetchd.server.upstreams import Route, Upstream, Upstreams
@@ -45,7 +46,17 @@ from fetchd.store.meta import Meta
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 FLIGHT_START_TIMEOUT = 60.0
+# Seconds a cached tag waits for the upstream to confirm it before the cached digest is
+# served: a miss gets the whole retry budget, a hit only this (an upstream that accepts
+# connections and never answers cost 5 attempts × 30 s per request).
+REVALIDATE_TIMEOUT = 2.0
+# After an upstream failed to revalidate a tag, its cached tags are served without
+# asking it for this long, so that every client does not wait REVALIDATE_TIMEOUT.
+REVALIDATE_BACKOFF = 10.0
+JOB_CONCURRENCY = 8  # references of one prefetch job resolved at once
 STREAM_WAIT = 1.0
 STREAM_BATCH = 4 << 20  # bytes a client of a blob still arriving is sent at once ...
 STREAM_FLUSH = 0.2  # ... or what arrived, once this many seconds passed since the last send
@@ -101,6 +112,9 @@ class Cache:
         self._fetch_tasks: set[asyncio.Task[None]] = set()
         self._registries: dict[Upstream, Registry] = {}
         self._tg: asyncio.TaskGroup | None = None
+        #: when each upstream last failed to revalidate a tag (monotonic)
+        self._dark_since: dict[Upstream, float] = {}
+        self.job_slots = asyncio.Semaphore(JOB_CONCURRENCY)
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Cache]:
@@ -140,33 +154,45 @@ class Cache:
             ref = Reference(route.upstream.host, route.repository, None, digest)
             return await self._fetch_manifest(route, ref, None)
         known = await asyncio.to_thread(self.meta.tag, route.key, reference)
+        stored: Manifest | None = None
         if known and self.store.has(Digest.parse(known[0])):
             stored = await asyncio.to_thread(self._stored, Digest.parse(known[0]), route)
-            if time.time() - known[1] < self.tag_ttl:
+            dark = self._dark_since.get(route.upstream)
+            recently_dark = dark is not None and time.monotonic() - dark < REVALIDATE_BACKOFF
+            if time.time() - known[1] < self.tag_ttl or recently_dark:
                 self.stats.hits += 1
                 self._recent(f"{route.key}:{reference}", stored.digest)
                 return stored
-        else:
-            stored = None
         self.stats.misses += 1
         ref = Reference(route.upstream.host, route.repository, reference, None)
-        try:
+        if stored is None:
             return await self._fetch_manifest(route, ref, reference)
-        except FetchdError as exc:
-            if stored is not None and not isinstance(exc, ManifestNotFound):
-                log.warning(
-                    "%s:%s: upstream failed (%s); serving the cached copy",
-                    route.key,
-                    reference,
-                    exc,
-                )
-                return stored
-            raise
+        try:
+            async with asyncio.timeout(REVALIDATE_TIMEOUT):
+                fetched = await self._fetch_manifest(route, ref, reference)
+        except (FetchdError, TimeoutError) as exc:
+            if isinstance(exc, ManifestNotFound):
+                raise
+            why = (
+                f"no answer within {REVALIDATE_TIMEOUT:g} s"
+                if isinstance(exc, TimeoutError)
+                else str(exc)
+            )
+            log.warning(
+                "%s:%s: upstream failed (%s); serving the cached copy",
+                route.key,
+                reference,
+                why,
+            )
+            self._dark_since[route.upstream] = time.monotonic()
+            return stored
+        self._dark_since.pop(route.upstream, None)
+        return fetched
 
     async def tags(self, route: Route) -> list[str]:
         """The upstream's tag list; the tags this cache knows when upstream is away."""
         try:
-            return await self.registry(route.upstream).tags(route.repository)
+            return await self._ask(route, self.registry(route.upstream).tags(route.repository))
         except FetchdError:
             known = await asyncio.to_thread(self.meta.tags_of, route.key)
             if not known:
@@ -174,17 +200,35 @@ class Cache:
             return known
 
     def _stored(self, digest: Digest, route: Route) -> Manifest:
+        """A manifest from the store. A digest of a layer or config is a blob the store
+        holds, not a manifest: MANIFEST_UNKNOWN, as distribution/registry answers."""
+        size = self.store.blob_size(digest)
+        not_one = ManifestNotFound(f"{digest.short} is not a manifest this cache knows")
+        if size is None or size > MAX_MANIFEST_SIZE:
+            raise not_one
         data = self.store.read_blob(digest, MAX_MANIFEST_SIZE)
-        doc = json.loads(data)
-        media_type = media_type_of(doc, None)
-        self._learn(data, media_type, str(digest))
-        self.meta.cache_manifest(str(digest), route.key, media_type)
-        return Manifest(data, media_type, digest)
+        try:
+            parsed = _parse(data, None, f"{route.key}@{digest.short}")
+        except (ManifestInvalid, UnsupportedMediaType):
+            raise not_one from None
+        self._learn(parsed)
+        self.meta.cache_manifest(str(digest), route.key, parsed.media_type)
+        return Manifest(data, parsed.media_type, digest)
+
+    async def _ask(self, route: Route, answer: Awaitable[T]) -> T:
+        """An upstream call, with what the registry source leaves untranslated mapped."""
+        try:
+            return await answer
+        except RecursionError:
+            raise TransferFailed(
+                f"{route.upstream.host}: the upstream answered with JSON nested too deeply to read"
+            ) from None
 
     async def _fetch_manifest(self, route: Route, ref: Reference, tag: str | None) -> Manifest:
-        raw, ctype, digest = await self.registry(route.upstream).manifest(ref)
-        media_type = media_type_of(json.loads(raw), ctype)
-        self._learn(raw, ctype, f"{route.key}@{digest.short}")  # also validates it
+        raw, ctype, digest = await self._ask(route, self.registry(route.upstream).manifest(ref))
+        parsed = _parse(raw, ctype, f"{route.key}@{digest.short} from the upstream")
+        media_type = parsed.media_type
+        self._learn(parsed)
         await asyncio.to_thread(self.store.put, raw, digest)
         await asyncio.to_thread(self.meta.cache_manifest, str(digest), route.key, media_type)
         if tag is not None:
@@ -196,8 +240,7 @@ class Cache:
     def _recent(self, name: str, digest: Digest) -> None:
         self.stats.recent.appendleft({"name": name, "digest": str(digest), "at": time.time()})
 
-    def _learn(self, raw: bytes, media_type: str | None, where: str) -> None:
-        parsed = parse_manifest(raw, media_type, where)
+    def _learn(self, parsed: ImageManifest | ImageIndex) -> None:
         children = parsed.manifests if isinstance(parsed, ImageIndex) else parsed.blobs()
         for d in children:
             self.sizes[d.digest] = d.size
@@ -210,7 +253,9 @@ class Cache:
             return size
         size = self.sizes.get(digest)
         if size is None:
-            size = await self.registry(route.upstream).blob_size(route.repository, digest)
+            size = await self._ask(
+                route, self.registry(route.upstream).blob_size(route.repository, digest)
+            )
             self.sizes[digest] = size
         return size
 
@@ -300,7 +345,7 @@ class Cache:
             raise FetchdError(f"{text!r}: no upstream of this server serves {ref.host!r}")
         route = Route(upstream, ref.name)
         top = await self.manifest(route, str(ref.digest or ref.tag))
-        parsed = parse_manifest(top.data, top.media_type, text)
+        parsed = _parse(top.data, top.media_type, text)
         manifests = [top]
         if isinstance(parsed, ImageIndex):
             for p in platforms or [Platform.host()]:
@@ -309,7 +354,7 @@ class Cache:
         try:
             async with asyncio.TaskGroup() as tg:
                 for m in manifests:
-                    inner = parse_manifest(m.data, m.media_type, text)
+                    inner = _parse(m.data, m.media_type, text)
                     if isinstance(inner, ImageIndex):
                         continue
                     for d in inner.blobs():
@@ -371,6 +416,14 @@ class Cache:
         finally:
             f.close()
         return sent
+
+
+def _parse(raw: bytes, media_type: str | None, where: str) -> ImageManifest | ImageIndex:
+    """parse_manifest, with a too deeply nested document a ManifestInvalid too."""
+    try:
+        return parse_manifest(raw, media_type, where)
+    except RecursionError:
+        raise ManifestInvalid(f"{where}: the manifest is JSON nested too deeply to read") from None
 
 
 def _as_fetchd_error(exc: BaseException) -> FetchdError:

@@ -141,11 +141,14 @@ def start_serve(
     upstreams: Sequence[str],
     token_file: Path | None = None,
     extra: Sequence[str] = (),
+    nofile: int | None = None,
 ) -> ServeProcess:
     """Start `fetchd serve` on a free port of 127.0.0.1 over fetchd's store (or a store path).
 
     upstreams are `--upstream` values ("[PREFIX=]http://HOST:PORT"); extra is appended to the
-    serve arguments (e.g. ("--tag-ttl", "1")). Returns once /healthz answers 200.
+    serve arguments (e.g. ("--tag-ttl", "1")); nofile, if given, is the process's
+    RLIMIT_NOFILE (soft and hard, set by prlimit(1), which then execs fetchd: the PID is
+    fetchd's). Returns once /healthz answers 200.
     """
     if isinstance(fetchd, Path):
         home = fetchd.parent / f"{fetchd.name}-home"
@@ -160,7 +163,10 @@ def start_serve(
     args += list(extra)
     log_path = fetchd.store.parent / f"serve-{port}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    proc = Proc(fetchd.argv(*args), log_path, env=fetchd.env())
+    argv = fetchd.argv(*args)
+    if nofile is not None:
+        argv = ["prlimit", f"--nofile={nofile}:{nofile}", "--", *argv]
+    proc = Proc(argv, log_path, env=fetchd.env())
     serve = ServeProcess(proc, port, fetchd.store)
     try:
         serve.wait_ready()
