@@ -22,6 +22,7 @@ from types import TracebackType
 
 import pytest
 
+from fetchd.model import Digest
 from fetchd.store import Store
 from fetchd.store import maintenance as mt
 from tests.support.cli import Fetchd
@@ -208,3 +209,46 @@ def test_gc_in_a_loop_against_a_running_pull(
             mt.gc(store)  # the name protects everything now
             _check_store(fetchd, name, image)
     assert gc_runs > ROUNDS  # gc really ran during the pulls
+
+
+_LEASE_HOLDER = """
+import sys
+from pathlib import Path
+from fetchd.model import Digest
+from fetchd.store import Store
+from fetchd.store.leases import Lease
+lease = Lease.take(Store.open(Path(sys.argv[1])), [Digest.parse(sys.argv[2])])
+print(lease.path, flush=True)
+sys.stdin.read()  # until killed
+"""
+
+
+def test_a_live_lease_keeps_its_blobs_and_a_dead_one_expires(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "store")
+    data = b"committed, not yet named\n"
+    digest = Digest.of(data)
+    store.put(data, digest)
+    home = tmp_path / "home"
+    home.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _LEASE_HOLDER, str(store.root), str(digest)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=Fetchd(store.root, home).env(),
+    )
+    try:
+        assert holder.stdout is not None
+        lease_file = Path(holder.stdout.readline().strip())
+        assert lease_file.parent == store.leases
+        assert mt.gc(store).removed_blobs == 0
+        assert store.has(digest)
+    finally:
+        holder.kill()  # as kill -9 would: nothing released, the flock goes with the process
+        holder.wait(ROUND_TIMEOUT)
+    assert lease_file.exists()
+
+    report = mt.gc(store)
+
+    assert report.removed_blobs == 1 and not store.has(digest)
+    assert not lease_file.exists()
