@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-connections",
         type=int,
         metavar="N",
-        help="client connections at once (default and upper bound: what RLIMIT_NOFILE "
+        help="client connections at once (default 16384; never more than RLIMIT_NOFILE "
         "leaves after a reserve); at the limit the longest idle one is closed",
     )
 

@@ -26,9 +26,9 @@ from fetchd.server.upstreams import Upstream, Upstreams
 from tests.support.fakeregistry import Answer, FakeRegistry, sha256
 from tests.support.serve import ServeProcess, start_serve
 
-FAST = settings(max_examples=150, deadline=1000)
+FAST = settings(max_examples=100, deadline=1000)
 E2E = settings(
-    max_examples=60,
+    max_examples=40,
     deadline=None,  # bounded by the socket's timeout instead: the machine may be loaded
     suppress_health_check=[HealthCheck.too_slow],
 )

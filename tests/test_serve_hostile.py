@@ -19,6 +19,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,25 @@ def token_file(tmp_path: Path) -> Path:
 
 def bearer(token_file: Path) -> dict[str, str]:
     return {"Authorization": f"Bearer {token_file.read_text().strip()}"}
+
+
+@dataclass(frozen=True)
+class Shared:
+    """One fake upstream and one `fetchd serve` (with an admin token) for the tests whose
+    server state does not matter: each uses names of its own."""
+
+    fake: FakeRegistry
+    cache: ServeProcess
+    token_file: Path
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
+    root = tmp_path_factory.mktemp("serve-hostile")
+    token_file = root / "token"
+    token_file.write_text(secrets.token_hex(16) + "\n")
+    with FakeRegistry() as fake, start_serve(root / "store", [fake.url], token_file) as cache:
+        yield Shared(fake, cache, token_file)
 
 
 # --- item 7: a dark upstream ------------------------------------------------------------------
@@ -253,18 +273,16 @@ def test_a_connection_flood_at_nofile_1024_starves_no_client_and_floods_no_log(
     assert "closed idle ones" in cache.log(), cache.log()[-2000:]
 
 
-def test_malformed_requests_get_a_400_and_leave_no_traceback_in_the_log(
-    fake: FakeRegistry, fetchd: Fetchd
-) -> None:
+def test_malformed_requests_get_a_400_and_leave_no_traceback_in_the_log(shared: Shared) -> None:
     """A client's malformed request is the client's fault: it gets its 400, and the log
     does not grow a traceback per request (aiohttp logs each one as an ERROR)."""
-    with start_serve(fetchd, [fake.url]) as cache:
-        before = cache.log_path.stat().st_size
-        for i in range(200):
-            answer = raw_exchange(cache.port, f"GET /v2/ HTTP/1.1\r\nX-{i}: \x01\r\n\r\n".encode())
-            assert answer.startswith(b"HTTP/1.") and status_of(answer) == 400, answer[:200]
-        assert cache.get("/healthz").status == 200
-        grown = cache.log_path.stat().st_size - before
+    cache = shared.cache
+    before = cache.log_path.stat().st_size
+    for i in range(200):
+        answer = raw_exchange(cache.port, f"GET /v2/ HTTP/1.1\r\nX-{i}: \x01\r\n\r\n".encode())
+        assert answer.startswith(b"HTTP/1.") and status_of(answer) == 400, answer[:200]
+    assert cache.get("/healthz").status == 200
+    grown = cache.log_path.stat().st_size - before
     assert grown < 4096, f"the log grew {grown} bytes:\n{cache.log()[-2000:]}"
 
 
@@ -274,8 +292,9 @@ DEEP = b"[" * 100_000 + b"]" * 100_000
 
 
 def test_an_upstream_answering_html_or_deep_json_is_a_502_naming_the_problem(
-    fake: FakeRegistry, fetchd: Fetchd
+    shared: Shared,
 ) -> None:
+    fake, cache = shared.fake, shared.cache
     fake.routes["/v2/bad/html/manifests/1"] = Answer(
         b"<html><body>Log in to the hotel Wi-Fi</body></html>", {"Content-Type": "text/html"}
     )
@@ -284,119 +303,112 @@ def test_an_upstream_answering_html_or_deep_json_is_a_502_naming_the_problem(
         DEEP[:60_000], {"Content-Type": "application/json"}, status=404
     )
     fake.routes["/v2/bad/deep/tags/list"] = Answer(DEEP, {"Content-Type": "application/json"})
-    with start_serve(fetchd, [fake.url]) as cache:
-        for path, words in (
-            ("/v2/bad/html/manifests/1", ("JSON",)),
-            ("/v2/bad/deep/manifests/1", ("nested", "deep")),
-            ("/v2/bad/deep/tags/list", ("nested", "deep", "not a tag list")),
-        ):
-            r = cache.get(path)
-            assert r.status == 502 and r.oci_codes, (path, r)
-            message = r.json()["errors"][0]["message"]
-            assert any(w in message for w in words) and fake.host in message, (path, message)
-        # A 404 whose error body is deep JSON: still the 404 (or a 502), never a 500.
-        r = cache.get("/v2/bad/deep-error/manifests/1")
-        assert (r.status, r.oci_codes) in ((404, ["MANIFEST_UNKNOWN"]), (502, ["UNAVAILABLE"])), r
-        assert cache.get("/healthz").status == 200
+    for path, words in (
+        ("/v2/bad/html/manifests/1", ("JSON",)),
+        ("/v2/bad/deep/manifests/1", ("nested", "deep")),
+        ("/v2/bad/deep/tags/list", ("nested", "deep", "not a tag list")),
+    ):
+        r = cache.get(path)
+        assert r.status == 502 and r.oci_codes, (path, r)
+        message = r.json()["errors"][0]["message"]
+        assert any(w in message for w in words) and fake.host in message, (path, message)
+    # A 404 whose error body is deep JSON: still the 404 (or a 502), never a 500.
+    r = cache.get("/v2/bad/deep-error/manifests/1")
+    assert (r.status, r.oci_codes) in ((404, ["MANIFEST_UNKNOWN"]), (502, ["UNAVAILABLE"])), r
+    assert cache.get("/healthz").status == 200
 
 
-def test_a_non_ascii_authorization_header_is_refused_not_a_500(
-    fake: FakeRegistry, fetchd: Fetchd, token_file: Path
-) -> None:
-    with start_serve(fetchd, [fake.url], token_file=token_file) as cache:
-        for target in ("POST /fetchd/v1/prefetch", "GET /fetchd/v1/jobs/x", "POST /fetchd/v1/gc"):
-            request = (
-                f"{target} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n"
-            ).encode() + b"Authorization: Bearer \xff\xfe\xe9t\xc3\xa9\r\n\r\n{}"
-            answer = raw_exchange(cache.port, request)
-            assert status_of(answer) in (400, 401), (target, answer[:300])
-        assert cache.get("/healthz").status == 200
+def test_a_non_ascii_authorization_header_is_refused_not_a_500(shared: Shared) -> None:
+    cache = shared.cache
+    for target in ("POST /fetchd/v1/prefetch", "GET /fetchd/v1/jobs/x", "POST /fetchd/v1/gc"):
+        request = (
+            f"{target} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n"
+        ).encode() + b"Authorization: Bearer \xff\xfe\xe9t\xc3\xa9\r\n\r\n{}"
+        answer = raw_exchange(cache.port, request)
+        assert status_of(answer) in (400, 401), (target, answer[:300])
+    assert cache.get("/healthz").status == 200
 
 
-def test_a_manifest_request_by_a_blob_digest_is_manifest_unknown(
-    fake: FakeRegistry, fetchd: Fetchd
-) -> None:
+def test_a_manifest_request_by_a_blob_digest_is_manifest_unknown(shared: Shared) -> None:
+    fake, cache = shared.fake, shared.cache
     digests = image(fake, "blob/asmanifest", os.urandom(4096))
-    with start_serve(fetchd, [fake.url]) as cache:
-        assert cache.get("/v2/blob/asmanifest/manifests/1").status == 200
-        for kind in ("layer", "config"):
-            assert cache.get(f"/v2/blob/asmanifest/blobs/{digests[kind]}").status == 200
-        for kind in ("layer", "config"):
-            for method in ("GET", "HEAD"):
-                r = cache.request(method, f"/v2/blob/asmanifest/manifests/{digests[kind]}")
-                assert r.status == 404, (kind, method, r)
-                if method == "GET":
-                    assert r.oci_codes == ["MANIFEST_UNKNOWN"], (kind, r)
-        by_digest = cache.get(f"/v2/blob/asmanifest/manifests/{digests['manifest']}")
-        assert by_digest.status == 200
+    assert cache.get("/v2/blob/asmanifest/manifests/1").status == 200
+    for kind in ("layer", "config"):
+        assert cache.get(f"/v2/blob/asmanifest/blobs/{digests[kind]}").status == 200
+    for kind in ("layer", "config"):
+        for method in ("GET", "HEAD"):
+            r = cache.request(method, f"/v2/blob/asmanifest/manifests/{digests[kind]}")
+            assert r.status == 404, (kind, method, r)
+            if method == "GET":
+                assert r.oci_codes == ["MANIFEST_UNKNOWN"], (kind, r)
+    by_digest = cache.get(f"/v2/blob/asmanifest/manifests/{digests['manifest']}")
+    assert by_digest.status == 200
 
 
 # --- item 17: Range, Accept, the status page ---------------------------------------------------
 
 
-def test_unsatisfiable_ranges_are_416_with_the_size(fake: FakeRegistry, fetchd: Fetchd) -> None:
+def test_unsatisfiable_ranges_are_416_with_the_size(shared: Shared) -> None:
+    fake, cache = shared.fake, shared.cache
     blob = os.urandom(1000)
     digests = image(fake, "range/blob", blob)
     path = f"/v2/range/blob/blobs/{digests['layer']}"
-    with start_serve(fetchd, [fake.url]) as cache:
-        assert cache.get("/v2/range/blob/manifests/1").status == 200  # the blob's size
-        assert cache.get(path).body == blob
-        for header in ("bytes=-0", "bytes=1000-", "bytes=1000-2000", "bytes=5000-6000"):
-            r = cache.get(path, headers={"Range": header})
-            assert r.status == 416, (header, r.status, r.body[:100])
-            assert r.headers["Content-Range"] == "bytes */1000", (header, r.headers)
-        for header, start, end in (
-            ("bytes=0-0", 0, 0),
-            ("bytes=-5", 995, 999),
-            ("bytes=990-", 990, 999),
-            ("bytes=10-19", 10, 19),
-            ("bytes=900-5000", 900, 999),
-            ("bytes=-5000", 0, 999),
-        ):
-            r = cache.get(path, headers={"Range": header})
-            assert (r.status, r.body) == (206, blob[start : end + 1]), (header, r.status)
-            assert r.headers["Content-Range"] == f"bytes {start}-{end}/1000", header
-        for header in ("bytes=0-1,5-6", "items=0-1"):  # not served as ranges: the whole blob
-            r = cache.get(path, headers={"Range": header})
-            assert (r.status, r.body) == (200, blob), header
-        for header in ("bytes=5-1", "bytes=x-y", "bytes=" + "9" * 5000 + "-"):
-            r = cache.get(path, headers={"Range": header})
-            assert r.status == 416, (header[:40], r.status)
-        etag = cache.request("HEAD", path).headers["ETag"]
-        r = cache.get(path, headers={"Range": "bytes=-0", "If-Range": '"sha256:other"'})
-        assert (r.status, r.body) == (200, blob)  # If-Range does not match: the whole blob
-        r = cache.get(path, headers={"Range": "bytes=1-2", "If-Range": etag})
-        assert (r.status, r.body) == (206, blob[1:3])
+    assert cache.get("/v2/range/blob/manifests/1").status == 200  # the blob's size
+    assert cache.get(path).body == blob
+    for header in ("bytes=-0", "bytes=1000-", "bytes=1000-2000", "bytes=5000-6000"):
+        r = cache.get(path, headers={"Range": header})
+        assert r.status == 416, (header, r.status, r.body[:100])
+        assert r.headers["Content-Range"] == "bytes */1000", (header, r.headers)
+    for header, start, end in (
+        ("bytes=0-0", 0, 0),
+        ("bytes=-5", 995, 999),
+        ("bytes=990-", 990, 999),
+        ("bytes=10-19", 10, 19),
+        ("bytes=900-5000", 900, 999),
+        ("bytes=-5000", 0, 999),
+    ):
+        r = cache.get(path, headers={"Range": header})
+        assert (r.status, r.body) == (206, blob[start : end + 1]), (header, r.status)
+        assert r.headers["Content-Range"] == f"bytes {start}-{end}/1000", header
+    for header in ("bytes=0-1,5-6", "items=0-1"):  # not served as ranges: the whole blob
+        r = cache.get(path, headers={"Range": header})
+        assert (r.status, r.body) == (200, blob), header
+    for header in ("bytes=5-1", "bytes=x-y", "bytes=" + "9" * 5000 + "-"):
+        r = cache.get(path, headers={"Range": header})
+        assert r.status == 416, (header[:40], r.status)
+    etag = cache.request("HEAD", path).headers["ETag"]
+    r = cache.get(path, headers={"Range": "bytes=-0", "If-Range": '"sha256:other"'})
+    assert (r.status, r.body) == (200, blob)  # If-Range does not match: the whole blob
+    r = cache.get(path, headers={"Range": "bytes=1-2", "If-Range": etag})
+    assert (r.status, r.body) == (206, blob[1:3])
 
 
-def test_a_manifest_is_served_only_in_a_media_type_the_client_accepts(
-    fake: FakeRegistry, fetchd: Fetchd
-) -> None:
+def test_a_manifest_is_served_only_in_a_media_type_the_client_accepts(shared: Shared) -> None:
     """distribution/registry's answer: an OCI manifest for a client that lists manifest
     types but not OCI's is MANIFEST_UNKNOWN (404); no Accept, or */*, accepts anything."""
+    fake, cache = shared.fake, shared.cache
     image(fake, "accept/oci")
     path = "/v2/accept/oci/manifests/1"
-    with start_serve(fetchd, [fake.url]) as cache:
-        for accept in (
-            None,
-            "*/*",
-            "application/*",
-            OCI_MANIFEST,
-            f"{DOCKER_MANIFEST}, {OCI_MANIFEST};q=0.5",
-        ):
-            r = cache.get(path, headers={"Accept": accept} if accept else {})
-            assert r.status == 200, (accept, r)
-            assert r.headers["Content-Type"] == OCI_MANIFEST
-        for accept in (
-            DOCKER_MANIFEST,
-            "application/vnd.docker.distribution.manifest.list.v2+json",
-        ):
-            for method in ("GET", "HEAD"):
-                r = cache.request(method, path, headers={"Accept": accept})
-                assert r.status == 404, (accept, method, r)
-                if method == "GET":
-                    assert r.oci_codes == ["MANIFEST_UNKNOWN"], r
-                    assert "OCI manifest" in r.json()["errors"][0]["message"]
+    for accept in (
+        None,
+        "*/*",
+        "application/*",
+        OCI_MANIFEST,
+        f"{DOCKER_MANIFEST}, {OCI_MANIFEST};q=0.5",
+    ):
+        r = cache.get(path, headers={"Accept": accept} if accept else {})
+        assert r.status == 200, (accept, r)
+        assert r.headers["Content-Type"] == OCI_MANIFEST
+    for accept in (
+        DOCKER_MANIFEST,
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+    ):
+        for method in ("GET", "HEAD"):
+            r = cache.request(method, path, headers={"Accept": accept})
+            assert r.status == 404, (accept, method, r)
+            if method == "GET":
+                assert r.oci_codes == ["MANIFEST_UNKNOWN"], r
+                assert "OCI manifest" in r.json()["errors"][0]["message"]
 
 
 class NetnsServe:

@@ -596,6 +596,7 @@ BACKLOG = 4096
 # connections, sqlite, the threads' work. The connection limit is the rest.
 FD_RESERVE_MIN = 64
 FD_RESERVE_FRACTION = 4  # ... or a quarter of the limit, whichever is more
+DEFAULT_MAX_CONNECTIONS = 16384  # when the descriptor limit would allow more still
 WARN_INTERVAL = 60.0  # seconds between two log lines about the same overload
 ACCEPT_PAUSE = 0.1  # seconds accepting pauses when the process is out of descriptors
 _guards: dict[asyncio.BaseTransport, _Guard] = {}
@@ -616,8 +617,9 @@ _http_log.addFilter(_NoClientFaults())
 
 
 def connection_limit(requested: int | None) -> int:
-    """Client connections to allow: ``requested`` (--max-connections), never more than the
-    descriptors RLIMIT_NOFILE leaves once a reserve is set aside."""
+    """Client connections to allow: ``requested`` (--max-connections, default
+    DEFAULT_MAX_CONNECTIONS), never more than the descriptors RLIMIT_NOFILE leaves once
+    a reserve is set aside."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     room = max(16, soft - max(FD_RESERVE_MIN, soft // FD_RESERVE_FRACTION))
     if requested is not None and requested > room:
@@ -627,7 +629,8 @@ def connection_limit(requested: int | None) -> int:
             soft,
             room,
         )
-    return room if requested is None else max(1, min(requested, room))
+    wanted = DEFAULT_MAX_CONNECTIONS if requested is None else requested
+    return max(1, min(wanted, room))
 
 
 def raise_nofile_limit() -> None:
