@@ -138,6 +138,8 @@ class Layout:
             data = b"".join(iter(lambda: reader.chunk(_CHUNK), b""))
         try:
             return json.loads(data)
+        except RecursionError:
+            raise Stage1Error(f"{what} {desc.digest} of {ref} is JSON nested too deeply") from None
         except ValueError as exc:
             raise Stage1Error(f"{what} {desc.digest} of {ref} is not valid JSON: {exc}") from exc
 
@@ -150,6 +152,8 @@ class Layout:
             manifests = raw.get("manifests") or []
         except FileNotFoundError:
             return []
+        except RecursionError:
+            raise Stage1Error(f"cannot read {path}: JSON nested too deeply") from None
         except (OSError, ValueError, AttributeError) as exc:
             raise Stage1Error(f"cannot read {path}: {exc}") from exc
         if not isinstance(manifests, list):

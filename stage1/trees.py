@@ -155,7 +155,7 @@ class Trees:
             for name in sorted(os.listdir(trees_fd)):
                 if name.startswith(PARTIAL):
                     pid = name.rpartition("-")[2]
-                    if pid.isdigit() and _alive(int(pid)):
+                    if pid.isascii() and pid.isdigit() and _alive(int(pid)):
                         continue
                 elif name in keep or not _is_hex(name):
                     continue

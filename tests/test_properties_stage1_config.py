@@ -120,6 +120,18 @@ def test_uid_option_that_is_almost_a_number_is_a_usage_error(stage1: Stage1) -> 
     check_error(stage1.run("run", "--uid", "²", REF), status=2)
 
 
+@pytest.mark.parametrize("command", [("gc",), ("run", REF)])
+def test_a_deeply_nested_index_json_is_one_clear_error(
+    stage1: Stage1, command: tuple[str, ...]
+) -> None:
+    stage1.layout.mkdir(parents=True)
+    stage1.trees.mkdir(mode=0o700)  # gc with no trees/ has nothing to do and reads nothing
+    (stage1.layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (stage1.layout / "index.json").write_text("[" * 100_000 + "]" * 100_000)
+    line = check_error(stage1.run(*command))
+    assert "index.json" in line and "nested too deeply" in line, line
+
+
 # --- properties ---------------------------------------------------------------------------
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
