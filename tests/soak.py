@@ -808,8 +808,9 @@ class Soak:
         return corrupt, debris
 
     def debris(self, store: Path) -> list[str]:
-        """What a finished store should not hold: temporary files, ingests of blobs that
-        are committed (a partial ingest of a blob not in the store is resumable)."""
+        """What a finished store should not hold after a last gc: temporary files, leases
+        (no process is left), ingests of blobs that are committed (a partial ingest of a
+        blob not in the store is resumable)."""
         found = []
         for path in store.rglob("*"):
             rel = path.relative_to(store)
@@ -817,6 +818,8 @@ class Soak:
                 continue
             if path.name.endswith((".tmp", ".partial")) or ".partial-" in path.name:
                 found.append(str(rel))
+            elif rel.parts[0] == "leases" and len(rel.parts) > 1:
+                found.append(f"{rel}: a lease with no process left to hold it")
         ingests = store / "ingest"
         for d in sorted(ingests.iterdir()) if ingests.is_dir() else []:
             alg, _, hexdigest = d.name.partition("-")
@@ -886,6 +889,17 @@ class Soak:
             if self.serve is not None:
                 self.judge_serve_log(self.serve, "at the end")
                 self.serve.stop()
+            # One more gc with no other process left: whatever the killed ones left that
+            # gc is meant to clear (dead leases) must be gone; the rest is judged below.
+            last = subprocess.run(
+                self.client.argv("gc"),
+                capture_output=True,
+                text=True,
+                env=self.client.env(),
+                timeout=GC_TIMEOUT,
+            )
+            if last.returncode != 0:
+                self.finding(f"the last gc: exit {last.returncode}: {last.stderr.strip()}")
             corrupt, lost = self.final_checks()
             resent = self.bytes_report()
             for label, sent, least, note in resent:
