@@ -156,8 +156,7 @@ class DiskFull(StoreError):
 
     def __init__(self, what: str, store: object) -> None:
         super().__init__(
-            f"no space left on device while writing {what} in {store}; "
-            "free space or use fetchd gc"
+            f"no space left on device while writing {what} in {store}; free space or use fetchd gc"
         )
         self.what = what
 

@@ -993,7 +993,8 @@ def test_admin_prefetch_warms_the_cache_and_needs_the_token(
         ok(client(*mirror_only(cache, f"docker://{upstream.host}/admin/small:1")))
         assert len(upstream.requests()) == warmed, upstream.requests()[warmed:]
 
-        r = cache.request("POST", "/fetchd/v1/gc", headers=auth)
+        # The scheme is case-insensitive (RFC 9110 §11.1); the token is not.
+        r = cache.request("POST", "/fetchd/v1/gc", headers={"Authorization": f"bearer {token}"})
         assert r.status == 200, r
         report = r.json()
         assert isinstance(report, dict) and "removed_blobs" in report, report

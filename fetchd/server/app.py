@@ -420,7 +420,12 @@ class Server:
         # anything else is simply not it (and could not be encoded back: it was a 500).
         if not self.token or not given.isascii():
             return False
-        return hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode())
+        # The scheme is case-insensitive (RFC 9110 §11.1): curl and Go send "Bearer",
+        # some clients "bearer"; the token itself is compared exactly, in constant time.
+        scheme, _, token = given.strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(token.strip().encode(), self.token.encode())
 
     def _unauthorized(self) -> web.Response:
         resp = oci_error(401, "UNAUTHORIZED", "the admin API needs the server's bearer token")
