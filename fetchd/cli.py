@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from fetchd import __version__
 from fetchd.config import PULL_POLICIES, Config, default_store, parse_insecure, parse_resolve
@@ -36,6 +37,14 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+class _CommandParser(_Parser):
+    """A subcommand's parser: it takes the global options too (``fetchd pull -q REF``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _global_options(self, after=True)
+
+
 def _size_arg(text: str) -> int:
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
     t = text.strip().lower().removesuffix("ib").removesuffix("b")
@@ -47,14 +56,54 @@ def _size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 500M, 20G)") from None
 
 
+def _global_options(p: argparse.ArgumentParser, after: bool) -> None:
+    """--store, -v, -q: before the subcommand (DESIGN.md §5) and, as podman and skopeo
+    allow, after it. The copies after it land in their own ``*_after`` dests (default
+    unset) so that neither occurrence overwrites the other; ``_globals`` merges them."""
+    tail = "_after" if after else ""
+    unset = argparse.SUPPRESS if after else None
+    p.add_argument(
+        "--store",
+        dest="store" + tail,
+        type=Path,
+        default=unset,
+        metavar="DIR",
+        help="the store directory (default: $FETCHD_STORE, else /var/lib/fetchd as root, "
+        "else ~/.local/share/fetchd)",
+    )
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "-v",
+        "--verbose",
+        dest="verbose" + tail,
+        action="count",
+        default=unset if after else 0,
+        help="more detail on stderr (-vv: debug; an internal error shows its traceback)",
+    )
+    g.add_argument(
+        "-q",
+        "--quiet",
+        dest="quiet" + tail,
+        action="store_true",
+        default=unset if after else False,
+        help="only errors on stderr, no progress",
+    )
+
+
+def _globals(args: argparse.Namespace) -> None:
+    """Merge the global options given after the subcommand into those given before it."""
+    args.store = getattr(args, "store_after", None) or args.store
+    args.verbose += getattr(args, "verbose_after", 0)
+    args.quiet = args.quiet or getattr(args, "quiet_after", False)
+    if args.verbose and args.quiet:
+        raise UsageError("-v and -q cannot be used together")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fetchd", description="Fetch container images into a verified store.")
     p.add_argument("--version", action="version", version=f"fetchd {__version__}")
-    p.add_argument("--store", type=Path, help="the store directory (default: $FETCHD_STORE, …)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("-v", "--verbose", action="count", default=0)
-    g.add_argument("-q", "--quiet", action="store_true")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _global_options(p, after=False)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
 
     def fetch_options(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--platform", help="OS/ARCH[/VARIANT] to select from an index")
@@ -335,6 +384,7 @@ def cmd_serve(args: argparse.Namespace, store: Store) -> int:
 
 def run(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
+    _globals(args)
     level = (
         logging.WARNING
         if not args.verbose

@@ -15,6 +15,7 @@ USAGE = """\
 usage: stage1 [--store DIR] run [--fetch [--insecure-options LIST]] [--net none|host]
                                 [--uid N] [--gid N] REF [-- ARGS...]
        stage1 [--store DIR] gc
+       (--store may also follow the command: stage1 run --store DIR REF)
 
 run   render the image REF from the store (cached in STORE/trees) and run its process in
       new user, mount, pid, uts, ipc and network namespaces, as an unprivileged uid.
@@ -86,6 +87,9 @@ def parse(args: list[str]) -> Options:
         if opts.command == "run" and arg == "--":
             opts.args = args[i + 1 :]
             break
+        if arg == "--store" or arg.startswith("--store="):  # after the command too, as fetchd
+            opts.store, i = _value(args, i, "--store")
+            continue
         if opts.command == "run" and arg == "--fetch":
             opts.fetch = True
             i += 1
