@@ -139,7 +139,10 @@ class Layout:
         try:
             return json.loads(data)
         except RecursionError:
-            raise Stage1Error(f"{what} {desc.digest} of {ref} is JSON nested too deeply") from None
+            raise Stage1Error(
+                f"image {ref} cannot be run: its {what} {desc.digest} is JSON nested too "
+                f"deeply; it needs a corrected image (remove it with: fetchd rm {ref})"
+            ) from None
         except ValueError as exc:
             raise Stage1Error(f"{what} {desc.digest} of {ref} is not valid JSON: {exc}") from exc
 

@@ -60,7 +60,7 @@ HOSTILE: dict[str, tuple[bytes, str]] = {
     "too many strings": (_config(Env=["A=b"] * 200_000, Cmd=["/bin/true"]), "larger than"),
     "deeply nested config": (
         b'{"config": {"Env": ' + b"[" * DEEP + b"]" * DEEP + b"}}",
-        "its manifest or config is JSON nested too deeply",
+        "is JSON nested too deeply; it needs a corrected image",
     ),
 }
 
