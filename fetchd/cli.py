@@ -24,7 +24,7 @@ from fetchd.engine import Engine, PullResult
 from fetchd.errors import DiskFull, FetchdError, StoreCorrupt, UsageError
 from fetchd.model import Digest, Platform
 from fetchd.progress import Progress, TerminalBars
-from fetchd.store import Store
+from fetchd.store import Store, layout
 from fetchd.store import maintenance as mt
 from fetchd.store.diskfull import is_full
 
@@ -106,7 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
 
     def fetch_options(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--platform", help="OS/ARCH[/VARIANT] to select from an index")
+        plat = sp.add_mutually_exclusive_group()
+        plat.add_argument(
+            "--platform",
+            metavar="OS/ARCH[/VARIANT]",
+            help="the platform to pull from an index (default: this machine's); the name "
+            "keeps the platforms it has",
+        )
+        plat.add_argument(
+            "--all-platforms", action="store_true", help="pull every platform of an index"
+        )
         sp.add_argument("--pull-policy", choices=PULL_POLICIES, default="new")
         sp.add_argument("--insecure-options", default="none", metavar="LIST")
         sp.add_argument("--resolve", action="append", default=[], metavar="HOST:PORT:ADDR")
@@ -154,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("rm", help="forget names (gc frees the blobs)")
     sp.add_argument("refs", nargs="+", metavar="REF|DIGEST")
+    sp.add_argument(
+        "--platform",
+        metavar="OS/ARCH[/VARIANT]",
+        help="forget only this platform of each name (the name goes with its last one)",
+    )
 
     sp = sub.add_parser("gc", help="remove unreferenced blobs and stale ingests")
     sp.add_argument("--max-size", type=_size_arg, help="evict least recently used images to N")
@@ -205,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("export", help="write an image as an OCI layout (or .tar)")
     sp.add_argument("ref", metavar="REF")
     sp.add_argument("dest", type=Path, metavar="DIR")
+    sp.add_argument(
+        "--platform",
+        metavar="OS/ARCH[/VARIANT]",
+        help="export only this platform of a name stored for several (what umoci needs)",
+    )
     return p
 
 
@@ -218,6 +237,7 @@ def _config(args: argparse.Namespace, store: Path, progress: bool) -> Config:
         insecure=parse_insecure(args.insecure_options),
         resolve=parse_resolve(args.resolve),
         platform=Platform.parse(args.platform) if args.platform else Platform.host(),
+        all_platforms=args.all_platforms,
         pull_policy=args.pull_policy,
         stall_timeout=args.stall_timeout,
         progress=progress,
@@ -296,10 +316,11 @@ def cmd_images(args: argparse.Namespace, store: Store) -> int:
     if args.json:
         print(json.dumps([i.to_json() for i in infos], indent=2))
         return 0
-    print(f"{'NAME':<50} {'DIGEST':<20} {'SIZE':>10}  LAST USED")
+    print(f"{'NAME':<50} {'PLATFORM':<24} {'DIGEST':<20} {'SIZE':>10}  LAST USED")
     for i in infos:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(i.last_used)) if i.last_used else "-"
-        print(f"{i.name:<50} {i.digest[:19]:<20} {_human(i.size):>10}  {used}")
+        plats = ",".join(i.platforms) or "-"
+        print(f"{i.name:<50} {plats:<24} {i.digest[:19]:<20} {_human(i.size):>10}  {used}")
     return 0
 
 
@@ -313,8 +334,24 @@ def _human(n: int) -> str:
 
 
 def cmd_rm(args: argparse.Namespace, store: Store) -> int:
+    if args.platform:
+        return _rm_platform(store, args.refs, Platform.parse(args.platform))
     for name in mt.remove(store, args.refs):
         print(name)
+    return 0
+
+
+def _rm_platform(store: Store, refs: list[str], platform: Platform) -> int:
+    """``rm --platform``: one platform of each name; with its last, the name."""
+    for entry in mt.resolve_names(store, refs):
+        stored = [Platform.from_json(d.platform) for d in layout.manifests(store, entry)]
+        if stored and all(p == platform for p in stored):
+            mt.remove(store, [entry.name])  # its last platform: the name goes (and its times)
+            print(f"{entry.name} {platform}")
+            continue
+        removed, _ = layout.remove_platform(store, entry.name, platform)
+        for text in removed:
+            print(f"{entry.name} {text}")
     return 0
 
 
@@ -342,7 +379,8 @@ def cmd_fsck(args: argparse.Namespace, store: Store) -> int:
 
 
 def cmd_export(args: argparse.Namespace, store: Store) -> int:
-    print(mt.export(store, args.ref, args.dest))
+    platform = Platform.parse(args.platform) if args.platform else None
+    print(mt.export(store, args.ref, args.dest, platform))
     return 0
 
 

@@ -65,6 +65,8 @@ class Config:
     insecure: frozenset[str] = frozenset()
     resolve: Mapping[tuple[str, int], str] = field(default_factory=dict)
     platform: Platform = field(default_factory=Platform.host)
+    #: pull every platform of an index (``--all-platforms``), not only ``platform``
+    all_platforms: bool = False
     pull_policy: str = "new"
     #: seconds without a byte before a transfer counts as stalled
     stall_timeout: float = 30.0

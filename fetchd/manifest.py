@@ -44,10 +44,32 @@ class ImageIndex:
     manifests: tuple[Descriptor, ...]
 
     def select(self, platform: Platform, where: str) -> Descriptor:
-        """The first manifest for ``platform`` (OCI image spec: first match wins)."""
+        """The manifest that suits ``platform`` best (containerd's ``Only``: its own
+        platform first, then what it also runs); the first of equals, as in the index."""
+        best: tuple[int, Descriptor] | None = None
         for d in self.manifests:
-            if d.media_type in MANIFEST_TYPES and d.platform and platform.matches(d.platform):
-                return d
+            rank = platform.rank(d.platform) if d.media_type in MANIFEST_TYPES else None
+            if rank is not None and (best is None or rank < best[0]):
+                best = (rank, d)
+        if best is not None:
+            return best[1]
+        raise PlatformNotFound(
+            f"{where} has no image for {platform} (it has: {self.listed() or 'none'}); "
+            "choose one with --platform"
+        )
+
+    def platforms(self) -> tuple[Descriptor, ...]:
+        """The image manifests for a real platform (not attestations: os "unknown")."""
+        return tuple(
+            d
+            for d in self.manifests
+            if d.media_type in MANIFEST_TYPES
+            and (p := Platform.from_json(d.platform)) is not None
+            and p.os != "unknown"
+        )
+
+    def listed(self) -> str:
+        """The platforms the index names, for an error line (bounded)."""
         have = sorted(
             {
                 _printable(
@@ -65,11 +87,7 @@ class ImageIndex:
                 if d.platform
             }
         )
-        listed = ", ".join(have[:MAX_LISTED]) + (", …" if len(have) > MAX_LISTED else "")
-        raise PlatformNotFound(
-            f"{where} has no image for {platform} (it has: {listed or 'none'}); "
-            "choose one with --platform"
-        )
+        return ", ".join(have[:MAX_LISTED]) + (", …" if len(have) > MAX_LISTED else "")
 
 
 #: platforms named at most in an error (an index may list thousands)

@@ -116,47 +116,152 @@ class Digest:
 
 
 # --- platforms -----------------------------------------------------------------------
+#
+# Matching follows containerd (github.com/containerd/platforms: Normalize, Only): both
+# sides are normalised (os lowercased; x86_64 → amd64, aarch64 → arm64, arm64/v8 →
+# arm64, amd64/v1 → amd64, arm → arm/v7, ...), and a platform accepts an ordered list
+# of platforms: itself first, then what it runs as well (arm/v7 also arm/v6 and arm/v5,
+# arm64 also arm/v8…v5, amd64/v3 also amd64/v2 and amd64, amd64 also 386).
 
 _MACHINE_TO_ARCH = {
-    "x86_64": "amd64",
-    "amd64": "amd64",
-    "aarch64": "arm64",
-    "arm64": "arm64",
-    "armv7l": "arm",
-    "i686": "386",
-    "i386": "386",
-    "ppc64le": "ppc64le",
-    "s390x": "s390x",
-    "riscv64": "riscv64",
+    "x86_64": ("amd64", ""),
+    "amd64": ("amd64", ""),
+    "aarch64": ("arm64", ""),
+    "arm64": ("arm64", ""),
+    "armv8l": ("arm", "v8"),
+    "armv7l": ("arm", "v7"),
+    "armv6l": ("arm", "v6"),
+    "armv5tel": ("arm", "v5"),
+    "i686": ("386", ""),
+    "i386": ("386", ""),
+    "ppc64le": ("ppc64le", ""),
+    "s390x": ("s390x", ""),
+    "riscv64": ("riscv64", ""),
+    "loongarch64": ("loong64", ""),
 }
+
+_ARM64_VARIANTS = {  # containerd's arm64variantToVersion: (majors, the minor to start at)
+    "v8": ((8,), (0,)),
+    **{f"v8.{m}": ((8,), (m,)) for m in range(10)},
+    "v9": ((9, 8), (0, 5)),
+    **{f"v9.{m}": ((9, 8), (m, min(m + 5, 9))) for m in range(8)},
+}
+_PLATFORM_PART = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def normalize_arch(arch: str, variant: str) -> tuple[str, str]:
+    """containerd's ``normalizeArch``."""
+    arch, variant = arch.lower(), variant.lower()
+    if arch == "i386":
+        return "386", ""
+    if arch in ("x86_64", "x86-64", "amd64"):
+        return "amd64", "" if variant == "v1" else variant
+    if arch in ("aarch64", "arm64"):
+        return "arm64", {"8": "", "v8": "", "v8.0": "", "9": "v9", "9.0": "v9", "v9.0": "v9"}.get(
+            variant, variant
+        )
+    if arch == "armhf":
+        return "arm", "v7"
+    if arch == "armel":
+        return "arm", "v6"
+    if arch == "arm":
+        if variant in ("", "7"):
+            return "arm", "v7"
+        if variant in ("5", "6", "8"):
+            return "arm", "v" + variant
+    return arch, variant
 
 
 @dataclass(frozen=True, slots=True)
 class Platform:
+    """An OS/ARCH[/VARIANT], normalised (containerd's ``Normalize``): compare with ==."""
+
     os: str
     architecture: str
     variant: str | None = None
 
     @classmethod
+    def of(cls, os: str, architecture: str, variant: str | None = None) -> Platform:
+        arch, var = normalize_arch(architecture, variant or "")
+        return cls("darwin" if os.lower() == "macos" else os.lower(), arch, var or None)
+
+    @classmethod
     def parse(cls, text: str) -> Platform:
         parts = text.split("/")
-        if len(parts) not in (2, 3) or not all(re.fullmatch(r"[a-z0-9_.-]+", p) for p in parts):
+        if len(parts) not in (2, 3) or not all(_PLATFORM_PART.fullmatch(p) for p in parts):
             raise ReferenceInvalid(f"platform {text[:80]!r} is not OS/ARCH[/VARIANT]")
-        return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
+        return cls.of(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any] | None) -> Platform | None:
+        """The OCI ``platform`` object (or an image config's os/architecture/variant)
+        as a value; None when it names no OS or no architecture."""
+        if not obj:
+            return None
+        os_, arch, variant = obj.get("os"), obj.get("architecture"), obj.get("variant")
+        if not (isinstance(os_, str) and os_ and isinstance(arch, str) and arch):
+            return None
+        return cls.of(os_, arch, variant if isinstance(variant, str) else None)
 
     @classmethod
     def host(cls) -> Platform:
+        """This machine, as containerd's ``DefaultSpec`` (the variant matters for arm)."""
         machine = _platform.machine().lower()
-        return cls("linux", _MACHINE_TO_ARCH.get(machine, machine))
+        arch, variant = _MACHINE_TO_ARCH.get(machine, (machine, ""))
+        return cls.of("linux", arch, variant or None)
 
-    def matches(self, other: Mapping[str, Any]) -> bool:
+    def to_json(self) -> dict[str, str]:
+        out = {"architecture": self.architecture, "os": self.os}
+        if self.variant:
+            out["variant"] = self.variant
+        return out
+
+    def accepts(self) -> tuple[Platform, ...]:
+        """What this platform runs, best first (containerd's ``platformVector``)."""
+        if self.architecture == "arm64":
+            majors, minors = _ARM64_VARIANTS.get(self.variant or "v8", ((), ()))
+            out = [
+                Platform.of(self.os, "arm64", f"v{major}.{minor}" if minor else f"v{major}")
+                for major, start in zip(majors, minors, strict=True)
+                for minor in range(start, -1, -1)
+            ]
+            arm = "v8" if (self.variant or "v8").startswith(("v8", "v9")) else self.variant
+            return (*out, *Platform.of(self.os, "arm", arm).accepts())
+        out = [self]
+        level = (self.variant or "").removeprefix("v")
+        if self.architecture == "amd64":
+            if level.isdigit():
+                out += [
+                    Platform.of(self.os, "amd64", f"v{n}") for n in range(int(level) - 1, 0, -1)
+                ]
+            out.append(Platform(self.os, "386"))
+        elif self.architecture == "arm" and level.isdigit():
+            out += [Platform.of(self.os, "arm", f"v{n}") for n in range(int(level) - 1, 4, -1)]
+        return tuple(out)
+
+    def rank(self, other: Mapping[str, Any] | None) -> int | None:
+        """How well the OCI ``platform`` object ``other`` suits this platform: 0 is best;
+        None if it does not run here at all (containerd's ``Only(self)``)."""
+        theirs = Platform.from_json(other)
+        if theirs is None:
+            return None
+        try:
+            return self.accepts().index(theirs)
+        except ValueError:
+            return None
+
+    def matches(self, other: Mapping[str, Any] | None) -> bool:
         """True if the OCI ``platform`` object ``other`` satisfies this platform."""
-        if other.get("os") != self.os or other.get("architecture") != self.architecture:
-            return False
-        return self.variant is None or other.get("variant") == self.variant
+        return self.rank(other) is not None
 
     def __str__(self) -> str:
         return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
+
+
+def platform_text(obj: Mapping[str, Any] | None) -> str | None:
+    """``OS/ARCH[/VARIANT]`` of an OCI ``platform`` object, normalised; None if it has none."""
+    plat = Platform.from_json(obj)
+    return str(plat) if plat else None
 
 
 # --- descriptors ---------------------------------------------------------------------

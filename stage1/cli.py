@@ -19,8 +19,9 @@ usage: stage1 [--store DIR] run [--fetch [--insecure-options LIST]] [--net none|
 
 run   render the image REF from the store (cached in STORE/trees) and run its process in
       new user, mount, pid, uts, ipc and network namespaces, as an unprivileged uid.
-      REF is what was given to `fetchd pull` (docker://HOST/NAME:TAG, HOST/NAME@sha256:...,
-      NAME, ...) or a manifest digest. ARGS replace the image's Cmd.
+      REF is what was given to `fetchd pull` (docker://HOST/NAME:TAG, docker://NAME@sha256:...),
+      a name as `fetchd images` lists it, or a manifest digest. ARGS replace the image's Cmd.
+      Only this machine's platform runs (of a name stored for several, that one).
       --fetch      run `fetchd prefetch REF` first
       --insecure-options LIST   passed to fetchd prefetch (e.g. http for a plain registry)
       --net        none (default: a private network with only loopback) or host
@@ -222,8 +223,10 @@ def _prefetch(store: str, ref: str, insecure: str) -> None:
     if not fetchd and os.access(beside, os.X_OK):
         fetchd = beside
     if not fetchd:
+        from stage1.layout import pull_hint
+
         raise Stage1Error(
-            f"--fetch needs fetchd, which is not installed; install it, or run: fetchd pull {ref}"
+            f"--fetch needs fetchd, which is not installed; install it, or run: {pull_hint(ref)}"
         )
     # stage1 reads HOST/NAME:TAG as a registry image; fetchd wants that said (docker://).
     target = ref if "://" in ref or ref.startswith("sha256:") else f"docker://{ref}"

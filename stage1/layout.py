@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator
 from typing import IO, Any
 
+from stage1 import platforms
 from stage1.errors import DigestMismatch, Stage1Error
 from stage1.model import Descriptor, Digest, Image, ImageConfig, Reference
 
@@ -29,20 +30,6 @@ _MANIFESTS = (OCI_MANIFEST, DOCKER_MANIFEST)
 
 _MAX_JSON = 16 << 20  # manifests and configs are small; refuse to load a huge "JSON" blob
 _CHUNK = 1 << 20
-
-# os.uname().machine -> (OCI architecture, preferred variant)
-_ARCH = {
-    "x86_64": ("amd64", ""),
-    "aarch64": ("arm64", "v8"),
-    "armv7l": ("arm", "v7"),
-    "armv6l": ("arm", "v6"),
-    "i686": ("386", ""),
-    "i386": ("386", ""),
-    "ppc64le": ("ppc64le", ""),
-    "s390x": ("s390x", ""),
-    "riscv64": ("riscv64", ""),
-    "loongarch64": ("loong64", ""),
-}
 
 
 def default_store() -> str:
@@ -125,7 +112,7 @@ class Layout:
         except FileNotFoundError:
             raise Stage1Error(
                 f"blob {desc.digest} of {ref} is missing from the store at {self.store}; "
-                f"run: fetchd pull {ref}"
+                f"run: {pull_hint(ref)}"
             ) from None
         except OSError as exc:
             raise Stage1Error(f"cannot read blob {desc.digest}: {exc.strerror}") from exc
@@ -180,11 +167,15 @@ class Layout:
                 # A manifest by digest: content-addressed, so no index entry is needed.
                 return Descriptor("", ref.digest, os.stat(self.blob_path(ref.digest)).st_size)
         raise Stage1Error(
-            f"image {ref.text} is not in the store at {self.store}; run: fetchd pull {ref.text}"
+            f"image {ref.text} is not in the store at {self.store}; run: {ref.pull_hint()}"
         )
 
     def image(self, ref: Reference) -> Image:
-        """Resolve REF to the manifest for this machine, its layers and its config."""
+        """Resolve REF to the manifest for this machine, its layers and its config.
+
+        Only this machine's platform runs (or one it also runs, as containerd decides):
+        any other is one error naming the platforms the store holds for REF.
+        """
         desc = self.find(ref)
         for _ in range(4):  # an index may (rarely) point at another index
             raw = self.read_json(desc, ref.text, "manifest")
@@ -192,22 +183,26 @@ class Layout:
                 raise Stage1Error(f"manifest {desc.digest} of {ref.text} is not a JSON object")
             kind = desc.media_type or str(raw.get("mediaType") or "")
             if kind in _INDEXES or (kind not in _MANIFESTS and "manifests" in raw):
-                desc = _choose_platform(raw, desc, ref.text)
+                desc = _choose_platform(raw, desc, ref)
                 continue
             if kind and kind not in _MANIFESTS:
                 raise Stage1Error(f"{ref.text}: unsupported manifest media type {kind}")
-            return self._image_from_manifest(raw, desc, ref.text)
+            return self._image_from_manifest(raw, desc, ref)
         raise Stage1Error(f"{ref.text}: image indexes nested too deeply")
 
-    def _image_from_manifest(self, raw: dict[str, Any], desc: Descriptor, ref: str) -> Image:
+    def _image_from_manifest(self, raw: dict[str, Any], desc: Descriptor, ref: Reference) -> Image:
         where = f"manifest {desc.digest}"
         layers_raw = raw.get("layers")
         if not isinstance(layers_raw, list) or "config" not in raw:
-            raise Stage1Error(f"{where} of {ref} has no config or layers")
+            raise Stage1Error(f"{where} of {ref.text} has no config or layers")
         config_desc = Descriptor.parse(raw["config"], where)
         layers = tuple(Descriptor.parse(layer, where) for layer in layers_raw)
-        config = ImageConfig.parse(self.read_json(config_desc, ref, "config"), where)
-        return Image(ref=ref, manifest=desc.digest, layers=layers, config=config)
+        config_raw = self.read_json(config_desc, ref.text, "config")
+        plat = _platform_of(desc.platform) or _platform_of(_config_platform(config_raw))
+        if plat is not None and plat not in platforms.accepted(platforms.host()):
+            raise _not_for_host(ref, [plat])
+        config = ImageConfig.parse(config_raw, where)
+        return Image(ref=ref.text, manifest=desc.digest, layers=layers, config=config)
 
     def referenced_manifests(self) -> Iterator[Digest]:
         """Every manifest digest an index entry leads to (all platforms of an index)."""
@@ -229,20 +224,55 @@ class Layout:
                 pending.extend(Descriptor.parse(m, str(desc.digest)) for m in raw["manifests"])
 
 
-def _choose_platform(raw: dict[str, Any], desc: Descriptor, ref: str) -> Descriptor:
-    machine = os.uname().machine
-    arch, variant = _ARCH.get(machine, (machine, ""))
+def pull_hint(ref: str) -> str:
+    """``fetchd pull docker://NAME`` for what the user typed as REF (fetchd's form)."""
+    try:
+        return Reference.parse(ref).pull_hint()
+    except Stage1Error:
+        return f"fetchd pull {ref}"
+
+
+def _platform_of(plat: tuple[str, str, str] | None) -> platforms.Platform | None:
+    """A descriptor's (os, architecture, variant), normalised; None without os or arch."""
+    if plat is None or not plat[0] or not plat[1]:
+        return None
+    return platforms.normalize(*plat)
+
+
+def _config_platform(config: Any) -> tuple[str, str, str] | None:
+    """What an image config says it is for (its os, architecture and variant)."""
+    if not isinstance(config, dict):
+        return None
+    fields = [config.get(k) for k in ("os", "architecture", "variant")]
+    return tuple(f if isinstance(f, str) else "" for f in fields)  # type: ignore[return-value]
+
+
+def _not_for_host(ref: Reference, stored: list[platforms.Platform]) -> Stage1Error:
+    listed = ", ".join(platforms.text(p) for p in stored) or "no platform"
+    return Stage1Error(
+        f"image {ref.text} is in the store for {listed}, not for this machine "
+        f"({platforms.text(platforms.host())}); run: {ref.pull_hint()}"
+    )
+
+
+def _choose_platform(raw: dict[str, Any], desc: Descriptor, ref: Reference) -> Descriptor:
+    """The manifest of the index RAW that suits this machine best (containerd's ``Only``:
+    the first of equals, in the index's order)."""
     manifests = raw.get("manifests")
     if not isinstance(manifests, list):
-        raise Stage1Error(f"image index {desc.digest} of {ref} has no manifests")
+        raise Stage1Error(f"image index {desc.digest} of {ref.text} has no manifests")
     candidates = [Descriptor.parse(m, f"image index {desc.digest}") for m in manifests]
-    matches = [
-        m for m in candidates if m.platform is not None and m.platform[:2] == ("linux", arch)
-    ]
-    for wanted in (variant, ""):  # this machine's variant, else one without a variant
-        for m in matches:
-            if m.platform is not None and m.platform[2] == wanted:
-                return m
-    if matches:
-        return matches[0]
-    raise Stage1Error(f"image {ref} has no manifest for linux/{arch}")
+    accepted = platforms.accepted(platforms.host())
+    best: tuple[int, Descriptor] | None = None
+    stored = []
+    for m in candidates:
+        plat = _platform_of(m.platform)
+        if plat is None or (m.media_type and m.media_type not in _MANIFESTS):
+            continue
+        stored.append(plat)
+        rank = accepted.index(plat) if plat in accepted else None
+        if rank is not None and (best is None or rank < best[0]):
+            best = (rank, m)
+    if best is None:
+        raise _not_for_host(ref, sorted(set(stored)))
+    return best[1]

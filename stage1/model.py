@@ -139,6 +139,13 @@ class Reference:
             name += f"@{digest}"
         return cls(text, name, digest)
 
+    def pull_hint(self) -> str:
+        """The fetchd command that stores this image: ``docker://`` and the full name,
+        which ``fetchd pull`` accepts (rkt's convention; a bare name would be appc's)."""
+        if self.name:
+            return f"fetchd pull docker://{self.name}"
+        return f"fetchd pull docker://HOST/NAME@{self.digest}"
+
     def candidates(self) -> tuple[str, ...]:
         """Index annotations (``org.opencontainers.image.ref.name``) that name this image."""
         names = [self.name] if self.name else []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.support.cli import Fetchd, ok
+from tests.support.cli import Fetchd, failed, ok
 from tests.support.images import File, Layer, build_image, push
 from tests.support.registry import Registry
 from tests.support.stage1 import Stage1
@@ -47,7 +47,10 @@ def test_fetch_runs_the_real_fetchd_prefetch_first(
 
     missing = stage1.run("run", ref)
     assert missing.returncode == 1
-    assert f"run: fetchd pull {ref}" in missing.stderr.splitlines()[-1]
+    hint = f"fetchd pull docker://{ref}"
+    assert missing.stderr.splitlines()[-1].endswith(f"run: {hint}")
+    # fetchd accepts the hint's reference (it is not in the store yet, so never says so)
+    failed(fetchd("pull", "--pull-policy", "never", hint.split()[2]), "--pull-policy never")
 
     r = stage1.run("run", "--fetch", "--insecure-options", "http", ref)
     assert (r.returncode, r.stdout) == (0, "fetched\n"), r.stderr

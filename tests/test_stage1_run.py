@@ -242,11 +242,12 @@ def test_missing_image_names_the_pull_command(stage1: Stage1) -> None:
     line = check_error(stage1.run("run", "docker.io/library/alpine:3.20"))
     assert line == (
         f"error: image docker.io/library/alpine:3.20 is not in the store at {stage1.store}; "
-        "run: fetchd pull docker.io/library/alpine:3.20"
+        "run: fetchd pull docker://docker.io/library/alpine:3.20"
     )
     empty = Stage1(stage1.store.parent / "empty")
     line = check_error(empty.run("run", "alpine"))
-    assert line.endswith("run: fetchd pull alpine")
+    # fetchd's form (rkt's convention): docker:// for a registry image, which fetchd accepts
+    assert line.endswith("run: fetchd pull docker://docker.io/library/alpine:latest")
 
 
 def test_reference_forms(stage1: Stage1) -> None:

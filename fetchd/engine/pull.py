@@ -22,13 +22,24 @@ from fetchd.errors import (
     ImageNotInStore,
     InsecureRefused,
     ManifestInvalid,
+    PlatformNotFound,
     ReferenceInvalid,
     TransferFailed,
     UsageError,
     unwrap,
 )
 from fetchd.manifest import ImageIndex, ImageManifest, docker_to_oci, parse_manifest
-from fetchd.model import DOCKER_MANIFEST, OCI_MANIFEST, Descriptor, Digest, Reference
+from fetchd.model import (
+    DOCKER_MANIFEST,
+    MAX_MANIFEST_SIZE,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Descriptor,
+    Digest,
+    Platform,
+    Reference,
+    platform_text,
+)
 from fetchd.progress import Progress
 from fetchd.sources.http import cache_max_age, new_session, redact, retryable, translate
 from fetchd.sources.ranges import Opener, SegmentedDownload, Source, ThreadedRanges
@@ -60,6 +71,14 @@ class PullResult:
     manifest: Descriptor
     #: False when policy ``new`` found the image complete in the store (no network)
     fetched: bool
+    #: the image manifests pulled (or found), each with its ``platform``; the first is
+    #: ``manifest``. More than one with ``--all-platforms``.
+    manifests: tuple[Descriptor, ...] = ()
+
+    @property
+    def platforms(self) -> list[str]:
+        """``OS/ARCH[/VARIANT]`` of each of ``manifests`` ("unknown" if it names none)."""
+        return [platform_text(d.platform) or "unknown" for d in self.manifests or (self.manifest,)]
 
 
 def distinct_blobs(manifest: ImageManifest, name: str) -> tuple[Descriptor, ...]:
@@ -214,15 +233,18 @@ class Engine:
         policy = self.config.pull_policy
         if policy in ("new", "never"):
             entry = await asyncio.to_thread(layout.find, self.store, name)
-            present = entry is not None and await asyncio.to_thread(self.complete, entry)
-            if entry is not None and present:
+            have = None if entry is None else await asyncio.to_thread(self._stored, entry)
+            if entry is not None and have:
                 await asyncio.to_thread(
                     self.meta.touch_image, name, str(entry.top_digest), pulled=False
                 )
-                return PullResult(name, entry.top_digest, entry.manifest, fetched=False)
+                return PullResult(name, entry.top_digest, have[0], False, have)
             if policy == "never":
+                what = "every platform of " if self.config.all_platforms else ""
+                where = f" for {self.config.platform}" if entry and not what else ""
                 raise ImageNotInStore(
-                    f"{name} is not in the store and --pull-policy never forbids fetching it"
+                    f"{what}{name} is not in the store{where} and --pull-policy never "
+                    "forbids fetching it"
                 )
         failures: list[str] = []
         for url in mirrors:
@@ -254,32 +276,127 @@ class Engine:
             )
         return await self._pull_from(ref, name, self._registry(ref.host))
 
+    def _stored(self, entry: layout.Entry) -> tuple[Descriptor, ...] | None:
+        """The stored manifests that answer this pull without the network (policy
+        ``new``), or None: the platform asked for (``--all-platforms``: each of the
+        registry's index, which the store keeps) is not stored, or a blob is missing."""
+        if not self.complete(entry):
+            return None
+        try:
+            stored = layout.manifests(self.store, entry)
+        except FetchdError:
+            return None
+        index_text = entry.manifest.annotations.get(layout.INDEX_DIGEST_ANNOTATION)
+        if not index_text:
+            # A single-platform image: present if its config names no platform, or one
+            # that suits; else the registry decides (the tag may have become an index).
+            plat = stored[0].platform
+            ok = self.config.all_platforms or not plat or self.config.platform.matches(plat)
+            return stored if ok else None
+        if self.config.all_platforms:
+            try:
+                raw = self.store.read_blob(Digest.parse(index_text), MAX_MANIFEST_SIZE)
+                index = parse_manifest(raw, None, entry.name)
+            except (OSError, FetchdError):
+                return None
+            if not isinstance(index, ImageIndex):
+                return None
+            have = {d.digest for d in stored} | {
+                Digest.parse(d.annotations[layout.SOURCE_DIGEST_ANNOTATION])
+                for d in stored
+                if layout.SOURCE_DIGEST_ANNOTATION in d.annotations
+            }
+            return stored if {d.digest for d in index.platforms()} <= have else None
+        try:
+            return (ImageIndex(OCI_INDEX, stored).select(self.config.platform, entry.name),)
+        except PlatformNotFound:
+            return None
+
+    def _targets(
+        self, index: ImageIndex, top: Digest, name: str, current: layout.Entry | None
+    ) -> list[Descriptor]:
+        """The manifests of the registry's ``index`` this pull fetches: the platform
+        asked for (or all of them); if the tag moved to a new index, also the platforms
+        the name holds, from the new index, so that the name stays one index's."""
+        if self.config.all_platforms:
+            targets = list(index.platforms())
+            if not targets:
+                raise PlatformNotFound(f"{name}: its index names no platform")
+        else:
+            targets = [index.select(self.config.platform, name)]
+        if current is None or current.top_digest == top:
+            return targets
+        if layout.INDEX_DIGEST_ANNOTATION not in current.manifest.annotations:
+            return targets
+        try:
+            stored = layout.manifests(self.store, current)
+        except FetchdError:
+            return targets
+        offered = index.platforms()
+        for d in stored:
+            plat = Platform.from_json(d.platform)
+            same = [
+                o for o in offered if plat is not None and Platform.from_json(o.platform) == plat
+            ]
+            if same and same[0] not in targets:
+                targets.append(same[0])
+            elif not same:
+                log.warning("%s: the registry's new index has no %s; it is dropped", name, plat)
+        return targets
+
+    def _stored_form(
+        self,
+        raw: bytes,
+        parsed: ImageManifest,
+        digest: Digest,
+        platform: Any,
+        keep: dict[Digest, bytes],
+    ) -> Descriptor:
+        """The descriptor the store records for a manifest (its OCI form: a Docker
+        schema 2 manifest is converted, its original named by an annotation); what to
+        commit as blobs goes into ``keep``."""
+        keep[digest] = raw
+        annotations: dict[str, str] = {}
+        if parsed.media_type == DOCKER_MANIFEST:
+            annotations[layout.SOURCE_DIGEST_ANNOTATION] = str(digest)
+            raw = docker_to_oci(raw)
+            digest = Digest.of(raw)
+            keep[digest] = raw
+        return Descriptor(OCI_MANIFEST, digest, len(raw), (), annotations, platform)
+
     async def _pull_from(self, ref: Reference, name: str, registry: Registry) -> PullResult:
         raw, ctype, top = await registry.manifest(ref)
         parsed = parse_manifest(raw, ctype, name)
         keep: dict[Digest, bytes] = {top: raw}  # what the registry served, kept as blobs
-        annotations: dict[str, str] = {}
-        platform = None
-        mdigest = top
+        pulled: list[Descriptor] = []
+        images: list[ImageManifest] = []
+        index_digest = None
         if isinstance(parsed, ImageIndex):
-            chosen = parsed.select(self.config.platform, name)
-            raw, ctype, mdigest = await registry.manifest(ref, chosen)
-            parsed = parse_manifest(
-                raw, ctype or chosen.media_type, f"{name} ({chosen.digest.short})"
-            )
-            if not isinstance(parsed, ImageManifest):
-                raise ManifestInvalid(f"{name}: an index inside an index is not supported")
-            keep[mdigest] = raw
-            annotations[layout.INDEX_DIGEST_ANNOTATION] = str(top)
-            platform = chosen.platform
-        if parsed.media_type == DOCKER_MANIFEST:
-            annotations[layout.SOURCE_DIGEST_ANNOTATION] = str(mdigest)
-            raw = docker_to_oci(raw)
-            mdigest = Digest.of(raw)
-            keep[mdigest] = raw
-        manifest = Descriptor(OCI_MANIFEST, mdigest, len(raw), (), annotations, platform)
+            index_digest = top
+            current = await asyncio.to_thread(layout.find, self.store, name)
+            for chosen in self._targets(parsed, top, name, current):
+                craw, cctype, cdigest = await registry.manifest(ref, chosen)
+                child = parse_manifest(
+                    craw, cctype or chosen.media_type, f"{name} ({chosen.digest.short})"
+                )
+                if not isinstance(child, ImageManifest):
+                    raise ManifestInvalid(f"{name}: an index inside an index is not supported")
+                pulled.append(self._stored_form(craw, child, cdigest, chosen.platform, keep))
+                images.append(child)
+        else:
+            pulled.append(self._stored_form(raw, parsed, top, None, keep))
+            images.append(parsed)
 
-        blobs = distinct_blobs(parsed, name)
+        seen: dict[Digest, Descriptor] = {}
+        for image in images:
+            for d in distinct_blobs(image, name):
+                first = seen.setdefault(d.digest, d)
+                if first.size != d.size:
+                    raise ManifestInvalid(
+                        f"{name}: its manifests give blob {d.digest.short} two sizes "
+                        f"({first.size} and {d.size})"
+                    )
+        blobs = tuple(seen.values())
         # What is missing, once per pull (one stat per blob): per blob it was O(layers²).
         todo = [d for d in blobs if not self.store.has(d.digest)]
         missing = sum(d.size for d in todo)
@@ -295,15 +412,22 @@ class Engine:
         lease = await asyncio.to_thread(Lease.take, self.store, [*keep, *(d.digest for d in blobs)])
         leased = current_lease.set(lease)
         try:
+            if index_digest is None:
+                pulled[0] = await self._check_config(registry, ref, name, images[0], pulled[0])
             # Twice at most: a gc running at the same moment may delete a blob we saw
-            # present before we publish the name (set_entry checks under gc's lock).
+            # present before we publish the name (set_platforms checks under gc's lock).
             for attempt in (1, 2):
                 await self._fetch_all(registry, ref.name, blobs, missing)
                 for digest, data in keep.items():
                     await asyncio.to_thread(self.store.put, data, digest)
                 try:
                     await asyncio.to_thread(
-                        layout.set_entry, self.store, name, manifest, [d.digest for d in blobs]
+                        layout.set_platforms,
+                        self.store,
+                        name,
+                        pulled,
+                        index_digest,
+                        [*keep, *(d.digest for d in blobs)],
                     )
                     break
                 except layout.BlobsMissing:
@@ -319,7 +443,24 @@ class Engine:
             current_lease.reset(leased)
             lease.release()  # the name is published (or the pull failed): idempotent
         await asyncio.to_thread(self.meta.touch_image, name, str(top), pulled=True)
-        return PullResult(name, top, manifest, fetched=True)
+        return PullResult(name, top, pulled[0], True, tuple(pulled))
+
+    async def _check_config(
+        self, registry: Registry, ref: Reference, name: str, image: ImageManifest, desc: Descriptor
+    ) -> Descriptor:
+        """A single-platform image: fetch its config first, and refuse it (before any
+        layer moves) if the platform it names cannot run as the one asked for; returns
+        ``desc`` with that platform, which the store records."""
+        await self.ensure_blob(registry, ref.name, image.config)
+        plat = await asyncio.to_thread(layout.config_platform, self.store, image)
+        if plat is None:
+            return desc
+        if not self.config.all_platforms and not self.config.platform.matches(plat.to_json()):
+            raise PlatformNotFound(
+                f"{name} is an image for {plat} only, not for {self.config.platform}; "
+                f"to store it anyway, pull it with --platform {plat}"
+            )
+        return replace(desc, platform=plat.to_json())
 
     async def _fetch_all(
         self, registry: Registry, name: str, blobs: tuple[Descriptor, ...], missing: int

@@ -12,13 +12,23 @@ too — so gc keeps both and a mirror can serve what the registry served.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
-from fetchd.errors import ManifestInvalid, StoreError
-from fetchd.manifest import ImageIndex, parse_manifest
-from fetchd.model import MAX_MANIFEST_SIZE, REF_NAME_ANNOTATION, Descriptor, Digest
+from fetchd.errors import FetchdError, ImageNotInStore, ManifestInvalid, StoreError
+from fetchd.manifest import ImageIndex, ImageManifest, parse_manifest
+from fetchd.model import (
+    MANIFEST_TYPES,
+    MAX_MANIFEST_SIZE,
+    OCI_INDEX,
+    REF_NAME_ANNOTATION,
+    Descriptor,
+    Digest,
+    Platform,
+    load_json,
+    platform_text,
+)
 from fetchd.store.cas import Store, atomic_write
 from fetchd.store.diskfull import writing
 from fetchd.store.locks import locked
@@ -123,6 +133,201 @@ def set_entry(
     _update(store, lambda ms: [m for m in ms if _name_of(m) != name] + [obj], check)
 
 
+# --- platforms: one name, one or more image manifests ---------------------------------
+#
+# A name stored for one platform is one index.json entry naming that platform's OCI
+# image manifest (with its ``platform``), as skopeo and umoci expect of a tag. A name
+# stored for two or more is one entry naming an OCI image index that fetchd writes (a
+# blob), listing exactly the stored platforms' manifests, each with its ``platform``:
+# skopeo picks one of them (``--override-arch``), umoci calls the tag ambiguous
+# (``fetchd export --platform`` writes a layout of one). Either way the entry carries
+# ``io.fetchd.index.digest``, the registry's index, when the name came from one.
+
+_ENTRY_ONLY = (REF_NAME_ANNOTATION, INDEX_DIGEST_ANNOTATION)
+
+
+def _child(desc: Descriptor) -> Descriptor:
+    """``desc`` as an item of fetchd's index: without the annotations of an entry."""
+    kept = {k: v for k, v in desc.annotations.items() if k not in _ENTRY_ONLY}
+    return Descriptor(desc.media_type, desc.digest, desc.size, desc.urls, kept, desc.platform)
+
+
+def _read_manifest(store: Store, desc: Descriptor, where: str) -> ImageManifest | ImageIndex:
+    try:
+        raw = store.read_blob(desc.digest, MAX_MANIFEST_SIZE)
+        return parse_manifest(raw, desc.media_type, where)
+    except (OSError, ManifestInvalid, StoreError) as exc:
+        raise StoreError(f"{where}: its manifest cannot be read: {exc}") from exc
+
+
+def config_platform(store: Store, manifest: ImageManifest) -> Platform | None:
+    """The platform an image config names (``os``, ``architecture``, ``variant``), or
+    None if the config is absent, unreadable or names none."""
+    try:
+        raw = store.read_blob(manifest.config.digest, MAX_MANIFEST_SIZE)
+        doc = load_json(raw, "the image config")
+    except (OSError, FetchdError):
+        return None
+    return Platform.from_json(doc) if isinstance(doc, dict) else None
+
+
+def manifests(store: Store, entry: Entry) -> tuple[Descriptor, ...]:
+    """The entry's image manifests, one per stored platform, each with its ``platform``
+    (for an image that came without an index, the one its config names, if any).
+
+    Raises :class:`StoreError` if the entry's manifest or index cannot be read.
+    """
+    parsed = _read_manifest(store, entry.manifest, entry.name)
+    if isinstance(parsed, ImageIndex):
+        return tuple(d for d in parsed.manifests if d.media_type in MANIFEST_TYPES)
+    desc = _child(entry.manifest)
+    if desc.platform is None:
+        plat = config_platform(store, parsed)
+        if plat is not None:
+            desc = replace(desc, platform=plat.to_json())
+    return (desc,)
+
+
+def platforms(store: Store, entry: Entry) -> list[str]:
+    """What ``fetchd images`` shows: the stored platforms, ``OS/ARCH[/VARIANT]`` each
+    ("unknown" for an image whose config names none); empty if unreadable."""
+    try:
+        return [platform_text(d.platform) or "unknown" for d in manifests(store, entry)]
+    except StoreError:
+        return []
+
+
+def for_platform(store: Store, entry: Entry, platform: Platform) -> Entry:
+    """The entry narrowed to the one manifest that suits ``platform`` best (as a pull
+    selects), as if the name had been pulled for it alone (``export --platform``).
+
+    Raises :class:`PlatformNotFound` naming the stored platforms if none suits.
+    """
+    stored = manifests(store, entry)
+    chosen = ImageIndex(OCI_INDEX, stored).select(platform, f"{entry.name} in the store")
+    annotations = dict(chosen.annotations)
+    index_digest = entry.manifest.annotations.get(INDEX_DIGEST_ANNOTATION)
+    if index_digest:
+        annotations[INDEX_DIGEST_ANNOTATION] = index_digest
+    return Entry(entry.name, replace(chosen, annotations=annotations))
+
+
+def _same_platform(a: Descriptor, b: Descriptor) -> bool:
+    pa, pb = Platform.from_json(a.platform), Platform.from_json(b.platform)
+    return pa is not None and pa == pb
+
+
+def _entry_json(store: Store, name: str, children: list[Descriptor], index: str | None) -> Any:
+    """The index.json entry for ``children``; for two or more, fetchd's index is
+    committed as a blob first (the caller holds the index lock: gc cannot take it)."""
+    if len(children) == 1:
+        obj = children[0].to_json()
+    else:
+        doc = {
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [c.to_json() for c in children],
+        }
+        data = json.dumps(doc, separators=(",", ":")).encode()
+        digest = Digest.of(data)
+        store.put(data, digest)
+        obj = {"mediaType": OCI_INDEX, "digest": str(digest), "size": len(data)}
+    annotations = obj.setdefault("annotations", {})
+    if index:
+        annotations[INDEX_DIGEST_ANNOTATION] = index
+    annotations[REF_NAME_ANNOTATION] = name
+    return obj
+
+
+def _current(store: Store, name: str, ms: list[Any]) -> Entry | None:
+    for i, obj in enumerate(ms):
+        if _name_of(obj) == name:
+            try:
+                return Entry(name, Descriptor.from_json(obj, f"index.json manifests[{i}]"))
+            except FetchdError:
+                return None  # an entry we cannot parse: replaced
+    return None
+
+
+def set_platforms(
+    store: Store,
+    name: str,
+    pulled: Sequence[Descriptor],
+    index: Digest | None,
+    required: Iterable[Digest] = (),
+) -> Entry:
+    """Record that ``name`` has the image manifests ``pulled`` (each with its platform).
+
+    From the same registry index (``index``) as what the name holds already, they join
+    it: each replaces a stored manifest of the same platform, the others stay. From
+    another index, or without one (a single-platform image), they replace it. Decided
+    and written under the index lock, so two pulls of two platforms of one name both
+    land. ``required`` (the blobs) are checked under that lock: :class:`BlobsMissing`
+    if any is gone, and nothing is written. Returns the new entry.
+    """
+    news = [_child(d) for d in pulled]
+    needed = [d.digest for d in news] + list(required)
+    out: list[Entry] = []
+
+    def check() -> None:
+        missing = [d for d in needed if not store.has(d)]
+        if missing:
+            raise BlobsMissing(name, missing)
+
+    def change(ms: list[Any]) -> list[Any]:
+        children = list(news)
+        current = _current(store, name, ms)
+        if current is not None and index is not None and current.top_digest == index:
+            try:
+                old = manifests(store, current)
+            except StoreError:
+                old = ()
+            kept = [
+                o
+                for o in old
+                if not any(_same_platform(o, n) or o.digest == n.digest for n in news)
+            ]
+            children = kept + children
+        obj = _entry_json(store, name, children, str(index) if index else None)
+        out.append(Entry(name, Descriptor.from_json(obj, name)))
+        return [m for m in ms if _name_of(m) != name] + [obj]
+
+    _update(store, change, check)
+    return out[0]
+
+
+def remove_platform(store: Store, name: str, platform: Platform) -> tuple[list[str], bool]:
+    """Forget the manifests of ``name`` for ``platform`` (normalised, compared exactly:
+    ``linux/arm64`` is ``linux/arm64/v8``, but not ``linux/arm/v7``). Returns the
+    platforms removed and whether the name is gone with them (its last platform).
+
+    Raises :class:`ImageNotInStore`, naming what is stored, if none is for ``platform``.
+    """
+    result: list[tuple[list[str], bool]] = []
+
+    def change(ms: list[Any]) -> list[Any]:
+        current = _current(store, name, ms)
+        if current is None:
+            raise ImageNotInStore(f"{name!r} is not in the store; see fetchd images")
+        stored = manifests(store, current)
+        drop = [d for d in stored if Platform.from_json(d.platform) == platform]
+        if not drop:
+            have = ", ".join(platform_text(d.platform) or "unknown" for d in stored)
+            raise ImageNotInStore(
+                f"{name} is not in the store for {platform} (it is for {have}); see fetchd images"
+            )
+        rest = [d for d in stored if d not in drop]
+        result.append(([platform_text(d.platform) or "unknown" for d in drop], not rest))
+        others = [m for m in ms if _name_of(m) != name]
+        if not rest:
+            return others
+        index = current.manifest.annotations.get(INDEX_DIGEST_ANNOTATION)
+        return [*others, _entry_json(store, name, rest, index)]
+
+    _update(store, change)
+    return result[0]
+
+
 def remove_entries(store: Store, match: Callable[[Entry], bool]) -> list[Entry]:
     """Forget every name ``match`` selects; returns what was removed."""
     removed = [e for e in entries(store) if match(e)]
@@ -132,23 +337,32 @@ def remove_entries(store: Store, match: Callable[[Entry], bool]) -> list[Entry]:
     return removed
 
 
-def image_blobs(store: Store, entry: Entry) -> Iterator[Descriptor]:
-    """Every blob the entry needs: its manifest, config and layers (and its index).
-
-    Raises :class:`StoreError` if the manifest itself is missing or unreadable.
-    """
-    yield entry.manifest
+def _recorded(desc: Descriptor, store: Store) -> Iterator[Descriptor]:
+    """The blobs ``desc``'s annotations name: the registry's index, a Docker original."""
     for key in (INDEX_DIGEST_ANNOTATION, SOURCE_DIGEST_ANNOTATION):
-        text = entry.manifest.annotations.get(key)
+        text = desc.annotations.get(key)
         if text:
             digest = Digest.parse(text)
             yield Descriptor("application/octet-stream", digest, store.blob_size(digest) or 0)
-    try:
-        raw = store.read_blob(entry.manifest.digest, MAX_MANIFEST_SIZE)
-        manifest = parse_manifest(raw, entry.manifest.media_type, f"{entry.name}")
-    except (OSError, ManifestInvalid) as exc:
-        raise StoreError(f"{entry.name}: its manifest cannot be read: {exc}") from exc
-    if isinstance(manifest, ImageIndex):
-        yield from manifest.manifests  # a foreign entry naming an index: its children
-    else:
+
+
+def image_blobs(store: Store, entry: Entry) -> Iterator[Descriptor]:
+    """Every blob the entry needs: its manifest, config and layers (and its index) —
+    for a name of several platforms, fetchd's index and each platform's.
+
+    Raises :class:`StoreError` if a manifest that is present cannot be read, or the
+    entry's own manifest is missing.
+    """
+    yield entry.manifest
+    yield from _recorded(entry.manifest, store)
+    manifest = _read_manifest(store, entry.manifest, entry.name)
+    if isinstance(manifest, ImageManifest):
         yield from manifest.blobs()
+        return
+    for child in manifest.manifests:
+        yield child
+        yield from _recorded(child, store)
+        if child.media_type in MANIFEST_TYPES and store.has(child.digest):
+            inner = _read_manifest(store, child, f"{entry.name} ({child.digest.short})")
+            if isinstance(inner, ImageManifest):
+                yield from inner.blobs()

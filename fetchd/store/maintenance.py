@@ -24,7 +24,7 @@ from typing import Any
 
 from fetchd.errors import FetchdError, ImageNotInStore, StoreError
 from fetchd.manifest import ImageIndex, parse_manifest
-from fetchd.model import MAX_MANIFEST_SIZE, REF_NAME_ANNOTATION, Digest, Reference
+from fetchd.model import MAX_MANIFEST_SIZE, REF_NAME_ANNOTATION, Digest, Platform, Reference
 from fetchd.store import layout
 from fetchd.store.cas import Store, atomic_write
 from fetchd.store.leases import Lease, live_digests
@@ -43,6 +43,8 @@ class ImageInfo:
     size: int
     pulled_at: float | None
     last_used: float | None
+    #: the stored platforms, OS/ARCH[/VARIANT] each (layout.platforms); none for a URL
+    platforms: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -52,6 +54,7 @@ class ImageInfo:
             "size": self.size,
             "pulled_at": self.pulled_at,
             "last_used": self.last_used,
+            "platforms": list(self.platforms),
         }
 
 
@@ -64,7 +67,10 @@ def images(store: Store) -> list[ImageInfo]:
         except FetchdError:
             size = -1
         pulled, used = times.get(e.name, (None, None))
-        out.append(ImageInfo(e.name, str(e.top_digest), str(e.manifest.digest), size, pulled, used))
+        plats = tuple(layout.platforms(store, e))
+        out.append(
+            ImageInfo(e.name, str(e.top_digest), str(e.manifest.digest), size, pulled, used, plats)
+        )
     for u in Meta(store.db_path).urls():
         out.append(ImageInfo(u.url, u.digest, u.digest, u.size, u.checked_at, u.last_used))
     return sorted(out, key=lambda i: i.name)
@@ -262,9 +268,11 @@ def fsck(store: Store) -> FsckReport:
     return report
 
 
-def export(store: Store, text: str, dest: Path) -> Path:
+def export(store: Store, text: str, dest: Path, platform: Platform | None = None) -> Path:
     """Write the image as an OCI layout directory, or a tar of one if ``dest`` ends .tar."""
     (entry,) = resolve_names(store, [text])[:1]
+    if platform is not None:  # one platform of a name stored for several
+        entry = layout.for_platform(store, entry, platform)
     blobs = list(layout.image_blobs(store, entry))
     for d in blobs:
         if not store.has(d.digest):
