@@ -243,8 +243,12 @@ def _config_platform(config: Any) -> tuple[str, str, str] | None:
     """What an image config says it is for (its os, architecture and variant)."""
     if not isinstance(config, dict):
         return None
-    fields = [config.get(k) for k in ("os", "architecture", "variant")]
-    return tuple(f if isinstance(f, str) else "" for f in fields)  # type: ignore[return-value]
+
+    def field(key: str) -> str:
+        value = config.get(key)
+        return value if isinstance(value, str) else ""
+
+    return field("os"), field("architecture"), field("variant")
 
 
 def _not_for_host(ref: Reference, stored: list[platforms.Platform]) -> Stage1Error:

@@ -317,3 +317,63 @@ def test_umoci_unpacks_one_platform(
     r = unpack(tmp_path / "out", tmp_path / "three")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "three/rootfs/etc/fetchd-test").read_bytes() == f"{OTHER}\n".encode()
+
+
+def test_docker_manifest_list_and_concurrent_platform_pulls(
+    images: Images, registry: Registry, fetchd: Fetchd
+) -> None:
+    """Two pulls of two platforms of one name at once both land; from a Docker manifest
+    list (stored in OCI form, each original kept) as well."""
+    name = f"{registry.host}/plat/v2s2:1"
+    push(images.layout, "two", name, fmt="v2s2", all_=True)
+    top = registry_manifest_digest(registry.host, "plat/v2s2", "1")
+
+    procs = [
+        fetchd.popen("pull", *HTTP, "--platform", f"linux/{arch}", f"docker://{name}")
+        for arch in (MINE, OTHER)
+    ]
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert (p.returncode, out.strip()) == (0, top), err
+
+    kept = stored(fetchd, name)
+    assert sorted(m["platform"]["architecture"] for m in kept) == sorted([MINE, OTHER])
+    assert all("io.fetchd.source.digest" in m["annotations"] for m in kept)
+    assert "ok" in ok(fetchd("fsck"))
+    requests = len(registry.requests())
+    ok(fetchd("pull", *HTTP, "--all-platforms", f"docker://{name}"))  # both there, by source
+    assert len(registry.requests()) == requests
+    r = Stage1(fetchd.store).run("run", f"docker://{name}")
+    assert (r.returncode, r.stdout) == (0, f"{MINE}\n"), r.stderr
+
+
+def test_a_moved_tag_brings_the_stored_platforms_along(
+    images: Images, registry: Registry, fetchd: Fetchd, tmp_path: Path, busybox_layer: Layer
+) -> None:
+    """pull --pull-policy update after the tag moved to a new index: the name holds the
+    new index's manifests for every platform it held, not a mix of two indexes."""
+    name = f"{registry.host}/plat/moved:1"
+    push(images.layout, "two", name, all_=True)
+    ok(fetchd("pull", *HTTP, "--all-platforms", f"docker://{name}"))
+    layout = tmp_path / "layout"
+    new = {
+        arch: build_image(
+            layout,
+            "-",
+            [busybox_layer, Layer([File("etc/fetchd-test", f"new {arch}\n".encode())])],
+            arch=arch,
+            annotate=False,
+        )
+        for arch in (MINE, OTHER)
+    }
+    build_index(layout, "next", [(new[a], f"linux/{a}") for a in (MINE, OTHER)])
+    push(layout, "next", name, all_=True)
+    top = registry_manifest_digest(registry.host, "plat/moved", "1")
+
+    assert ok(fetchd("pull", *HTTP, "--pull-policy", "update", f"docker://{name}")).strip() == top
+
+    assert fetchd.entry(name)["annotations"][INDEX_DIGEST] == top
+    assert sorted(m["digest"] for m in stored(fetchd, name)) == sorted(
+        [new[MINE].digest, new[OTHER].digest]
+    )
+    assert "ok" in ok(fetchd("fsck"))
