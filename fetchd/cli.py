@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import signal
@@ -26,7 +27,7 @@ from fetchd.model import Digest, Platform
 from fetchd.progress import Progress, TerminalBars
 from fetchd.store import Store, layout
 from fetchd.store import maintenance as mt
-from fetchd.store.diskfull import is_full
+from fetchd.store.diskfull import is_full, is_read_only
 
 log = logging.getLogger("fetchd")
 
@@ -390,8 +391,8 @@ def cmd_serve(args: argparse.Namespace, store: Store) -> int:
     from fetchd.server.upstreams import Upstream, Upstreams
 
     host, sep, port = args.listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise UsageError(f"--listen {args.listen!r} is not ADDR:PORT")
+    if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise UsageError(f"--listen {args.listen!r} is not ADDR:PORT (a port is 0 to 65535)")
     if not args.upstream:
         raise UsageError("serve needs at least one --upstream URL")
     upstreams = Upstreams([Upstream.parse(u) for u in args.upstream])
@@ -448,30 +449,74 @@ def run(argv: Sequence[str]) -> int:
     return commands[args.command](args, store)
 
 
-def _disk_full(exc: BaseException) -> bool:
+def _leaves(exc: BaseException) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
-        return any(_disk_full(e) for e in exc.exceptions)
-    return is_full(exc)
+        return [leaf for e in exc.exceptions for leaf in _leaves(e)]
+    return [exc]
+
+
+def _translate(exc: BaseException) -> FetchdError | None:
+    """The user's error an exception that no seam translated stands for, if any.
+
+    A TaskGroup wraps what its tasks raised: the first deliberate error inside counts.
+    An OSError the user can cause (a full disk, permissions, a missing directory) is
+    said as such; anything else is a bug (None).
+    """
+    leaves = _leaves(exc)
+    for leaf in leaves:
+        if isinstance(leaf, FetchdError):
+            return leaf
+    for leaf in leaves:
+        if is_full(leaf):  # a write into the store that no seam translated
+            return DiskFull("data", "the store")
+        if is_read_only(leaf):
+            where = getattr(leaf, "filename", None) or "the store"
+            return FetchdError(
+                f"cannot write {where}: {getattr(leaf, 'strerror', None) or leaf}; run as "
+                "a user who may write there (the store's owner), or use --store DIR with a "
+                "store you can write"
+            )
+        if isinstance(leaf, OSError) and leaf.errno in (errno.ENOENT, errno.ENOTDIR):
+            return FetchdError(
+                f"{leaf.filename or 'a file'}: {leaf.strerror}; check the path "
+                "(--store, or the file given)"
+            )
+        if isinstance(leaf, OSError) and leaf.strerror:
+            where = f"{leaf.filename}: " if leaf.filename else ""
+            return FetchdError(f"{where}{leaf.strerror}")
+    return None
+
+
+def _verbose(argv: Sequence[str]) -> bool:
+    for arg in argv:
+        if arg == "--":
+            break
+        if arg == "--verbose" or (len(arg) > 1 and arg.strip("v") == "-"):
+            return True
+    return False
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
+    args = list(argv) if argv is not None else sys.argv[1:]
     try:
-        code = run(list(argv) if argv is not None else sys.argv[1:])
+        code = run(args)
     except FetchdError as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         code = 130
-    except Exception as exc:  # a bug: still one line unless -v asks for the traceback
-        if verbose:
+    except Exception as exc:  # the one place that decides what a bug shows
+        if _verbose(args):
             raise
-        if _disk_full(exc):  # a write into the store that no seam translated
-            print(f"error: {DiskFull('data', 'the store')}", file=sys.stderr)
-            sys.exit(1)
+        error = _translate(exc)
+        if error is not None:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(error.exit_code)
+        # A bug: still one line unless -v asks for the traceback.
         print(
-            f"error: internal error: {type(exc).__name__}: {exc} (run with -v for details)",
+            f"error: internal error: {type(exc).__name__}: {exc}; this is a bug in fetchd: "
+            "please report it with the output of the same command run with -v",
             file=sys.stderr,
         )
         code = 1

@@ -161,6 +161,18 @@ class DiskFull(StoreError):
         self.what = what
 
 
+class StoreReadOnly(StoreError):
+    """The store (or a file in it) may not be written by this user, or its filesystem is
+    read-only. Reading still works: images, fsck, export, a pull of what is there."""
+
+    def __init__(self, what: str, store: object, reason: str = "permission denied") -> None:
+        super().__init__(
+            f"cannot write {what} in {store}: {reason}; the store is read-only for this "
+            "user: run as its owner, or use --store DIR with a store you can write"
+        )
+        self.what = what
+
+
 def unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The error to report for a failed TaskGroup: its first FetchdError, else the group.
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from stage1.errors import InvalidImageConfig, Stage1Error, UsageError
 
 USAGE = """\
-usage: stage1 [--store DIR] run [--fetch [--insecure-options LIST]] [--net none|host]
-                                [--uid N] [--gid N] REF [-- ARGS...]
-       stage1 [--store DIR] gc
+usage: stage1 [--store DIR] [-v] run [--fetch [--insecure-options LIST]] [--net none|host]
+                                     [--uid N] [--gid N] REF [-- ARGS...]
+       stage1 [--store DIR] [-v] gc
        (--store may also follow the command: stage1 run --store DIR REF)
 
 run   render the image REF from the store (cached in STORE/trees) and run its process in
@@ -43,6 +43,7 @@ DEFAULT_ID = 2_000_000_000
 class Options:
     command: str = ""
     store: str = ""
+    verbose: bool = False  # an internal error shows its traceback
     fetch: bool = False
     insecure: str = ""
     net: str = "none"
@@ -76,6 +77,10 @@ def parse(args: list[str]) -> Options:
         if arg in ("-h", "--help"):
             opts.command = "help"
             return opts
+        if arg in ("-v", "--verbose"):
+            opts.verbose = True  # before or after the command, as fetchd's -v
+            i += 1
+            continue
         if not opts.command:
             if arg == "--store" or arg.startswith("--store="):
                 opts.store, i = _value(args, i, "--store")
@@ -138,9 +143,43 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_status
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # a bug: still one line, never a traceback
-        print(f"error: internal error in stage1: {exc!r}", file=sys.stderr)
+    except OSError as exc:  # one the user can cause: permissions, a full disk, a path
+        if _verbose(args):
+            raise
+        print(f"error: {_os_error(exc)}", file=sys.stderr)
         return 1
+    except Exception as exc:  # a bug: one line, the traceback only under -v
+        if _verbose(args):
+            raise
+        print(
+            f"error: internal error in stage1: {exc!r}; this is a bug: please report it "
+            "with the output of the same command run with -v",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _verbose(args: list[str]) -> bool:
+    head = args[: args.index("--")] if "--" in args else args
+    return "-v" in head or "--verbose" in head
+
+
+def _os_error(exc: OSError) -> str:
+    """An OSError no seam translated, said as what to do (stage1's error contract)."""
+    import errno
+
+    where = f"{exc.filename}: " if exc.filename else ""
+    what = exc.strerror or str(exc)
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (
+            f"{where}{what}; run as a user who may use the store (its owner or root), or "
+            "use --store DIR with a store you can write"
+        )
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{where}{what}; free space (stage1 gc removes trees no image uses)"
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return f"{where}{what}; check the path (--store)"
+    return f"{where}{what}"
 
 
 def _store(opts: Options) -> str:

@@ -235,9 +235,7 @@ class Engine:
             entry = await asyncio.to_thread(layout.find, self.store, name)
             have = None if entry is None else await asyncio.to_thread(self._stored, entry)
             if entry is not None and have:
-                await asyncio.to_thread(
-                    self.meta.touch_image, name, str(entry.top_digest), pulled=False
-                )
+                await asyncio.to_thread(self._touch_image, name, str(entry.top_digest))
                 return PullResult(name, entry.top_digest, have[0], False, have)
             if policy == "never":
                 what = "every platform of " if self.config.all_platforms else ""
@@ -275,6 +273,14 @@ class Engine:
                 f"({'; '.join(failures)})"
             )
         return await self._pull_from(ref, name, self._registry(ref.host))
+
+    def _touch_image(self, name: str, digest: str) -> None:
+        """Note a use of an image already there. Best effort, as for a URL: a store this
+        user may only read still serves what it holds."""
+        try:
+            self.meta.touch_image(name, digest, pulled=False)
+        except (FetchdError, OSError) as exc:
+            log.debug("%s: not recorded as used: %s", name, exc)
 
     def _stored(self, entry: layout.Entry) -> tuple[Descriptor, ...] | None:
         """The stored manifests that answer this pull without the network (policy

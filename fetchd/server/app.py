@@ -879,8 +879,25 @@ def _listen(host: str, port: int) -> list[socket.socket]:
     except OSError as exc:
         for sock in socks:
             sock.close()
-        raise FetchdError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        raise FetchdError(f"cannot listen on {host}:{port}: {_listen_advice(exc)}") from exc
     return socks
+
+
+def _listen_advice(exc: OSError) -> str:
+    """Why a listening socket could not be opened, and what to do, for the error line."""
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            "address already in use; stop what listens there (ss -ltnp shows it) or pick "
+            "another port with --listen ADDR:PORT"
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return (
+            "permission denied; ports below 1024 need root (or CAP_NET_BIND_SERVICE): "
+            "pick a port above 1023 with --listen ADDR:PORT"
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "no interface of this machine has that address; give one of its addresses"
+    return f"{exc.strerror or exc}; check --listen ADDR:PORT"
 
 
 def _is_loopback(sock: socket.socket) -> bool:

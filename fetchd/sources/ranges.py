@@ -811,7 +811,10 @@ class ThreadedRanges:
 
     def _send(
         self, conn: http.client.HTTPConnection, start: int, end: int
-    ) -> http.client.HTTPResponse:
+    ) -> tuple[http.client.HTTPResponse, socket.socket]:
+        """The response to a GET of bytes [start, end), and the socket its body arrives
+        on: taken before ``getresponse``, which for a ``Connection: close`` answer hands
+        the socket to the response and leaves ``conn.sock`` None."""
         host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 literal
         if self.port != (443 if self.https else 80):
             host = f"{host}:{self.port}"
@@ -825,14 +828,16 @@ class ThreadedRanges:
                 "User-Agent": USER_AGENT,
             },
         )
-        return conn.getresponse()
+        sock = conn.sock
+        assert sock is not None  # request() connected
+        return conn.getresponse(), sock
 
     def open_range(self, start: int, end: int) -> _Held | None:
         """Ask for bytes [start, end) on a new connection (blocking): the held response if
         the answer is a 206 (or a 200: the server ignores Range), else None (closed)."""
         conn = self._new_connection()
         try:
-            resp = self._send(conn, start, end)
+            resp, sock = self._send(conn, start, end)
         except BaseException:
             conn.close()
             raise
@@ -841,7 +846,7 @@ class ThreadedRanges:
             if resp.status in (429, 502, 503, 504):
                 raise _Busy(f"HTTP {resp.status}", retry_after(dict(resp.headers), 1.0))
             return None
-        return _Held(conn, resp)
+        return _Held(conn, resp, sock)
 
     def _drop(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -865,12 +870,12 @@ class ThreadedRanges:
         and its connection becomes this thread's."""
         if held is not None:
             self._drop()
-            conn, resp = held.conn, held.resp
+            conn, resp, sock = held.conn, held.resp, held.sock
             self._local.conn = conn
         else:
             conn = self._connection()
             try:
-                resp = self._send(conn, seg.cursor, seg.end)
+                resp, sock = self._send(conn, seg.cursor, seg.end)
             except (OSError, http.client.HTTPException) as exc:
                 self._drop()
                 raise ConnectionError(f"{self.label}: {exc}") from exc
@@ -878,10 +883,10 @@ class ThreadedRanges:
             if held is None:
                 self._check(resp, seg, size, etag)
             fd = os.open(ingest.data_path, os.O_WRONLY | os.O_CLOEXEC)
-            seg.sock = conn.sock
+            seg.sock = sock
             try:
                 if not seg.stop:  # interrupted before the socket was known
-                    self._copy(resp, conn.sock, fd, seg, ingest, moved, closing)
+                    self._copy(resp, sock, fd, seg, ingest, moved, closing)
             finally:
                 seg.sock = None
                 os.close(fd)
@@ -1006,8 +1011,10 @@ class _Held:
 
     conn: http.client.HTTPConnection
     resp: http.client.HTTPResponse
+    sock: socket.socket  # the body's (conn.sock is None after a Connection: close)
 
     def close(self) -> None:
+        self.resp.close()
         self.conn.close()
 
 

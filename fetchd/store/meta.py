@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fetchd.errors import StoreError
-from fetchd.store.diskfull import is_full, writing
+from fetchd.store.diskfull import is_full, is_read_only, writing
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -118,10 +118,11 @@ class Meta:
         except sqlite3.OperationalError as exc:
             if "no such table" in str(exc):
                 return []
-            if not is_full(exc):
+            if not (is_full(exc) or is_read_only(exc)):
                 raise StoreError(f"cannot read {self.path}: {exc}") from exc
-            # A full disk: sqlite could not size the WAL index (-shm). Without a WAL
-            # holding changes, the main file is the whole truth: read it as immutable.
+            # A full disk, or a store this user may only read: sqlite could not create or
+            # size the WAL index (-shm). Without a WAL holding changes, the main file is
+            # the whole truth: read it as immutable.
             wal = self.path.with_name(self.path.name + "-wal")
             if wal.exists() and wal.stat().st_size > 0:
                 raise StoreError(

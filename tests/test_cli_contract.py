@@ -1,0 +1,393 @@
+"""Issue 10: one error contract for fetchd and stage1, and the command line of the ecosystem.
+
+Every mistake a user can make ends with exit 1 (2 for usage) and one line ``error: …``
+that says what to do: never a traceback, never "internal error", and the store as it
+was (``index.json`` byte for byte, ``fsck`` clean). A store the user may only read works
+for everything that does not write. Real peers throughout: the registry (images pushed
+with skopeo), ``python -m http.server``, a few lines of range server that closes every
+connection, and the other user ``nobody`` through runuser.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.support.cli import REPO, Fetchd, ok
+from tests.support.images import BuiltImage, File, Layer, build_image, push
+from tests.support.procs import free_port, wait_until
+from tests.support.rangefaults import RangeServer
+from tests.support.registry import Registry
+from tests.support.stage1 import SYSTEM_PYTHON, Stage1, check_error, readable_stage1
+
+HTTP = ("--insecure-options", "http")
+MIB = 1 << 20
+
+
+# --- fixtures ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pushed:
+    """Two small busybox images on the session registry, pushed once for the module."""
+
+    registry: Registry
+    one: BuiltImage
+    two: BuiltImage
+
+    @property
+    def ref1(self) -> str:
+        return f"docker://{self.registry.host}/contract/one:1"
+
+    @property
+    def ref2(self) -> str:
+        return f"docker://{self.registry.host}/contract/two:1"
+
+    def name(self, ref: str) -> str:
+        return ref.removeprefix("docker://")
+
+
+@pytest.fixture(scope="module")
+def pushed(
+    registry: Registry, busybox_layer: Layer, tmp_path_factory: pytest.TempPathFactory
+) -> Pushed:
+    layout = tmp_path_factory.mktemp("contract") / "layout"
+    one = build_image(layout, "one", [busybox_layer, Layer([File("etc/which", b"one\n")])])
+    two = build_image(layout, "two", [busybox_layer, Layer([File("etc/which", b"two\n")])])
+    push(layout, "one", f"{registry.host}/contract/one:1")
+    push(layout, "two", f"{registry.host}/contract/two:1")
+    return Pushed(registry, one, two)
+
+
+def _site_packages() -> str:
+    return sysconfig.get_paths()["purelib"]
+
+
+class OtherUser(Fetchd):
+    """fetchd run as the user ``nobody`` (runuser), with the project's interpreter version
+    from /usr/bin and the checkout and virtualenv on PYTHONPATH (both readable by all)."""
+
+    def argv(self, *args: str) -> list[str]:
+        return [
+            "runuser",
+            "-u",
+            "nobody",
+            "--",
+            "env",
+            f"HOME={self.home}",
+            f"PYTHONPATH={REPO}:{_site_packages()}",
+            "PYTHONDONTWRITEBYTECODE=1",
+            SYSTEM_PYTHON,
+            "-m",
+            "fetchd",
+            "--store",
+            str(self.store),
+            *args,
+        ]
+
+
+def _can_run_as_nobody() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to become nobody (runuser)"
+    if not shutil.which("runuser") or not os.access(SYSTEM_PYTHON, os.X_OK):
+        return f"runuser and {SYSTEM_PYTHON} are needed to run fetchd as another user"
+    version = subprocess.run(
+        [SYSTEM_PYTHON, "-c", "import sys; print(sys.version_info[:2])"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    if version != str(sys.version_info[:2]):
+        return f"{SYSTEM_PYTHON} is not Python {sys.version_info[:2]} (the virtualenv's)"
+    return None
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A directory under /tmp that nobody can enter (the test's tmp_path is root's 0700)."""
+    why = _can_run_as_nobody()
+    if why:
+        pytest.skip(why)
+    base = Path(tempfile.mkdtemp(prefix="fetchd-contract-", dir="/tmp"))
+    base.chmod(0o755)
+    try:
+        yield base
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(base)], check=False)
+        shutil.rmtree(base)
+
+
+# --- what "the store is unchanged" means ---------------------------------------------------
+
+
+def snapshot(fetchd: Fetchd) -> tuple[bytes, set[str]]:
+    return (fetchd.store / "layout" / "index.json").read_bytes(), fetchd.blobs()
+
+
+def assert_unchanged(fetchd: Fetchd, before: tuple[bytes, set[str]]) -> None:
+    assert snapshot(fetchd) == before, "the store changed"
+    assert "ok" in ok(fetchd("fsck"))
+
+
+def one_error(result: subprocess.CompletedProcess[str], status: int = 1) -> str:
+    """The single ``error:`` line of a failed run: no traceback, no internal error."""
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "internal error" not in result.stderr, result.stderr
+    if status == 2:  # argparse's usage lines come first, then the one error line
+        assert result.returncode == 2, (result.returncode, result.stderr)
+        errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1, result.stderr
+        return errors[0]
+    return check_error(result, status)
+
+
+# --- the enumeration of mistakes -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Mistake:
+    """A command a user may get wrong: its arguments (given the pushed images and a scratch
+    directory), the exit status and words of the error line it must end with."""
+
+    argv: Callable[[Pushed, Path], list[str]]
+    status: int
+    says: tuple[str, ...]
+
+
+MISTAKES: dict[str, Mistake] = {
+    "serve on a port in use": Mistake(
+        lambda p, d: ["serve", "--listen", "127.0.0.1:{busy}", "--upstream", p.registry.url],
+        1,
+        ("cannot listen on 127.0.0.1:", "address already in use", "--listen"),
+    ),
+    "serve on port 80000": Mistake(
+        lambda p, d: ["serve", "--listen", "127.0.0.1:80000", "--upstream", p.registry.url],
+        2,
+        ("is not ADDR:PORT", "65535"),
+    ),
+    "serve on no port": Mistake(
+        lambda p, d: ["serve", "--listen", "localhost", "--upstream", p.registry.url],
+        2,
+        ("is not ADDR:PORT",),
+    ),
+    "-v with -q": Mistake(lambda p, d: ["images", "-v", "-q"], 2, ("-q", "-v")),
+    "-v before the command, -q after it": Mistake(
+        lambda p, d: ["-v", "images", "-q"], 2, ("-v and -q",)
+    ),
+    "prefetch --from a missing file": Mistake(
+        lambda p, d: ["prefetch", "--from", str(d / "missing.txt")],
+        1,
+        ("cannot read", "missing.txt"),
+    ),
+    "export into a file's subdirectory": Mistake(
+        lambda p, d: ["export", p.ref1, str(d / "a-file" / "out")], 1, ("a-file",)
+    ),
+    "pull of a name not in the store under --pull-policy never": Mistake(
+        lambda p, d: ["pull", *HTTP, "--pull-policy", "never", p.ref2],
+        1,
+        ("not in the store", "--pull-policy never"),
+    ),
+    "pull of a tag the registry lacks": Mistake(
+        lambda p, d: ["pull", *HTTP, p.ref1.replace(":1", ":nope")], 1, ("not found",)
+    ),
+    "rm of a name not in the store": Mistake(
+        lambda p, d: ["rm", p.ref2], 1, ("not in the store",)
+    ),
+    "--stall-timeout 0": Mistake(
+        lambda p, d: ["pull", *HTTP, "--stall-timeout", "0", p.ref1], 2, ("--stall-timeout",)
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MISTAKES))
+def test_each_mistake_is_one_error_line_and_leaves_the_store_as_it_was(
+    case: str, pushed: Pushed, fetchd: Fetchd, tmp_path: Path
+) -> None:
+    ok(fetchd("pull", "-q", *HTTP, pushed.ref1))
+    (tmp_path / "a-file").write_text("not a directory\n")
+    before = snapshot(fetchd)
+    mistake = MISTAKES[case]
+    with BusyPort() as busy:
+        argv = [a.replace("{busy}", str(busy)) for a in mistake.argv(pushed, tmp_path)]
+        result = fetchd(*argv, timeout=60)
+    line = one_error(result, mistake.status)
+    for word in mistake.says:
+        assert word in line, (word, line)
+    assert_unchanged(fetchd, before)
+
+
+class BusyPort:
+    """A port of 127.0.0.1 something already listens on, for the time of a ``with``."""
+
+    def __enter__(self) -> int:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1)
+        return int(self.sock.getsockname()[1])
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+
+# --- a store the user may only read ----------------------------------------------------------
+
+
+def test_a_read_only_store_serves_every_command_that_does_not_write(
+    pushed: Pushed, public_dir: Path
+) -> None:
+    """nobody's own store, made read-only with chmod -R a-w: images, fsck, export, a
+    pull of an image already there and stage1 run of a rendered tree succeed; rm, gc and
+    a pull of a new image end with one line that says the store is read-only."""
+    home = public_dir / "home"
+    home.mkdir()
+    store = public_dir / "store"
+    store.mkdir()
+    for path in (home, store):
+        shutil.chown(path, "nobody")
+    user = OtherUser(store, home)
+    digest = ok(user("pull", "-q", *HTTP, pushed.ref1)).strip()
+    stage1 = Stage1(store, "nobody")
+    assert stage1.run("run", pushed.ref1, "--", "/bin/cat", "/etc/which").stdout == "one\n"
+    subprocess.run(["chmod", "-R", "a-w", str(store)], check=True)
+    before = snapshot(user)
+
+    assert ok(user("pull", *HTTP, pushed.ref1)).strip() == digest
+    listed = ok(user("images"))
+    assert pushed.name(pushed.ref1) in listed
+    assert "ok" in ok(user("fsck"))
+    out = public_dir / "export"
+    out.mkdir()
+    shutil.chown(out, "nobody")
+    ok(user("export", pushed.ref1, str(out / "layout")))
+    assert (out / "layout" / "index.json").is_file()
+    run = stage1.run("run", pushed.ref1, "--", "/bin/cat", "/etc/which")
+    assert (run.returncode, run.stdout) == (0, "one\n"), run.stderr
+    assert "warning" not in ok(user("images")).lower() and not user("images").stderr
+
+    for argv in (["rm", pushed.ref1], ["gc"], ["pull", *HTTP, pushed.ref2]):
+        line = one_error(user(*argv))
+        assert "read-only" in line or "cannot write" in line, (argv, line)
+        assert "--store" in line, line
+    assert snapshot(user) == before
+
+
+def test_root_s_store_read_by_another_user(pushed: Pushed, public_dir: Path) -> None:
+    """A store root pulled into and others may read: nobody lists, checks and pulls (the
+    image is there) without a warning; a write is one clear line."""
+    store = public_dir / "store"
+    root = Fetchd(store, public_dir)
+    digest = ok(root("pull", "-q", *HTTP, pushed.ref1)).strip()
+    subprocess.run(["chmod", "-R", "a+rX", str(store)], check=True)
+    user = OtherUser(store, public_dir)
+    before = snapshot(root)
+
+    images = user("images")
+    assert pushed.name(pushed.ref1) in ok(images) and images.stderr == ""
+    assert "ok" in ok(user("fsck"))
+    assert ok(user("pull", *HTTP, pushed.ref1)).strip() == digest
+    one_error(user("rm", pushed.ref1))
+    assert_unchanged(root, before)
+
+
+# --- URL pulls from servers that close every connection ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def url_data() -> bytes:
+    return random.Random(10).randbytes(20 * MIB + 12345)  # more than one 8 MiB segment
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def test_a_range_server_that_answers_connection_close_serves_a_url_pull(
+    url_data: bytes, fetchd: Fetchd
+) -> None:
+    with RangeServer(url_data, headers={"Connection": "close"}) as server:
+        out = ok(fetchd("pull", *HTTP, server.file_url, timeout=120))
+        gets = [s for s in server.seen if s.method == "GET"]
+    assert out.strip() == sha256(url_data)
+    assert all(s.status == 206 for s in gets) and len(gets) > 1, "not over ranges"
+    assert "ok" in ok(fetchd("fsck"))
+
+
+def test_python_http_server_serves_a_url_pull_as_one_stream(
+    url_data: bytes, fetchd: Fetchd, tmp_path: Path
+) -> None:
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "blob.bin").write_bytes(url_data)
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", "-b", "127.0.0.1", str(port), "-d", str(root)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: _listening(port), 10.0, "python -m http.server to listen")
+        out = ok(fetchd("pull", *HTTP, f"http://127.0.0.1:{port}/blob.bin", timeout=120))
+    finally:
+        server.terminate()
+        log = server.communicate(timeout=10)[1]
+    assert out.strip() == sha256(url_data)
+    gets = [ln for ln in log.splitlines() if '"GET /blob.bin' in ln]
+    assert len(gets) == 1 and '" 200 ' in gets[0], log  # one stream: it ignores Range
+    assert "ok" in ok(fetchd("fsck"))
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+# --- global options after the subcommand ------------------------------------------------------
+
+
+def test_global_options_also_after_the_subcommand(
+    pushed: Pushed, fetchd: Fetchd, tmp_path: Path
+) -> None:
+    other = tmp_path / "other-store"
+    bare = [sys.executable, "-m", "fetchd"]
+    env = fetchd.env()
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*bare, *args], capture_output=True, text=True, env=env)
+
+    pulled = ok(run("pull", "-q", *HTTP, "--store", str(other), pushed.ref1))
+    assert pulled.strip().startswith("sha256:")
+    assert pushed.name(pushed.ref1) in ok(run("images", "--store", str(other)))
+    assert pushed.name(pushed.ref1) in ok(run("--store", str(other), "images"))  # DESIGN.md's
+    verbose = run("pull", *HTTP, pushed.ref1, "-v", "--store", str(other))
+    assert "present" in verbose.stderr, verbose.stderr  # -v's INFO line
+    assert ok(run("--store", str(other), "pull", "-q", *HTTP, pushed.ref1)) == pulled
+    # stage1's --store after the command
+    gc = subprocess.run(
+        [sys.executable, "-m", "stage1", "gc", "--store", str(other)],
+        capture_output=True,
+        text=True,
+    )
+    assert gc.returncode == 0, gc.stderr
+
+
+def test_stage1_says_an_unusable_store_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("x\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "stage1", "run", "--store", str(tmp_path / "a-file"), "x:1"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(readable_stage1())},
+    )
+    assert "Not a directory" in one_error(result)
