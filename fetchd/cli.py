@@ -28,6 +28,7 @@ from fetchd.progress import Progress, TerminalBars
 from fetchd.store import Store, layout
 from fetchd.store import maintenance as mt
 from fetchd.store.diskfull import is_full, is_read_only
+from fetchd.units import parse_size
 
 log = logging.getLogger("fetchd")
 
@@ -47,14 +48,11 @@ class _CommandParser(_Parser):
 
 
 def _size_arg(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    mult = units.get(t[-1:], 1)
-    num = t[:-1] if t[-1:] in units else t
+    """A size with a unit (fetchd/units.py); anything else is a usage error (exit 2)."""
     try:
-        return int(float(num) * mult)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 500M, 20G)") from None
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _global_options(p: argparse.ArgumentParser, after: bool) -> None:
@@ -171,9 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sp = sub.add_parser("gc", help="remove unreferenced blobs and stale ingests")
-    sp.add_argument("--max-size", type=_size_arg, help="evict least recently used images to N")
+    sp.add_argument(
+        "--max-size",
+        type=_size_arg,
+        metavar="SIZE",
+        help="then evict least recently used images and URLs until the store holds at most "
+        "SIZE, with a unit: 500M, 20G, 1.5T (M = MiB as in podman; MB = 10^6 bytes)",
+    )
 
-    sub.add_parser("fsck", help="re-hash every blob; quarantine what is wrong")
+    sp = sub.add_parser("fsck", help="re-hash every blob; quarantine what is wrong")
+    sp.add_argument(
+        "--rebuild-db",
+        action="store_true",
+        help="make fetchd.db (an index of the layout) agree with the layout again",
+    )
 
     sp = sub.add_parser("serve", help="the LAN cache: a read-only pull-through OCI registry")
     sp.add_argument("--listen", default="127.0.0.1:5050", metavar="ADDR:PORT")
@@ -185,7 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a registry to pull through (repeatable; the first without PREFIX is the default)",
     )
     sp.add_argument("--token-file", type=Path, help="bearer token for the admin API")
-    sp.add_argument("--max-size", type=_size_arg, help="evict least recently used down to N")
+    sp.add_argument(
+        "--max-size",
+        type=_size_arg,
+        metavar="SIZE",
+        help="evict least recently used down to SIZE, with a unit: 500M, 20G, 1.5T",
+    )
     sp.add_argument(
         "--grace",
         type=float,
@@ -217,7 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
         "leaves after a reserve); at the limit the longest idle one is closed",
     )
 
-    sp = sub.add_parser("export", help="write an image as an OCI layout (or .tar)")
+    sp = sub.add_parser(
+        "export",
+        help="add an image to an OCI layout directory (created if absent; the same name "
+        "is replaced, others kept), or write a .tar of one",
+    )
     sp.add_argument("ref", metavar="REF")
     sp.add_argument("dest", type=Path, metavar="DIR")
     sp.add_argument(
@@ -364,11 +382,20 @@ def cmd_gc(args: argparse.Namespace, store: Store) -> int:
         f"removed {r.removed_blobs} blobs ({_human(r.freed_bytes)}), "
         f"{r.removed_ingests} stale ingests"
     )
+    if r.trees is None:
+        print("stage1 gc: cannot read trees/ as this user (run it as the store's owner)")
+    elif r.trees.count:
+        print(f"stage1 gc would free {r.trees.count} trees ({_human(r.trees.bytes)}) in trees/")
     return 0
 
 
 def cmd_fsck(args: argparse.Namespace, store: Store) -> int:
-    r = mt.fsck(store)
+    r = mt.fsck(store, rebuild_db=args.rebuild_db)
+    if r.rebuilt_db is not None:
+        print(
+            f"fetchd.db rebuilt from the layout ({r.rebuilt_db[0]} names and "
+            f"{r.rebuilt_db[1]} URLs added, {r.adopted_urls} URLs moved into the layout)"
+        )
     for d in r.corrupt or []:
         print(f"corrupt: {d} (moved to {store.quarantine})")
     for m in r.missing or []:
@@ -381,7 +408,7 @@ def cmd_fsck(args: argparse.Namespace, store: Store) -> int:
 
 def cmd_export(args: argparse.Namespace, store: Store) -> int:
     platform = Platform.parse(args.platform) if args.platform else None
-    print(mt.export(store, args.ref, args.dest, platform))
+    print(mt.export(store, args.ref, args.dest, platform).dest)
     return 0
 
 

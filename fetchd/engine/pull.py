@@ -576,21 +576,26 @@ class Engine:
                 )
         policy = self.config.pull_policy
         now = time.time()
-        rec = await asyncio.to_thread(self.meta.url, url)
+        rec, listed = await asyncio.to_thread(self._url_record, url)
         if rec and not self.store.has(Digest.parse(rec.digest)):
             rec = None
         if rec and digest is not None and Digest.parse(rec.digest) != digest:
             rec = None
         if digest is not None and self.store.has(digest) and policy != "update":
             return self._url_result(url, digest, self.store.blob_size(digest) or 0, False)
-        if rec is not None and (policy == "never" or (policy == "new" and rec.fresh(now))):
-            await asyncio.to_thread(self.meta.put_url, replace(rec, last_used=now))
+        # ``new`` is rkt's "fetch what the store lacks": a stored URL is asked again only
+        # when that is cheap, past its max-age with a validator for a conditional GET.
+        # Without validators (a server that sent none, or fetchd.db lost) it is used as
+        # stored; ``update`` always asks.
+        cheap = rec is not None and bool(rec.etag or rec.last_modified) and not rec.fresh(now)
+        if rec is not None and (policy == "never" or (policy == "new" and not cheap)):
+            await asyncio.to_thread(self._touch_url, replace(rec, last_used=now), listed)
             return self._url_result(url, Digest.parse(rec.digest), rec.size, False)
         if policy == "never":
             raise ImageNotInStore(
                 f"{redact(url)} is not in the store and --pull-policy never forbids fetching it"
             )
-        if rec is not None and await self._still_valid(url, rec):
+        if rec is not None and await self._still_valid(url, rec, listed):
             return self._url_result(url, Digest.parse(rec.digest), rec.size, False)
         # A lease, as for an image: the blob's digest (if not given) joins it at commit.
         lease = await asyncio.to_thread(Lease.take, self.store, [digest] if digest else [])
@@ -662,7 +667,35 @@ class Engine:
             self.progress.finish(label)
             return ingest.digest, ingest.size or 0, dict(ingest.meta)
 
-    async def _still_valid(self, url: str, rec: UrlRecord) -> bool:
+    def _url_record(self, url: str) -> tuple[UrlRecord | None, bool]:
+        """What the store holds for ``url`` (the layout's record, with the validators and
+        times fetchd.db has for the same content), and whether the layout records it (a
+        URL only the database knows is from a fetchd before the catalog)."""
+        entry = layout.find_url(self.store, url)
+        try:
+            rec = self.meta.url(url)
+        except FetchdError as exc:  # a corrupt index: the layout still knows
+            log.warning("%s", exc)
+            rec = None
+        if entry is None:
+            return rec, False
+        if rec is None or rec.digest != str(entry.blob.digest):
+            blob = entry.blob
+            return UrlRecord(url, str(blob.digest), blob.size, None, None, None, 0.0, 0.0), True
+        return rec, True
+
+    def _touch_url(self, rec: UrlRecord, listed: bool) -> None:
+        """Note a use (and record a URL the layout lacks). Best effort: a store this user
+        may only read still serves what it holds."""
+        try:
+            if listed:
+                self.meta.put_url(rec)
+            else:
+                record_url(self.store, rec)
+        except (FetchdError, OSError) as exc:
+            log.debug("%s: not recorded as used: %s", redact(rec.url), exc)
+
+    async def _still_valid(self, url: str, rec: UrlRecord, listed: bool = True) -> bool:
         """A conditional GET: True (and the record refreshed) if the server says 304."""
         headers = {}
         if rec.etag:
@@ -680,13 +713,14 @@ class Engine:
             raise translate(exc, redact(url), self.config) from exc
         now = time.time()
         await asyncio.to_thread(
-            self.meta.put_url,
+            self._touch_url,
             replace(
                 rec,
                 max_age=max_age if max_age is not None else rec.max_age,
                 checked_at=now,
                 last_used=now,
             ),
+            listed,
         )
         return True
 

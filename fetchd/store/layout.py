@@ -366,3 +366,74 @@ def image_blobs(store: Store, entry: Entry) -> Iterator[Descriptor]:
             inner = _read_manifest(store, child, f"{entry.name} ({child.digest.short})")
             if isinstance(inner, ImageManifest):
                 yield from inner.blobs()
+
+
+# --- URL records: a blob pulled by URL is an index.json entry too ---------------------
+#
+# ``{"mediaType": "application/octet-stream" (or the server's type), "digest", "size",
+#   "annotations": {"io.fetchd.url": URL}}`` and no ref.name, so skopeo and umoci never
+# take it for an image name and gc keeps the blob whatever happens to fetchd.db.
+
+URL_ANNOTATION = "io.fetchd.url"
+
+
+@dataclass(frozen=True, slots=True)
+class UrlEntry:
+    """One URL in the store: the URL and its blob's descriptor."""
+
+    url: str
+    blob: Descriptor
+
+
+def _url_of(obj: Any) -> str | None:
+    if isinstance(obj, dict):
+        ann = obj.get("annotations")
+        if isinstance(ann, dict) and REF_NAME_ANNOTATION not in ann:
+            url = ann.get(URL_ANNOTATION)
+            return url if isinstance(url, str) else None
+    return None
+
+
+def url_entries(store: Store) -> list[UrlEntry]:
+    out = []
+    for i, obj in enumerate(read_index(store).get("manifests", [])):
+        url = _url_of(obj)
+        if url is None:
+            continue
+        try:
+            desc = Descriptor.from_json(obj, f"index.json manifests[{i}]")
+        except Exception:
+            continue  # unparsable: leave it alone, as a foreign entry
+        out.append(UrlEntry(url, desc))
+    return out
+
+
+def find_url(store: Store, url: str) -> UrlEntry | None:
+    for e in url_entries(store):
+        if e.url == url:
+            return e
+    return None
+
+
+def set_url_entry(store: Store, url: str, blob: Descriptor) -> None:
+    """Record that ``url`` gave ``blob`` (replacing what it gave before).
+
+    The blob is checked under the index lock, the lock gc deletes under:
+    :class:`BlobsMissing` if it is gone, and nothing is written.
+    """
+    obj = {"mediaType": blob.media_type, "digest": str(blob.digest), "size": blob.size}
+    obj["annotations"] = {URL_ANNOTATION: url}
+
+    def check() -> None:
+        if not store.has(blob.digest):
+            raise BlobsMissing(url, [blob.digest])
+
+    _update(store, lambda ms: [m for m in ms if _url_of(m) != url] + [obj], check)
+
+
+def remove_url_entries(store: Store, urls: Iterable[str]) -> list[str]:
+    """Forget the URLs (their blobs stay until gc); returns the ones that were recorded."""
+    gone = set(urls) & {e.url for e in url_entries(store)}
+    if gone:
+        _update(store, lambda ms: [m for m in ms if _url_of(m) not in gone])
+    return sorted(gone)

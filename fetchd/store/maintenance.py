@@ -1,5 +1,11 @@
 """What keeps a store healthy: images listing, rm, gc, fsck, export.
 
+The layout is the catalog: every name and every URL the store holds is an index.json
+entry (layout.py), so gc's roots, ``images`` and ``rm`` come from it; fetchd.db only adds
+times and validators (meta.py) and can be lost or rebuilt. (A URL recorded only in the
+database, by a fetchd before the catalog, is still a root, and gc or
+``fsck --rebuild-db`` moves it into the layout.)
+
 All of these are safe to run while pulls and a server use the store: they change
 index.json only under its lock, and gc never deletes a blob that a name references
 at the moment it looks, nor one that a live lease protects (a pull in progress, see
@@ -10,26 +16,39 @@ leases.py), nor an ingest that a live process holds. None of the read-only ones
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import tarfile
 import time
-from collections.abc import Set
+from collections.abc import Iterator, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fetchd.errors import FetchdError, ImageNotInStore, StoreError
+from fetchd.errors import FetchdError, ImageNotInStore, StoreError, UsageError
 from fetchd.manifest import ImageIndex, parse_manifest
-from fetchd.model import MAX_MANIFEST_SIZE, REF_NAME_ANNOTATION, Digest, Platform, Reference
+from fetchd.model import (
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    MAX_MANIFEST_SIZE,
+    REF_NAME_ANNOTATION,
+    Descriptor,
+    Digest,
+    Platform,
+    Reference,
+)
 from fetchd.store import layout
 from fetchd.store.cas import Store, atomic_write
 from fetchd.store.leases import Lease, live_digests
 from fetchd.store.locks import locked, remove_locked_dir, try_locked
 from fetchd.store.meta import Meta, UrlRecord
+
+log = logging.getLogger(__name__)
 
 STALE_INGEST_SECONDS = 24 * 3600
 HASH_CHUNK = 4 * 1024 * 1024
@@ -58,8 +77,39 @@ class ImageInfo:
         }
 
 
+def _times(meta: Meta) -> dict[str, tuple[float, float]]:
+    """The index's times, or none if it cannot be read (they only order LRU gc)."""
+    try:
+        return meta.times()
+    except StoreError as exc:
+        log.warning("%s", exc)
+        return {}
+
+
+def _db_urls(meta: Meta) -> dict[str, UrlRecord]:
+    try:
+        return {u.url: u for u in meta.urls()}
+    except StoreError as exc:
+        log.warning("%s", exc)
+        return {}
+
+
+def url_records(store: Store) -> dict[str, UrlRecord]:
+    """Every URL the store holds: the layout's records, with the database's validators
+    and times where it agrees (else none), and the URLs only the database knows (from a
+    fetchd before the catalog)."""
+    db = _db_urls(Meta(store.db_path))
+    out = dict(db)
+    for u in layout.url_entries(store):
+        known = db.get(u.url)
+        if known is not None and known.digest == str(u.blob.digest):
+            continue
+        out[u.url] = UrlRecord(u.url, str(u.blob.digest), u.blob.size, None, None, None, 0, 0)
+    return out
+
+
 def images(store: Store) -> list[ImageInfo]:
-    times = Meta(store.db_path).times()
+    times = _times(Meta(store.db_path))
     out = []
     for e in layout.entries(store):
         try:
@@ -71,8 +121,9 @@ def images(store: Store) -> list[ImageInfo]:
         out.append(
             ImageInfo(e.name, str(e.top_digest), str(e.manifest.digest), size, pulled, used, plats)
         )
-    for u in Meta(store.db_path).urls():
-        out.append(ImageInfo(u.url, u.digest, u.digest, u.size, u.checked_at, u.last_used))
+    for u in url_records(store).values():
+        pulled, used = (u.checked_at or None), (u.last_used or None)
+        out.append(ImageInfo(u.url, u.digest, u.digest, u.size, pulled, used))
     return sorted(out, key=lambda i: i.name)
 
 
@@ -100,11 +151,12 @@ def resolve_names(store: Store, texts: list[str]) -> list[layout.Entry]:
 def remove(store: Store, texts: list[str]) -> list[str]:
     """Forget names (images or URLs); the blobs stay until gc. Returns what was removed."""
     meta = Meta(store.db_path)
-    known_urls = {u.url for u in meta.urls()}
+    known_urls = url_records(store)
     urls = [t for t in texts if t in known_urls]
     names = [t for t in texts if t not in known_urls]
     targets = {e.name for e in resolve_names(store, names)} if names else set()
     removed = layout.remove_entries(store, lambda e: e.name in targets)
+    layout.remove_url_entries(store, urls)  # the layout first: it is the truth
     meta.forget([e.name for e in removed])
     meta.forget_urls(urls)
     return [e.name for e in removed] + urls
@@ -116,13 +168,35 @@ class GcReport:
     freed_bytes: int = 0
     removed_ingests: int = 0
     evicted_images: list[str] | None = None
+    #: what ``stage1 gc`` would remove in trees/ (None: trees/ cannot be read by us)
+    trees: TreesReport | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "evicted": list(self.evicted_images or []),
+            "removed_blobs": self.removed_blobs,
+            "freed_bytes": self.freed_bytes,
+            "removed_ingests": self.removed_ingests,
+            "stage1_trees": self.trees.to_json() if self.trees else None,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class TreesReport:
+    """Rendered trees no index entry leads to (and partial renders of dead runs)."""
+
+    count: int
+    bytes: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"count": self.count, "bytes": self.bytes}
 
 
 def referenced(store: Store) -> set[Digest]:
     """Every blob a name uses: images in index.json, blobs pulled by URL, and the
     manifests a cache server holds (with what they reference)."""
     meta = Meta(store.db_path)
-    keep: set[Digest] = {Digest.parse(u.digest) for u in meta.urls()}
+    keep: set[Digest] = {Digest.parse(u.digest) for u in url_records(store).values()}
     for digest_text, _, media_type, _ in meta.cached_manifests():
         digest = Digest.parse(digest_text)
         if not store.has(digest):
@@ -185,22 +259,45 @@ def abandon(store: Store, lease: Lease) -> dict[Digest, int]:
     return remove_unreferenced(store, set(lease.committed))
 
 
-def record_url(store: Store, rec: UrlRecord) -> None:
-    """Name a blob pulled by URL, under the lock gc deletes under (see set_entry)."""
-    with locked(store.index_lock):
-        digest = Digest.parse(rec.digest)
-        if not store.has(digest):
-            raise layout.BlobsMissing(rec.url, [digest])
-        Meta(store.db_path).put_url(rec)
+def record_url(store: Store, rec: UrlRecord, media_type: str = "application/octet-stream") -> None:
+    """Name a blob pulled by URL: an index.json entry (checked under the lock gc deletes
+    under, see set_url_entry), then its validators and times in the database."""
+    blob = Descriptor(media_type, Digest.parse(rec.digest), rec.size)
+    layout.set_url_entry(store, rec.url, blob)
+    Meta(store.db_path).put_url(rec)
+
+
+def _adopt_legacy_urls(store: Store) -> int:
+    """URLs only the database records (a fetchd before the catalog): into the layout."""
+    recorded = {u.url for u in layout.url_entries(store)}
+    moved = 0
+    for rec in _db_urls(Meta(store.db_path)).values():
+        if rec.url in recorded:
+            continue
+        with contextlib.suppress(layout.BlobsMissing):
+            blob = Descriptor("application/octet-stream", Digest.parse(rec.digest), rec.size)
+            layout.set_url_entry(store, rec.url, blob)
+            moved += 1
+    return moved
 
 
 def gc(
     store: Store, max_size: int | None = None, *, ingest_age: float = STALE_INGEST_SECONDS
 ) -> GcReport:
-    """Delete unreferenced blobs and stale ingests; with ``max_size``, evict LRU images."""
+    """Delete unreferenced blobs and stale ingests; with ``max_size`` (bytes, above
+    zero), evict least recently used images and URLs until the rest fit. Also says what
+    ``stage1 gc`` would free in trees/ (which it leaves alone: stage1 owns it)."""
+    if max_size is not None and max_size <= 0:
+        raise UsageError("--max-size must be above zero")
     report = GcReport(evicted_images=[])
+    meta = Meta(store.db_path)
+    # A corrupt index is set aside and rebuilt (the layout is the truth); a store we may
+    # not write, or a full disk, fails at the first delete instead, with its own error.
+    with contextlib.suppress(FetchdError, OSError):
+        meta.ensure()
+    _adopt_legacy_urls(store)
     if max_size is not None:
-        times = Meta(store.db_path).times()
+        times = _times(meta)
         by_age = sorted(images(store), key=lambda i: times.get(i.name, (0.0, 0.0))[1])
         while by_age and _live_size(store) > max_size:
             victim = by_age.pop(0)
@@ -222,7 +319,100 @@ def gc(
             if ours:  # nobody writes it: remove it as its writer would (locks.py)
                 remove_locked_dir(d, lock)
                 report.removed_ingests += 1
+    report.trees = unreferenced_trees(store)
     return report
+
+
+_TREE_PARTIAL = ".partial-"  # stage1/trees.py's prefix for a render in progress
+
+
+def rendered_manifests(store: Store) -> set[str]:
+    """The hex of every manifest an index.json entry leads to (through indexes): the
+    trees stage1 gc keeps (stage1/layout.py referenced_manifests, same walk)."""
+    pending: list[Descriptor] = []
+    for i, obj in enumerate(layout.read_index(store).get("manifests", [])):
+        with contextlib.suppress(FetchdError):
+            pending.append(Descriptor.from_json(obj, f"index.json manifests[{i}]"))
+    keep: set[str] = set()
+    while pending:
+        desc = pending.pop()
+        if desc.digest.hex in keep or layout.URL_ANNOTATION in desc.annotations:
+            continue
+        keep.add(desc.digest.hex)
+        if desc.media_type in MANIFEST_TYPES or desc.size > MAX_MANIFEST_SIZE:
+            continue
+        try:
+            raw = json.loads(store.read_blob(desc.digest, MAX_MANIFEST_SIZE))
+        except (OSError, ValueError, FetchdError, RecursionError):
+            continue
+        if isinstance(raw, dict) and (
+            desc.media_type in INDEX_TYPES or isinstance(raw.get("manifests"), list)
+        ):
+            for j, child in enumerate(raw.get("manifests") or []):
+                with contextlib.suppress(FetchdError):
+                    pending.append(Descriptor.from_json(child, f"{desc.digest}[{j}]"))
+    return keep
+
+
+def unreferenced_trees(store: Store) -> TreesReport | None:
+    """What ``stage1 gc`` would remove from trees/ and the disk space that frees (blocks
+    used, hard links once). None when trees/ cannot be read (stage1 keeps it 0700, and
+    another user may own it)."""
+    trees = store.root / "trees"
+    try:
+        names = os.listdir(trees)
+    except FileNotFoundError:
+        return TreesReport(0, 0)
+    except OSError:
+        return None
+    try:
+        keep = rendered_manifests(store)
+    except FetchdError:
+        return None
+    count = size = 0
+    seen: set[tuple[int, int]] = set()
+    for name in names:
+        if name.startswith(_TREE_PARTIAL):
+            pid = name.rpartition("-")[2]
+            if pid.isascii() and pid.isdigit() and _alive(int(pid)):
+                continue
+        elif name in keep or not all(c in "0123456789abcdef" for c in name):
+            continue
+        try:
+            size += sum(_usage(trees / name, seen))
+        except OSError:
+            return None
+        count += 1
+    return TreesReport(count, size)
+
+
+def _usage(path: Path, seen: set[tuple[int, int]]) -> Iterator[int]:
+    """Bytes on disk under ``path`` (not following symlinks), each inode once."""
+    st = os.lstat(path)
+    if (st.st_dev, st.st_ino) not in seen:
+        seen.add((st.st_dev, st.st_ino))
+        yield st.st_blocks * 512
+    if not os.path.isdir(path) or os.path.islink(path):
+        return
+    with os.scandir(path) as it:
+        for entry in it:
+            if entry.is_dir(follow_symlinks=False):
+                yield from _usage(Path(entry.path), seen)
+                continue
+            est = entry.stat(follow_symlinks=False)
+            if (est.st_dev, est.st_ino) not in seen:
+                seen.add((est.st_dev, est.st_ino))
+                yield est.st_blocks * 512
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _live_size(store: Store) -> int:
@@ -235,14 +425,34 @@ class FsckReport:
     checked: int = 0
     corrupt: list[str] | None = None
     missing: list[str] | None = None
+    #: with --rebuild-db: (names, URLs) the database lacked and now indexes
+    rebuilt_db: tuple[int, int] | None = None
+    #: with --rebuild-db: URLs only the database knew, now recorded in the layout
+    adopted_urls: int = 0
 
     @property
     def ok(self) -> bool:
         return not self.corrupt and not self.missing
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "checked": self.checked,
+            "corrupt": list(self.corrupt or []),
+            "missing": list(self.missing or []),
+            "rebuilt_db": (
+                {"names_added": self.rebuilt_db[0], "urls_added": self.rebuilt_db[1]}
+                if self.rebuilt_db is not None
+                else None
+            ),
+            "adopted_urls": self.adopted_urls,
+        }
 
-def fsck(store: Store) -> FsckReport:
-    """Re-hash every blob; move mismatches to quarantine/; report names missing blobs."""
+
+def fsck(store: Store, *, rebuild_db: bool = False) -> FsckReport:
+    """Re-hash every blob; move mismatches to quarantine/; report names and URLs missing
+    blobs. With ``rebuild_db``, make fetchd.db agree with the layout (a corrupt one is
+    set aside as fetchd.db.corrupt and made anew)."""
     report = FsckReport(corrupt=[], missing=[])
     assert report.corrupt is not None and report.missing is not None
     for digest, path in list(store.iter_blobs()):
@@ -265,32 +475,102 @@ def fsck(store: Store) -> FsckReport:
                     report.missing.append(f"{e.name}: {d.digest}")
         except StoreError as exc:
             report.missing.append(str(exc))
+    for u in layout.url_entries(store):
+        if not store.has(u.blob.digest):
+            report.missing.append(f"{u.url}: {u.blob.digest}")
+    if rebuild_db:
+        report.adopted_urls = _adopt_legacy_urls(store)
+        report.rebuilt_db = Meta(store.db_path).rebuild()
     return report
 
 
-def export(store: Store, text: str, dest: Path, platform: Platform | None = None) -> Path:
-    """Write the image as an OCI layout directory, or a tar of one if ``dest`` ends .tar."""
+@dataclass(frozen=True, slots=True)
+class ExportResult:
+    dest: Path
+    name: str
+    #: what the registry reported for the name (the index of a multi-arch image)
+    digest: str
+    manifest: str
+    blobs: int
+    bytes: int
+    #: the destination already held this name, and now holds the exported image instead
+    replaced: bool
+    #: the other names the destination holds (kept)
+    kept: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dest": str(self.dest),
+            "name": self.name,
+            "digest": self.digest,
+            "manifest": self.manifest,
+            "blobs": self.blobs,
+            "bytes": self.bytes,
+            "replaced": self.replaced,
+            "kept": list(self.kept),
+        }
+
+
+def export(store: Store, text: str, dest: Path, platform: Platform | None = None) -> ExportResult:
+    """Write the image as an OCI layout directory, or a tar of one if ``dest`` ends .tar.
+
+    Into a directory that already is an OCI layout, the image is added, as skopeo copy
+    adds to an ``oci:`` layout: an entry with the same name is replaced, every other
+    entry is kept. The blobs go in first, then index.json by one atomic rename, under an
+    flock on the directory (so two exports into it do not lose each other's names); a
+    crash leaves the layout as it was plus some unreferenced blobs.
+    """
     (entry,) = resolve_names(store, [text])[:1]
     if platform is not None:  # one platform of a name stored for several
         entry = layout.for_platform(store, entry, platform)
-    blobs = list(layout.image_blobs(store, entry))
+    blobs = list({d.digest: d for d in layout.image_blobs(store, entry)}.values())
     for d in blobs:
         if not store.has(d.digest):
             raise StoreError(f"{entry.name}: blob {d.digest.short} is missing; pull it again")
     desc = entry.manifest.to_json()
     desc.setdefault("annotations", {})[REF_NAME_ANNOTATION] = entry.name
-    index = {
+    size = sum(store.blob_size(d.digest) or 0 for d in blobs)
+    try:
+        if dest.suffix == ".tar":
+            _export_tar(store, dest, desc, blobs)
+            kept: tuple[str, ...] = ()
+            replaced = False
+        else:
+            replaced, kept = _export_dir(store, dest, entry.name, desc, blobs)
+    except OSError as exc:
+        raise StoreError(
+            f"cannot export to {dest}: {exc.strerror or exc}; give a directory you can write"
+        ) from exc
+    return ExportResult(
+        dest,
+        entry.name,
+        str(entry.top_digest),
+        str(entry.manifest.digest),
+        len(blobs),
+        size,
+        replaced,
+        kept,
+    )
+
+
+_OCI_LAYOUT = b'{"imageLayoutVersion": "1.0.0"}'
+
+
+def _index_doc(manifests: list[Any]) -> dict[str, Any]:
+    return {
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [desc],
+        "manifests": manifests,
     }
-    index_bytes = json.dumps(index, indent=2).encode()
-    oci_layout = b'{"imageLayoutVersion": "1.0.0"}'
-    if dest.suffix == ".tar":
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+
+
+def _export_tar(store: Store, dest: Path, desc: dict[str, Any], blobs: list[Descriptor]) -> None:
+    index_bytes = json.dumps(_index_doc([desc]), indent=2).encode()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    try:
         with tarfile.open(tmp, "w") as tar:
-            for arcname, data in (("oci-layout", oci_layout), ("index.json", index_bytes)):
+            for arcname, data in (("oci-layout", _OCI_LAYOUT), ("index.json", index_bytes)):
                 info = tarfile.TarInfo(arcname)
                 info.size = len(data)
                 info.mtime = int(time.time())
@@ -298,16 +578,75 @@ def export(store: Store, text: str, dest: Path, platform: Platform | None = None
             for d in blobs:
                 tar.add(store.blob_path(d.digest), f"blobs/{d.digest.algorithm}/{d.digest.hex}")
         os.replace(tmp, dest)
-        return dest
-    for d in blobs:
-        target = dest / "blobs" / d.digest.algorithm / d.digest.hex
-        if target.exists():
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(store.blob_path(d.digest), target)  # same filesystem: no copy
-        except OSError:
-            shutil.copyfile(store.blob_path(d.digest), target)
-    atomic_write(dest / "oci-layout", oci_layout)
-    atomic_write(dest / "index.json", index_bytes)
-    return dest
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _export_dir(
+    store: Store, dest: Path, name: str, desc: dict[str, Any], blobs: list[Descriptor]
+) -> tuple[bool, tuple[str, ...]]:
+    """Add the image to the layout at ``dest``; (replaced, other names kept)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        doc = _existing_index(dest)
+        manifests = doc.get("manifests", [])
+        others = [m for m in manifests if _ref_name(m) != name]
+        replaced = len(others) != len(manifests)
+        for d in blobs:
+            target = dest / "blobs" / d.digest.algorithm / d.digest.hex
+            if target.exists():
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(store.blob_path(d.digest), target)  # same filesystem: no copy
+            except FileExistsError:
+                continue
+            except OSError:
+                tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+                shutil.copyfile(store.blob_path(d.digest), tmp)
+                os.replace(tmp, target)
+        if not (dest / "oci-layout").exists():
+            atomic_write(dest / "oci-layout", _OCI_LAYOUT)
+        doc["manifests"] = [*others, desc]
+        atomic_write(dest / "index.json", json.dumps(doc, indent=2).encode())
+    finally:
+        os.close(fd)
+    kept = tuple(n for n in (_ref_name(m) for m in others) if n)
+    return replaced, kept
+
+
+def _existing_index(dest: Path) -> dict[str, Any]:
+    """The index.json at ``dest`` (a new one if there is none); a layout fetchd cannot
+    read is refused, so nothing already there is ever dropped."""
+    layout_file = dest / "oci-layout"
+    index_file = dest / "index.json"
+    try:
+        version = json.loads(layout_file.read_bytes()).get("imageLayoutVersion")
+    except FileNotFoundError:
+        version = "1.0.0"
+    except (ValueError, AttributeError) as exc:
+        raise StoreError(f"{layout_file} is not an OCI layout file; export elsewhere") from exc
+    if not isinstance(version, str) or not version.startswith("1."):
+        raise StoreError(f"{dest} is an OCI layout of version {version!r}; export elsewhere")
+    try:
+        doc = json.loads(index_file.read_bytes())
+    except FileNotFoundError:
+        return _index_doc([])
+    except ValueError as exc:
+        raise StoreError(
+            f"{index_file} is not valid JSON ({exc}); export elsewhere or remove it"
+        ) from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("manifests", []), list):
+        raise StoreError(f"{index_file} is not an OCI image index; export elsewhere or remove it")
+    return doc
+
+
+def _ref_name(obj: Any) -> str | None:
+    if isinstance(obj, dict) and isinstance(obj.get("annotations"), dict):
+        name = obj["annotations"].get(REF_NAME_ANNOTATION)
+        return name if isinstance(name, str) else None
+    return None

@@ -1,7 +1,15 @@
-"""sqlite metadata beside the layout: when each name was pulled and last used.
+"""sqlite metadata beside the layout: an index of it, plus what only saves time.
 
-The layout (index.json + blobs) is the truth about *what* the store holds; this
-database only adds *when* (for ``images`` and LRU gc). Losing it loses no content.
+The layout (index.json + blobs) is the one truth about *what* the store holds: every
+name, and every URL pulled (an index.json entry with ``io.fetchd.url``, layout.py).
+This database is an index that can be rebuilt from it (``fetchd fsck --rebuild-db``,
+and on its own when a write finds the database missing or corrupt); it adds only what
+saves time: *when* each name was pulled and used (``images``, LRU gc), a URL's
+validators (ETag, Last-Modified, max-age), the cache server's tags and manifests.
+Losing it loses no content and no name: LRU times restart from the rebuild, a URL
+without validators is used as stored under ``--pull-policy new`` and fetched again
+under ``update``, and a cache server asks its upstream again.
+
 Connections are short-lived and use WAL with a busy timeout, so CLI pulls and a
 server can share it. Calls block briefly: call them from a thread on hot paths.
 
@@ -13,6 +21,9 @@ empty. A write on a full disk raises :class:`~fetchd.errors.DiskFull`.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import logging
+import os
 import sqlite3
 import time
 import urllib.parse
@@ -23,6 +34,8 @@ from typing import Any
 
 from fetchd.errors import StoreError
 from fetchd.store.diskfull import is_full, is_read_only, writing
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -96,17 +109,131 @@ class Meta:
         # at once with "database is locked" (sqlite skips the busy timeout where
         # waiting could deadlock): a few tries, backing off, then the error.
         for attempt in range(_SETUP_TRIES):
+            existed = self.path.exists()
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.executescript(_SCHEMA)
+                if not existed:
+                    self._fill(conn, prune=False, why="it was missing")
                 return conn
             except sqlite3.OperationalError as exc:
                 conn.close()
                 if "locked" not in str(exc) or attempt == _SETUP_TRIES - 1:
                     raise
+            except sqlite3.DatabaseError as exc:  # not a database, or a malformed one
+                conn.close()
+                if attempt == _SETUP_TRIES - 1:
+                    raise StoreError(f"cannot repair {self.path}: {exc}") from exc
+                self._set_aside(exc)
+                continue
+            except BaseException:
+                conn.close()
+                raise
             time.sleep(0.01 * (attempt + 1))
         raise AssertionError("unreachable")
+
+    def _set_aside(self, exc: sqlite3.DatabaseError) -> None:
+        """Move a corrupt database to ``fetchd.db.corrupt`` (the next open rebuilds it).
+
+        Under an flock on the corrupt file, and only if it is still the file at the path
+        and still corrupt: two processes that both found it corrupt must not move the
+        one the first rebuilt.
+        """
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.stat(self.path).st_ino != os.fstat(fd).st_ino:
+                return  # replaced meanwhile
+            probe = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            try:
+                probe.execute("PRAGMA schema_version").fetchall()
+                return  # sound after all (another process repaired it)
+            except sqlite3.OperationalError:
+                return  # busy or similar: not corruption; the caller tries again
+            except sqlite3.DatabaseError:
+                pass
+            finally:
+                probe.close()
+            aside = self.path.with_name(self.path.name + ".corrupt")
+            os.replace(self.path, aside)
+            for suffix in ("-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path.with_name(self.path.name + suffix))
+            log.warning(
+                "%s was corrupt (%s): moved to %s and rebuilt from the layout; no content "
+                "or name is lost (last-used times restart now, URL validators are gone)",
+                self.path,
+                exc,
+                aside.name,
+            )
+        except FileNotFoundError:
+            return
+        finally:
+            os.close(fd)
+
+    def _fill(self, conn: sqlite3.Connection, *, prune: bool, why: str) -> tuple[int, int]:
+        """Make the index agree with the layout: a row for every name and URL it holds
+        (new rows used now); with ``prune``, no row for what it does not hold. A row
+        whose digest the layout contradicts takes the layout's (and loses a URL's
+        validators, which were another content's). Returns (names, URLs) added."""
+        from fetchd.store import layout
+        from fetchd.store.cas import Store
+
+        store = Store(self.path.parent)
+        try:
+            names = {e.name: str(e.top_digest) for e in layout.entries(store)}
+            urls = {u.url: u.blob for u in layout.url_entries(store)}
+        except StoreError as exc:
+            log.warning("cannot rebuild %s from the layout (%s): %s", self.path, why, exc)
+            return (0, 0)
+        now = time.time()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            had_names = {r[0] for r in conn.execute("SELECT name FROM images")}
+            had_urls = {r[0] for r in conn.execute("SELECT url FROM urls")}
+            for name, digest in names.items():
+                conn.execute(
+                    "INSERT INTO images VALUES (?,?,?,?) ON CONFLICT(name) DO UPDATE SET "
+                    "digest=excluded.digest WHERE digest != excluded.digest",
+                    (name, digest, now, now),
+                )
+            for url, blob in urls.items():
+                conn.execute(
+                    "INSERT INTO urls VALUES (?,?,?,NULL,NULL,NULL,0,?) ON CONFLICT(url) DO "
+                    "UPDATE SET digest=excluded.digest, size=excluded.size, etag=NULL, "
+                    "last_modified=NULL, max_age=NULL WHERE digest != excluded.digest",
+                    (url, str(blob.digest), blob.size, now),
+                )
+            if prune:
+                conn.executemany(
+                    "DELETE FROM images WHERE name=?", [(n,) for n in had_names - names.keys()]
+                )
+                conn.executemany(
+                    "DELETE FROM urls WHERE url=?", [(u,) for u in had_urls - urls.keys()]
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        added = (len(names.keys() - had_names), len(urls.keys() - had_urls))
+        if any(added):
+            log.info("%s: indexed %d names and %d URLs (%s)", self.path, *added, why)
+        return added
+
+    def ensure(self) -> None:
+        """Open the database for writing once: a missing or corrupt one is rebuilt."""
+        with self._db():
+            pass
+
+    def rebuild(self) -> tuple[int, int]:
+        """``fsck --rebuild-db``: the index made to agree with the layout (a corrupt
+        database is set aside first). Returns (names, URLs) it had to add."""
+        with self._db() as db:
+            return self._fill(db, prune=True, why="fsck --rebuild-db")
 
     def _select(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         """Rows of a query, read without writing anything (see the module docstring)."""
@@ -134,7 +261,10 @@ class Meta:
             except sqlite3.Error as exc2:
                 raise StoreError(f"cannot read {self.path}: {exc2}") from exc2
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot read {self.path}: {exc}") from exc
+            raise StoreError(
+                f"cannot read {self.path}: {exc}; run fetchd fsck --rebuild-db (the database "
+                "is an index of the layout: no content or name is lost)"
+            ) from exc
 
     @staticmethod
     def _query(uri: str, sql: str, args: tuple[Any, ...]) -> list[Any]:
