@@ -10,8 +10,8 @@ that may be hostile:
 - Hard links: the target is resolved the same way and must already be in the tree.
 - Whiteouts ``.wh.NAME`` remove NAME; an opaque ``.wh..wh..opq`` removes what lower layers
   put in its directory (entries of the same layer stay). Whiteout entries are not created.
-- No setuid/setgid bits; device nodes are skipped with a warning; ownership is the
-  renderer's uid; xattrs are not applied.
+- No setuid/setgid bits; device nodes are skipped, with one warning per render; ownership
+  is the renderer's uid; xattrs are not applied.
 - Directories stay writable by their owner while layers are applied; their real modes
   are applied at the end, deepest first.
 - Sparse files stay sparse: only the data regions of a GNU/PAX sparse member are written,
@@ -185,14 +185,27 @@ def render(
     try:
         budget = _Budget(limits or Limits.from_environment(tree_fd))
         modes: dict[Identity, int] = {}
+        devices: list[str] = []  # skipped device nodes: one warning for the render
         for desc, blob in layers:
-            _Layer(root, desc, modes, warn, budget).apply(blob)
+            _Layer(root, desc, modes, warn, budget, devices).apply(blob)
         root.forget()
+        if devices:
+            shown = ", ".join(devices[:_DEVICES_SHOWN]) + (
+                ", …" if len(devices) > _DEVICES_SHOWN else ""
+            )
+            warn(
+                f"warning: {len(devices)} device node{'s' if len(devices) > 1 else ''} "
+                f"skipped ({shown}): an unprivileged tree cannot hold one; the container's "
+                "/dev has null, zero, full, random, urandom and tty"
+            )
         if modes:
             _apply_modes(tree_fd, modes)
     finally:
         root.forget()
         os.umask(old_umask)
+
+
+_DEVICES_SHOWN = 5  # names in the one warning about skipped device nodes
 
 
 def _apply_modes(tree_fd: int, modes: dict[Identity, int]) -> None:
@@ -318,12 +331,14 @@ class _Layer:
         modes: dict[Identity, int],
         warn: Callable[[str], None],
         budget: _Budget,
+        devices: list[str],
     ) -> None:
         self.root = root
         self.desc = desc
         self.modes = modes
         self.warn = warn
         self.budget = budget
+        self.devices = devices
         # What this layer created (and the directories above): an opaque whiteout hides
         # only what lower layers put there.
         self.added: set[Identity] = set()
@@ -388,10 +403,7 @@ class _Layer:
             self._whiteout(member, base)
             return
         if member.ischr() or member.isblk():
-            self.warn(
-                f"warning: layer {self.desc.digest} member {_show(member.name)}: "
-                "device node skipped (an unprivileged tree cannot hold one)"
-            )
+            self.devices.append(_show(member.name))  # said once, after the last layer
             return
         known = member.isdir() or member.isreg() or member.issym() or member.islnk()
         if not known and not member.isfifo():

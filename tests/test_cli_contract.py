@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.cli import REPO, Fetchd, ok
-from tests.support.images import BuiltImage, File, Layer, build_image, push
+from tests.support.images import BuiltImage, File, Layer, Raw, build_image, push
 from tests.support.procs import free_port, wait_until
 from tests.support.rangefaults import RangeServer
 from tests.support.registry import Registry
@@ -201,9 +202,7 @@ MISTAKES: dict[str, Mistake] = {
     "pull of a tag the registry lacks": Mistake(
         lambda p, d: ["pull", *HTTP, p.ref1.replace(":1", ":nope")], 1, ("not found",)
     ),
-    "rm of a name not in the store": Mistake(
-        lambda p, d: ["rm", p.ref2], 1, ("not in the store",)
-    ),
+    "rm of a name not in the store": Mistake(lambda p, d: ["rm", p.ref2], 1, ("not in the store",)),
     "--stall-timeout 0": Mistake(
         lambda p, d: ["pull", *HTTP, "--stall-timeout", "0", p.ref1], 2, ("--stall-timeout",)
     ),
@@ -391,3 +390,39 @@ def test_stage1_says_an_unusable_store_in_one_line(tmp_path: Path) -> None:
         env={**os.environ, "PYTHONPATH": str(readable_stage1())},
     )
     assert "Not a directory" in one_error(result)
+
+
+# --- stage1: device nodes ----------------------------------------------------------------------
+
+
+def _device(name: str, major: int, minor: int) -> Raw:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.devmajor, info.devminor = tarfile.CHRTYPE, 0o666, major, minor
+    return Raw(info)
+
+
+# What debian:bookworm's rootfs layer holds in /dev.
+DEBIAN_DEVICES = [("console", 5, 1), ("full", 1, 7), ("null", 1, 3), ("ptmx", 5, 2)]
+DEBIAN_DEVICES_2 = [("random", 1, 8), ("tty", 5, 0), ("urandom", 1, 9), ("zero", 1, 5)]
+
+
+def test_device_nodes_of_every_layer_are_one_warning_per_render(
+    stage1: Stage1, busybox_layer: Layer
+) -> None:
+    ref = "127.0.0.1:5000/contract/devices:1"
+    build_image(
+        stage1.layout,
+        ref,
+        [
+            busybox_layer,
+            Layer([_device(f"dev/{n}", a, b) for n, a, b in DEBIAN_DEVICES]),
+            Layer([_device(f"dev/{n}", a, b) for n, a, b in DEBIAN_DEVICES_2]),
+        ],
+    )
+    first = stage1.run("run", ref, "--", "/bin/true")
+    assert first.returncode == 0, first.stderr
+    warnings = first.stderr.splitlines()
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("warning: 8 device nodes skipped (dev/console, dev/full")
+    again = stage1.run("run", ref, "--", "/bin/true")  # the tree is rendered: no warning
+    assert (again.returncode, again.stderr) == (0, "")
