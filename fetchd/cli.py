@@ -24,7 +24,7 @@ from fetchd.config import PULL_POLICIES, Config, default_store, parse_insecure, 
 from fetchd.engine import Engine, PullResult
 from fetchd.errors import DiskFull, FetchdError, StoreCorrupt, UsageError
 from fetchd.model import Digest, Platform
-from fetchd.progress import Progress, TerminalBars
+from fetchd.progress import Progress, TerminalBars, current_image
 from fetchd.store import Store, layout
 from fetchd.store import maintenance as mt
 from fetchd.store.diskfull import is_full, is_read_only
@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
 
     def fetch_options(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--json",
+            action="store_true",
+            help="print one JSON document: each image pulled and the bytes received",
+        )
         plat = sp.add_mutually_exclusive_group()
         plat.add_argument(
             "--platform",
@@ -158,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     fetch_options(sp)
 
     sp = sub.add_parser("images", help="list what the store holds")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help="print one JSON document")
 
     sp = sub.add_parser("rm", help="forget names (gc frees the blobs)")
     sp.add_argument("refs", nargs="+", metavar="REF|DIGEST")
@@ -169,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sp = sub.add_parser("gc", help="remove unreferenced blobs and stale ingests")
+    sp.add_argument("--json", action="store_true", help="print one JSON document")
     sp.add_argument(
         "--max-size",
         type=_size_arg,
@@ -178,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sp = sub.add_parser("fsck", help="re-hash every blob; quarantine what is wrong")
+    sp.add_argument("--json", action="store_true", help="print one JSON document")
     sp.add_argument(
         "--rebuild-db",
         action="store_true",
@@ -238,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("ref", metavar="REF")
     sp.add_argument("dest", type=Path, metavar="DIR")
+    sp.add_argument("--json", action="store_true", help="print one JSON document")
     sp.add_argument(
         "--platform",
         metavar="OS/ARCH[/VARIANT]",
@@ -268,16 +276,17 @@ def _config(args: argparse.Namespace, store: Path, progress: bool) -> Config:
 async def _pull_all(
     store: Store,
     config: Config,
+    progress: Progress,
     refs: list[str],
     digest: Digest | None = None,
     mirrors: tuple[str, ...] = (),
     mirror_only: bool = False,
 ) -> list[PullResult | FetchdError]:
-    progress = Progress()
     bars = TerminalBars(progress) if config.progress else None
     async with Engine(store, config, progress) as engine:
 
         async def one(ref: str) -> PullResult | FetchdError:
+            current_image.set(ref)  # this task's progress rows and bytes are REF's
             try:
                 return await engine.pull(ref, digest, mirrors, mirror_only)
             except FetchdError as exc:
@@ -316,18 +325,44 @@ def cmd_pull(args: argparse.Namespace, store: Store, prefetch: bool = False) -> 
         raise UsageError("--digest needs exactly one URL")
     if mirror_only and not mirrors:
         raise UsageError("--mirror-only needs --mirror")
-    results = asyncio.run(_pull_all(store, config, refs, digest, mirrors, mirror_only))
+    progress = Progress(count_images=True)
+    results = asyncio.run(_pull_all(store, config, progress, refs, digest, mirrors, mirror_only))
     failed = 0
-    for res in results:
+    pulled: list[dict[str, Any]] = []
+    for ref, res in zip(refs, results, strict=True):
         if isinstance(res, FetchdError):
             failed += 1
             print(f"error: {res}", file=sys.stderr)
             continue
-        if not prefetch:
-            print(res.digest)
+        pulled.append(_pull_json(ref, res, progress.received_for(ref)))
+        if args.json or prefetch:
+            pass
+        elif len(refs) == 1:
+            print(res.digest)  # DESIGN.md §5: `digest=$(fetchd pull REF)` in scripts
+        else:
+            print(f"{res.name} {res.digest}")  # which digest is whose, as `images` names it
         log.info("%s: %s (%s)", res.name, res.digest, "fetched" if res.fetched else "present")
+    if args.json:
+        total = sum(progress.received.values())  # each byte once, whoever asked
+        print(json.dumps({"images": pulled, "bytes_fetched": total}, indent=2))
     log.debug("done in %.2f s", time.monotonic() - started)
     return 1 if failed else 0
+
+
+def _pull_json(ref: str, res: PullResult, received: int) -> dict[str, Any]:
+    """One pulled REF in ``pull --json`` / ``prefetch --json`` (README: JSON output)."""
+    url = res.manifest.media_type == "application/octet-stream" and not res.manifests
+    return {
+        "ref": ref,
+        "name": res.name,
+        "digest": str(res.digest),
+        "manifest": None if url else str(res.manifest.digest),
+        "platform": None if url else res.platforms[0],
+        "platforms": [] if url else res.platforms,
+        "size": res.manifest.size if url else None,
+        "fetched": res.fetched,
+        "bytes_fetched": received,
+    }
 
 
 def cmd_images(args: argparse.Namespace, store: Store) -> int:
@@ -376,6 +411,9 @@ def _rm_platform(store: Store, refs: list[str], platform: Platform) -> int:
 
 def cmd_gc(args: argparse.Namespace, store: Store) -> int:
     r = mt.gc(store, args.max_size)
+    if args.json:
+        print(json.dumps(r.to_json(), indent=2))
+        return 0
     for name in r.evicted_images or []:
         print(f"evicted {name}")
     print(
@@ -391,6 +429,11 @@ def cmd_gc(args: argparse.Namespace, store: Store) -> int:
 
 def cmd_fsck(args: argparse.Namespace, store: Store) -> int:
     r = mt.fsck(store, rebuild_db=args.rebuild_db)
+    if args.json:
+        print(json.dumps({**r.to_json(), "quarantine": str(store.quarantine)}, indent=2))
+        if not r.ok:
+            raise StoreCorrupt("the store has problems (in the JSON document); pull them again")
+        return 0
     if r.rebuilt_db is not None:
         print(
             f"fetchd.db rebuilt from the layout ({r.rebuilt_db[0]} names and "
@@ -408,7 +451,8 @@ def cmd_fsck(args: argparse.Namespace, store: Store) -> int:
 
 def cmd_export(args: argparse.Namespace, store: Store) -> int:
     platform = Platform.parse(args.platform) if args.platform else None
-    print(mt.export(store, args.ref, args.dest, platform).dest)
+    result = mt.export(store, args.ref, args.dest, platform)
+    print(json.dumps(result.to_json(), indent=2) if args.json else result.dest)
     return 0
 
 

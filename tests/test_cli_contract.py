@@ -11,6 +11,7 @@ connection, and the other user ``nobody`` through runuser.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -426,3 +427,96 @@ def test_device_nodes_of_every_layer_are_one_warning_per_render(
     assert warnings[0].startswith("warning: 8 device nodes skipped (dev/console, dev/full")
     again = stage1.run("run", ref, "--", "/bin/true")  # the tree is rendered: no warning
     assert (again.returncode, again.stderr) == (0, "")
+
+
+# --- --json, the names of a multi-image pull, progress rows -----------------------------------
+
+
+def _blob_bytes(fetchd: Fetchd) -> int:
+    root = fetchd.store / "layout" / "blobs" / "sha256"
+    return sum(p.stat().st_size for p in root.iterdir())
+
+
+def test_pull_json_is_one_document_with_the_bytes_received(pushed: Pushed, fetchd: Fetchd) -> None:
+    first = fetchd("pull", "-q", "--json", *HTTP, pushed.ref1)
+    doc = json.loads(ok(first))
+    assert first.stderr == ""
+    (image,) = doc["images"]
+    assert image["name"] == pushed.name(pushed.ref1) and image["ref"] == pushed.ref1
+    assert image["digest"] == image["manifest"] == pushed.one.digest
+    assert image["platform"] == "linux/amd64" and image["platforms"] == ["linux/amd64"]
+    assert image["fetched"] is True
+    # Every byte of the store came over the network for this pull: manifest, config, layers.
+    assert image["bytes_fetched"] == doc["bytes_fetched"] == _blob_bytes(fetchd)
+
+    again = json.loads(ok(fetchd("pull", "--json", *HTTP, pushed.ref1)))
+    assert again["images"][0]["fetched"] is False and again["bytes_fetched"] == 0
+    pre = json.loads(ok(fetchd("prefetch", "--json", *HTTP, pushed.ref1)))
+    assert pre["images"][0]["digest"] == pushed.one.digest
+
+
+def test_a_multi_image_pull_names_each_digest_a_single_one_prints_only_it(
+    pushed: Pushed, fetchd: Fetchd
+) -> None:
+    both = ok(fetchd("pull", "-q", *HTTP, pushed.ref1, pushed.ref2)).splitlines()
+    assert both == [
+        f"{pushed.name(pushed.ref1)} {pushed.one.digest}",
+        f"{pushed.name(pushed.ref2)} {pushed.two.digest}",
+    ]
+    assert ok(fetchd("pull", "-q", *HTTP, pushed.ref2)) == pushed.two.digest + "\n"
+
+
+def test_images_fsck_gc_json_carry_what_their_text_shows(pushed: Pushed, fetchd: Fetchd) -> None:
+    ok(fetchd("pull", "-q", *HTTP, pushed.ref1, pushed.ref2))
+    images = json.loads(ok(fetchd("images", "--json")))
+    text = ok(fetchd("images"))
+    assert sorted(i["name"] for i in images) == sorted(
+        [pushed.name(pushed.ref1), pushed.name(pushed.ref2)]
+    )
+    for i in images:
+        assert i["name"] in text and i["digest"][:19] in text and i["platforms"]
+
+    fsck = json.loads(ok(fetchd("fsck", "--json")))
+    assert fsck["ok"] is True and f"checked {fsck['checked']} blobs: ok" in ok(fetchd("fsck"))
+    assert fsck["corrupt"] == [] and fsck["missing"] == []
+
+    ok(fetchd("rm", pushed.ref2))
+    gc = json.loads(ok(fetchd("gc", "--json")))
+    assert gc["removed_blobs"] == 3  # two's manifest, config and its own layer
+    assert gc["freed_bytes"] > 0 and gc["evicted"] == []
+    assert ok(fetchd("gc")).startswith("removed 0 blobs")  # the text of the same, now
+
+
+def test_progress_rows_name_the_image_and_what_each_row_is(pushed: Pushed, fetchd: Fetchd) -> None:
+    """On a terminal (a pty as stderr): a row per manifest, config and layer, each with
+    the image's short name."""
+    import pty
+
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            fetchd.argv("pull", *HTTP, pushed.ref1),
+            stdout=subprocess.PIPE,
+            stderr=follower,
+            env=fetchd.env(),
+        )
+        os.close(follower)
+        follower = -1
+        drawn = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the process closed the terminal
+                break
+            if not chunk:
+                break
+            drawn += chunk
+        assert proc.wait(timeout=60) == 0
+    finally:
+        os.close(leader)
+        if follower >= 0:
+            os.close(follower)
+    rows = drawn.decode().replace("\x1b[2K", "\n").splitlines()
+    labels = {" ".join(r.split()[:2]) for r in rows if r.startswith("one:1 ")}
+    assert labels == {"one:1 manifest", "one:1 config", "one:1 layer"}, rows
+    assert any(r.startswith("total ") for r in rows), rows

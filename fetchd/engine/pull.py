@@ -40,7 +40,7 @@ from fetchd.model import (
     Reference,
     platform_text,
 )
-from fetchd.progress import Progress
+from fetchd.progress import Progress, blob_kind
 from fetchd.sources.http import cache_max_age, new_session, redact, retryable, translate
 from fetchd.sources.ranges import Opener, SegmentedDownload, Source, ThreadedRanges
 from fetchd.store import layout
@@ -372,6 +372,7 @@ class Engine:
 
     async def _pull_from(self, ref: Reference, name: str, registry: Registry) -> PullResult:
         raw, ctype, top = await registry.manifest(ref)
+        self.progress.fetched(top.short, len(raw))
         parsed = parse_manifest(raw, ctype, name)
         keep: dict[Digest, bytes] = {top: raw}  # what the registry served, kept as blobs
         pulled: list[Descriptor] = []
@@ -382,6 +383,7 @@ class Engine:
             current = await asyncio.to_thread(layout.find, self.store, name)
             for chosen in self._targets(parsed, top, name, current):
                 craw, cctype, cdigest = await registry.manifest(ref, chosen)
+                self.progress.fetched(cdigest.short, len(craw))
                 child = parse_manifest(
                     craw, cctype or chosen.media_type, f"{name} ({chosen.digest.short})"
                 )
@@ -534,7 +536,9 @@ class Engine:
             ensure_room(self.store.ingests, need, f"blob {desc.digest.short}", self.store.root)
             if ingest.resumed_from:
                 log.info("%s: resuming at %d bytes", desc.digest.short, ingest.resumed_from)
-            self.progress.start(key, desc.digest.short, desc.size, ingest.resumed_from)
+            self.progress.start(
+                key, desc.digest.short, desc.size, ingest.resumed_from, blob_kind(desc.media_type)
+            )
             flight = Flight(desc.digest, desc.size, ingest)
             self.flights[desc.digest] = flight
 
