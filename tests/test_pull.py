@@ -259,7 +259,7 @@ def test_gc_max_size_evicts_least_recently_used(
     oci_size = images.oci.manifest.size + images.oci.config.size
     oci_size += sum(layer.size for layer in images.oci.layers)
 
-    out = ok(fetchd("gc", "--max-size", str(oci_size)))
+    out = ok(fetchd("gc", "--max-size", f"{oci_size}B"))  # bytes: a size needs a unit
 
     assert f"evicted {old}" in out
     assert {i["name"] for i in json.loads(ok(fetchd("images", "--json")))} == {new}

@@ -1165,7 +1165,7 @@ def test_lru_eviction_to_max_size_spares_recent_and_keeps_serving(
     token_file.write_text(token)
     auth = {"Authorization": f"Bearer {token}"}
     limit = total_blob_bytes(images.big) + MIB  # room for "new" alone
-    extra = ("--max-size", str(limit), "--grace", "0")
+    extra = ("--max-size", f"{limit}B", "--grace", "0")
     with start_serve(fetchd, [upstream.url], token_file=token_file, extra=extra) as cache:
         assert skopeo_pull(cache, "lru/old:1", tmp_path / "old") == old_digest
         assert skopeo_pull(cache, "lru/new:1", tmp_path / "new") == new_digest
@@ -1189,7 +1189,7 @@ def test_lru_eviction_to_max_size_spares_recent_and_keeps_serving(
     # With the default grace nothing recent is evicted, however small --max-size is.
     store2 = tmp_path / "store2"
     with start_serve(
-        store2, [upstream.url], token_file=token_file, extra=("--max-size", "1")
+        store2, [upstream.url], token_file=token_file, extra=("--max-size", "1B")
     ) as cache:
         assert skopeo_pull(cache, "lru/new:1", tmp_path / "new2") == new_digest
         r = cache.request("POST", "/fetchd/v1/gc", headers=auth)
