@@ -204,17 +204,42 @@ MISTAKES: dict[str, Mistake] = {
         lambda p, d: ["pull", *HTTP, p.ref1.replace(":1", ":nope")], 1, ("not found",)
     ),
     "rm of a name not in the store": Mistake(lambda p, d: ["rm", p.ref2], 1, ("not in the store",)),
+    "--store inside a file (given after the command)": Mistake(
+        lambda p, d: ["images", "--store", str(d / "a-file" / "store")],
+        1,
+        ("cannot open the store", "Not a directory", "--store"),
+    ),
+    "export of a name not in the store": Mistake(
+        lambda p, d: ["export", p.ref2, str(d / "out")], 1, ("not in the store",)
+    ),
+    "gc --max-size 1 (no unit)": Mistake(lambda p, d: ["gc", "--max-size", "1"], 2, ("unit",)),
+    "gc --max-size -1": Mistake(lambda p, d: ["gc", "--max-size", "-1"], 2, ("negative",)),
+    "gc --max-size 0": Mistake(lambda p, d: ["gc", "--max-size", "0"], 2, ("--max-size",)),
+    "pull --platform an image cannot satisfy": Mistake(
+        lambda p, d: ["pull", *HTTP, "--platform", "linux/arm64", p.ref1],
+        1,
+        ("linux/amd64 only", "--platform"),
+    ),
     "--stall-timeout 0": Mistake(
         lambda p, d: ["pull", *HTTP, "--stall-timeout", "0", p.ref1], 2, ("--stall-timeout",)
     ),
 }
 
 
+@pytest.fixture(scope="module")
+def one_pulled(pushed: Pushed, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store holding pushed.ref1, pulled once for the module; tests take copies."""
+    base = tmp_path_factory.mktemp("one-pulled")
+    (base / "home").mkdir()
+    ok(Fetchd(base / "store", base / "home")("pull", "-q", *HTTP, pushed.ref1))
+    return base / "store"
+
+
 @pytest.mark.parametrize("case", list(MISTAKES))
 def test_each_mistake_is_one_error_line_and_leaves_the_store_as_it_was(
-    case: str, pushed: Pushed, fetchd: Fetchd, tmp_path: Path
+    case: str, pushed: Pushed, one_pulled: Path, fetchd: Fetchd, tmp_path: Path
 ) -> None:
-    ok(fetchd("pull", "-q", *HTTP, pushed.ref1))
+    shutil.copytree(one_pulled, fetchd.store)
     (tmp_path / "a-file").write_text("not a directory\n")
     before = snapshot(fetchd)
     mistake = MISTAKES[case]
@@ -277,8 +302,7 @@ def test_a_read_only_store_serves_every_command_that_does_not_write(
 
     for argv in (["rm", pushed.ref1], ["gc"], ["pull", *HTTP, pushed.ref2]):
         line = one_error(user(*argv))
-        assert "read-only" in line or "cannot write" in line, (argv, line)
-        assert "--store" in line, line
+        assert "the store is read-only for this user" in line and "--store" in line, line
     assert snapshot(user) == before
 
 

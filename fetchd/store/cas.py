@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import hashlib
 import json
 import logging
@@ -39,7 +40,7 @@ from typing import Any
 from fetchd.errors import DigestMismatch, DiskFull, SizeMismatch, StoreError
 from fetchd.model import Digest
 from fetchd.store import leases
-from fetchd.store.diskfull import is_full, writing
+from fetchd.store.diskfull import is_full, is_read_only, writing
 from fetchd.store.locks import alocked, remove_locked_dir
 from fetchd.threads import finish
 
@@ -85,7 +86,16 @@ class Store:
         except OSError as exc:
             if is_full(exc):
                 raise DiskFull("the store's layout", root) from exc
-            raise StoreError(f"cannot open the store at {root}: {exc.strerror or exc}") from exc
+            advice = (
+                "; use --store DIR with a directory you may create or write, or run as its owner"
+                if is_read_only(exc)
+                else "; --store (or $FETCHD_STORE) must name a directory"
+                if exc.errno in (errno.ENOTDIR, errno.EEXIST)
+                else ""
+            )
+            raise StoreError(
+                f"cannot open the store at {root}: {exc.strerror or exc}{advice}"
+            ) from exc
         return store
 
     # --- reading -------------------------------------------------------------------

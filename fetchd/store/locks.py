@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 from fetchd.errors import StoreError
+from fetchd.store.diskfull import writing
 
 _POLL = 0.05
 #: Each retry means another process removed the lock (or its directory) just then, so
@@ -35,8 +36,9 @@ def _open(path: Path) -> int:
         try:
             # (pathlib's exist_ok re-checks with is_dir() after EEXIST: a directory
             # removed in between raises FileExistsError)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            with writing(f"the lock {path.name}", path.parent):  # a read-only store: one line
+                path.parent.mkdir(parents=True, exist_ok=True)
+                return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except (FileNotFoundError, FileExistsError):
             continue  # the directory went between mkdir and open
     raise StoreError(f"cannot create the lock {path}: its directory keeps vanishing")
