@@ -36,7 +36,7 @@ log = logging.getLogger("fetchd")
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
-        raise UsageError(message)
+        raise UsageError(f"{message}; see: {self.prog} --help")
 
 
 class _CommandParser(_Parser):

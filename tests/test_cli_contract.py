@@ -324,6 +324,18 @@ def test_root_s_store_read_by_another_user(pushed: Pushed, public_dir: Path) -> 
     assert_unchanged(root, before)
 
 
+def test_serve_on_a_privileged_port_as_a_normal_user(pushed: Pushed, public_dir: Path) -> None:
+    start = Path("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+    if start.exists() and int(start.read_text()) <= 81:
+        pytest.skip("this machine lets every user listen on port 81")
+    (public_dir / "store").mkdir()
+    shutil.chown(public_dir / "store", "nobody")
+    user = OtherUser(public_dir / "store", public_dir)
+    result = user("serve", "--listen", "127.0.0.1:81", "--upstream", pushed.registry.url)
+    line = one_error(result)
+    assert "cannot listen on 127.0.0.1:81: permission denied" in line and "1023" in line
+
+
 # --- URL pulls from servers that close every connection ---------------------------------------
 
 
