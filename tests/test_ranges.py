@@ -302,6 +302,26 @@ def test_kill_9_at_half_then_resume_sends_at_most_1_15_times_the_file(
     assert sent <= 1.15 * big.size, f"nginx sent {sent / MIB:.0f} MiB for a 1024 MiB file"
 
 
+def test_kill_9_with_every_byte_on_disk_then_resume_sends_nothing(big: Big, fetchd: Fetchd) -> None:
+    """Killed between the last segment and the commit (hashing, fsync): the next pull
+    commits what is on disk. (It used to probe bytes=SIZE-, read the 416 as "changed" and
+    download the whole file again: the soak test found it.)"""
+    url = big.url("kill-complete")
+    ingest = url_ingest(fetchd, url)
+
+    proc = fetchd.popen("pull", url, env=big.env)
+    kill_when(proc, lambda: on_disk(ingest) >= big.size, "fetchd held every byte")
+    big.nginx.wait_idle()
+    first = big.lines("kill-complete")
+
+    out = ok(fetchd("pull", url, env=big.env))
+
+    assert out.strip() == big.digest
+    assert_stored(fetchd, big.digest, big.size)
+    again = big.lines("kill-complete")[len(first) :]
+    assert sum(line.body_bytes for line in again) == 0, [(x.status, x.range) for x in again]
+
+
 def test_mirrors_share_the_segments(
     big: Big, fetchd: Fetchd, tmp_path: Path, tls_ca: TestCA
 ) -> None:

@@ -236,6 +236,15 @@ class SegmentedDownload:
         raise TransferFailed(f"{self.sources[0].label}: the content keeps changing")
 
     async def _run_once(self) -> None:
+        known = self.size if self.size is not None else self.ingest.meta.get("size")
+        if isinstance(known, int) and known > 0 and not self.ingest.missing(known):
+            # Every byte is on disk already (a kill between the last segment and the
+            # commit): nothing to ask for. A probe would ask for bytes=SIZE-, whose 416
+            # reads as "changed under us" and would throw the whole download away. The
+            # engine's commit verifies the bytes against a pinned digest; an unpinned
+            # URL keeps the validators its download had, so `update` revalidates it.
+            self._set_size(known)
+            return
         first = self._first_gap()
         probe = Segment(first, first + SEGMENT, first)
         if self.size is not None:
