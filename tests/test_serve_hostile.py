@@ -15,6 +15,7 @@ import os
 import resource
 import secrets
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -284,6 +285,28 @@ def test_malformed_requests_get_a_400_and_leave_no_traceback_in_the_log(shared: 
     assert cache.get("/healthz").status == 200
     grown = cache.log_path.stat().st_size - before
     assert grown < 4096, f"the log grew {grown} bytes:\n{cache.log()[-2000:]}"
+
+
+def test_clients_that_reset_mid_blob_leave_no_traceback_in_the_log(shared: Shared) -> None:
+    """A client killed while a blob goes out to it (the soak test kills many) is routine:
+    aiohttp logged an ERROR with a traceback for each (ConnectionResetError under
+    sendfile)."""
+    cache = shared.cache
+    blob = os.urandom(16 * MIB)
+    digests = image(shared.fake, "gone/big", blob)
+    path = f"/v2/gone/big/blobs/{digests['layer']}"
+    assert cache.get("/v2/gone/big/manifests/1").status == 200
+    timed_blob(cache.port, path, digests["layer"])  # now it is in the store
+    before = cache.log_path.stat().st_size
+    for _ in range(30):
+        with socket.create_connection(("127.0.0.1", cache.port), timeout=15) as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            # Close with a reset (SO_LINGER 0), as a killed process's kernel may.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    timed_blob(cache.port, path, digests["layer"])  # and the server still serves it
+    grown = cache.log_path.read_bytes()[before:].decode(errors="replace")
+    assert "Traceback" not in grown and "ERROR" not in grown, grown[-3000:]
 
 
 # --- item 14: clear answers, not 500 -------------------------------------------------------------

@@ -211,6 +211,12 @@ class Server:
         except FetchdError as exc:
             log.info("%s %s: %s", request.method, request.path[:200], exc)
             return error_response(exc)
+        except _ClientGone as exc:
+            log.debug("%s %s: the client went away: %s", request.method, request.path[:200], exc)
+            if request.transport is not None:
+                request.transport.abort()
+            # Never sent (the connection is gone): aiohttp's writing it fails quietly.
+            return web.Response(status=499)
 
     # --- the distribution API ----------------------------------------------------------
 
@@ -282,14 +288,16 @@ class Server:
                 return await self._stored_blob(request, digest, headers)
             stream = web.StreamResponse(status=200, headers=headers)
             stream.content_length = flight.size
-            await stream.prepare(request)
+            with _to_client(request):
+                await stream.prepare(request)
             transport = request.transport
             assert transport is not None
             loop = asyncio.get_running_loop()
 
             async def send(f: BinaryIO, offset: int, count: int) -> None:
                 # What aiohttp's FileResponse does: the kernel copies file to socket.
-                await loop.sendfile(transport, f, offset, count)
+                with _to_client(request):
+                    await loop.sendfile(transport, f, offset, count)
 
             try:
                 await self.cache.stream(flight, send)
@@ -298,7 +306,8 @@ class Server:
                 if request.transport is not None:
                     request.transport.abort()
                 raise
-            await stream.write_eof()
+            with _to_client(request):
+                await stream.write_eof()
             return stream
         finally:
             self.cache.serving[digest] -= 1
@@ -333,14 +342,15 @@ class Server:
             if rng is not None:
                 resp.headers["Content-Range"] = rng.content_range(size)
             resp.content_length = count
-            await resp.prepare(request)
-            if count:
-                transport = request.transport
-                if transport is None:
-                    raise ConnectionResetError("the client went away")
-                await asyncio.get_running_loop().sendfile(transport, f, offset, count)
-                self.cache.stats.bytes_served += count
-            await resp.write_eof()
+            with _to_client(request):
+                await resp.prepare(request)
+                if count:
+                    transport = request.transport
+                    if transport is None:
+                        raise ConnectionResetError("the client went away")
+                    await asyncio.get_running_loop().sendfile(transport, f, offset, count)
+                    self.cache.stats.bytes_served += count
+                await resp.write_eof()
             return resp
         finally:
             f.close()
@@ -619,6 +629,26 @@ class _NoClientFaults(logging.Filter):
 
 _http_log = logging.getLogger("fetchd.server.http")
 _http_log.addFilter(_NoClientFaults())
+
+
+class _ClientGone(Exception):
+    """The client closed or reset its connection while a response went out to it."""
+
+
+@contextlib.contextmanager
+def _to_client(request: web.Request) -> Iterator[None]:
+    """Around writes to the client: its going away (reset, broken pipe, a transport
+    closing under sendfile) is the client's business, not a server error; aiohttp would
+    log each as an ERROR with a traceback, and a client killed mid-blob is routine."""
+    try:
+        yield
+    except ConnectionError as exc:
+        raise _ClientGone(str(exc)) from exc
+    except RuntimeError as exc:
+        transport = request.transport
+        if transport is not None and not transport.is_closing():
+            raise
+        raise _ClientGone(str(exc)) from exc
 
 
 def connection_limit(requested: int | None) -> int:
