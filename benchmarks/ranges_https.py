@@ -23,6 +23,11 @@ cache is not dropped (the served file stays warm for everyone). Each run's line 
 many body bytes nginx sent for it (from its access log, read after the run).
 
     python benchmarks/ranges_https.py [--rounds N] [--size-mib N] [--skip-fetchd] [--json]
+                                      [--baseline DIR]
+
+``--baseline DIR`` adds one more arm in every round: fetchd from another checkout (say
+``git worktree add /tmp/base REV``), run the same way with ``PYTHONPATH=DIR``, and prints
+fetchd/baseline: whether fetchd itself changed, apart from how fast the anchors ran.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,8 +128,8 @@ class Setup:
     env: dict[str, str]
 
 
-def pull_fetchd(setup: Setup, dest: Path, round_: int) -> Run:
-    argv = [str(PYTHON), "-m", "fetchd", "--store", str(dest), "-q", "pull"]
+def pull_fetchd(setup: Setup, dest: Path, round_: int, flags: Sequence[str] = ()) -> Run:
+    argv = [str(PYTHON), *flags, "-m", "fetchd", "--store", str(dest), "-q", "pull"]
     argv += ["--digest", setup.digest, setup.url]
     env = {**setup.env, "SSL_CERT_FILE": str(setup.ca)}
     exited = run_child(argv, env, dest.parent / f"fetchd-{round_}", RUN_TIMEOUT)
@@ -133,6 +138,18 @@ def pull_fetchd(setup: Setup, dest: Path, round_: int) -> Run:
     if not lines or lines[-1] != setup.digest:
         raise BenchmarkFailed(f"fetchd printed {exited.stdout.strip()!r}, not {setup.digest}")
     return _measured("fetchd", round_, exited)
+
+
+def pull_baseline(checkout: Path) -> Callable[[Setup, Path, int], Run]:
+    """fetchd from another checkout (its modules first on PYTHONPATH), as the arm "baseline"."""
+
+    def pull(setup: Setup, dest: Path, round_: int) -> Run:
+        env = {**setup.env, "PYTHONPATH": str(checkout)}
+        # -P: the child runs in this repository, whose fetchd/ would come first otherwise.
+        run = pull_fetchd(dataclasses.replace(setup, env=env), dest, round_, flags=("-P",))
+        return dataclasses.replace(run, tool="baseline")
+
+    return pull
 
 
 def pull_aria2c(setup: Setup, dest: Path, round_: int) -> Run:
@@ -188,6 +205,8 @@ def summary(runs: Sequence[Run], args: argparse.Namespace, digest: str) -> dict[
         "fetchd_peak_rss_mib": peak("fetchd"),
         "aria2c_peak_rss_mib": peak("aria2c"),
         "curl_peak_rss_mib": peak("curl"),
+        "baseline_median_s": median_s(totals("baseline").values()),
+        "ratio_fetchd_baseline": median_ratio(totals("fetchd"), totals("baseline")),
     }
 
 
@@ -208,6 +227,11 @@ def print_summary(result: Mapping[str, object], fetchd: str) -> None:
             f"fetchd/(curl+sha256) {result['ratio_fetchd_curl_sha256']} (target <= 1.0)  "
             "(medians of per-round ratios)"
         )
+    if result["ratio_fetchd_baseline"] is not None:
+        print(
+            f"baseline (fetchd of --baseline) {result['baseline_median_s']} s  "
+            f"ratio fetchd/baseline {result['ratio_fetchd_baseline']}"
+        )
     print(
         f"peak RSS  fetchd {f'{fetchd_rss} MiB' if fetchd_rss is not None else fetchd} "
         f"(target < 200 MiB)  aria2c {result['aria2c_peak_rss_mib']} MiB  "
@@ -224,7 +248,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--nginx-workers", type=int, default=1, help="nginx worker_processes (default 1)"
     )
     parser.add_argument("--json", action="store_true", help="also print a JSON summary line")
+    parser.add_argument(
+        "--baseline", type=Path, help="also run fetchd from this checkout, interleaved"
+    )
     args = parser.parse_args(argv)
+    if args.baseline is not None and not (args.baseline / "fetchd" / "__init__.py").is_file():
+        parser.error(f"--baseline {args.baseline}: no fetchd/ in it")
     for name in ("rounds", "size_mib", "nginx_workers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -247,6 +276,8 @@ def serve(workdir: Path, size_mib: int, workers: int) -> tuple[Nginx, Path, str]
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     compile_fetchd(REPO)
+    if args.baseline is not None:
+        compile_fetchd(args.baseline)
     missing = gnu_time_missing()
     if missing:
         print(f"error: {missing}", file=sys.stderr)
@@ -268,6 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             tools = [("aria2c", pull_aria2c), ("curl", pull_curl)]
             if not args.skip_fetchd:
                 tools.insert(0, ("fetchd", pull_fetchd))
+            if args.baseline is not None:
+                tools.insert(1, ("baseline", pull_baseline(args.baseline.resolve())))
             runs: list[Run] = []
             for round_ in range(1, args.rounds + 1):
                 for tool, pull in tools:
@@ -279,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         runs.append(dataclasses.replace(run, served=served))
                         print(runs[-1].line(args.size_mib), flush=True)
                     except BenchmarkFailed as exc:
-                        if tool != "fetchd":
+                        if tool not in ("fetchd", "baseline"):
                             raise
                         fetchd_failures += 1
                         print(f"round {round_}  fetchd  FAILED, not counted: {exc}", flush=True)
