@@ -10,6 +10,8 @@ connection, and the other user ``nobody`` through runuser.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import hashlib
 import json
 import os
@@ -73,13 +75,48 @@ def pushed(
     return Pushed(registry, one, two)
 
 
-def _site_packages() -> str:
-    return sysconfig.get_paths()["purelib"]
+# What fetchd run as another user does not import: left out of its readable copy.
+_DEV_ONLY = ("mypy", "mypyc", "pip", "pygments", "ruff", "hypothesis", "_pytest", "pytest")
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # the same inode, through a path every user may walk
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+@functools.cache
+def _readable_pythonpath() -> str:
+    """fetchd, stage1 and the virtualenv's packages where any user can import them.
+
+    The checkout may sit under a directory other users cannot enter (CI clones into a
+    0700 temporary directory): the packages are hard-linked (or copied) into a 0755
+    directory, removed at exit."""
+    base = Path(tempfile.mkdtemp(prefix="fetchd-readable-"))
+    base.chmod(0o755)
+    for package in ("fetchd", "stage1"):
+        shutil.copytree(
+            REPO / package, base / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    site = Path(sysconfig.get_paths()["purelib"])
+    shutil.copytree(
+        site,
+        base / "site",
+        copy_function=_link_or_copy,
+        ignore=lambda _, names: [n for n in names if n.startswith(_DEV_ONLY) or n == "__pycache__"],
+    )
+    for path in [base, *base.rglob("*")]:
+        if path.is_dir():
+            path.chmod(0o755)
+    atexit.register(shutil.rmtree, base, True)
+    return f"{base}:{base / 'site'}"
 
 
 class OtherUser(Fetchd):
     """fetchd run as the user ``nobody`` (runuser), with the project's interpreter version
-    from /usr/bin and the checkout and virtualenv on PYTHONPATH (both readable by all)."""
+    from /usr/bin and a copy of the code and the virtualenv's packages that any user can
+    read on PYTHONPATH."""
 
     def argv(self, *args: str) -> list[str]:
         return [
@@ -89,7 +126,7 @@ class OtherUser(Fetchd):
             "--",
             "env",
             f"HOME={self.home}",
-            f"PYTHONPATH={REPO}:{_site_packages()}",
+            f"PYTHONPATH={_readable_pythonpath()}",
             "PYTHONDONTWRITEBYTECODE=1",
             SYSTEM_PYTHON,
             "-m",
