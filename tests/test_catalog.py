@@ -217,6 +217,17 @@ def test_sizes_take_units(peers: Peers, fetchd: Fetchd) -> None:
     assert r.returncode == 2 and "has no unit" in r.stderr, r.stderr
 
 
+def test_gc_max_size_evicts_images_and_urls_by_last_use(peers: Peers, fetchd: Fetchd) -> None:
+    """URLs took part in LRU eviction as if never used: any URL went before any image."""
+    ok(fetchd("pull", *HTTP, f"docker://{peers.a}"))  # ~1 MiB, used first
+    ok(fetchd("pull", *HTTP, "--digest", peers.url_digest, peers.url))  # 300 kB, used last
+    out = ok(fetchd("gc", "--max-size", "500K"))
+    assert out.count("evicted") == 1 and peers.a in out, out
+    assert [m["annotations"].get("io.fetchd.url") for m in fetchd.index()["manifests"]] == [
+        peers.url
+    ]
+
+
 def test_gc_says_what_stage1_gc_would_free_and_leaves_trees_alone(
     peers: Peers, fetchd: Fetchd
 ) -> None:

@@ -377,3 +377,58 @@ def test_a_moved_tag_brings_the_stored_platforms_along(
         [new[MINE].digest, new[OTHER].digest]
     )
     assert "ok" in ok(fetchd("fsck"))
+
+
+def blob_path(fetchd: Fetchd, digest: str) -> Path:
+    return fetchd.store / "layout/blobs/sha256" / digest.split(":")[1]
+
+
+def all_blobs(fetchd: Fetchd) -> set[str]:
+    return {p.name for p in (fetchd.store / "layout/blobs/sha256").iterdir()}
+
+
+def test_gc_keeps_every_platform_when_one_manifest_is_corrupt(
+    images: Images, registry: Registry, fetchd: Fetchd
+) -> None:
+    """gc walks each platform's manifest on its own and fails closed: a manifest that
+    rotted on disk made gc keep only the top digest, and delete the platforms after it
+    (the cache server's eviction runs the same walk unasked)."""
+    name = f"{registry.host}/plat/gc-rot:1"
+    push(images.layout, "two", name, all_=True)
+    ok(fetchd("pull", *HTTP, "--all-platforms", f"docker://{name}"))
+    before = all_blobs(fetchd)
+    other = {images.other.manifest.digest, images.other.config.digest}
+    other |= {layer.digest for layer in images.other.layers}
+    rotten = blob_path(fetchd, images.mine.digest)
+    rotten.chmod(0o644)
+    rotten.write_bytes(b"\0" * rotten.stat().st_size)  # bit rot: same size, not JSON
+
+    line = failed(fetchd("gc"), "fsck")
+    assert "cannot be read" in line, line
+    assert all_blobs(fetchd) == before, "gc deleted blobs while a manifest was unreadable"
+
+    fetchd("fsck")  # quarantines the rotten manifest (it no longer matches its digest)
+    assert not rotten.exists()
+    ok(fetchd("gc"))
+    # The other platform is whole (what only the quarantined manifest named may go).
+    assert {d.split(":")[1] for d in other} <= all_blobs(fetchd)
+
+
+def test_gc_keeps_what_an_unnamed_index_entry_uses(
+    images: Images, registry: Registry, fetchd: Fetchd
+) -> None:
+    """Every index.json entry is a gc root, named or not (an image another tool wrote
+    into the layout): gc deleted the blobs of an entry without a ref.name."""
+    name = f"{registry.host}/plat/gc-unnamed:1"
+    push(images.layout, "two", name, all_=True)
+    ok(fetchd("pull", *HTTP, f"docker://{name}"))
+    index_path = fetchd.store / "layout/index.json"
+    index = json.loads(index_path.read_text())
+    for entry in index["manifests"]:
+        entry.get("annotations", {}).pop("org.opencontainers.image.ref.name", None)
+    index_path.write_text(json.dumps(index))
+    before = all_blobs(fetchd)
+
+    ok(fetchd("gc"))
+
+    assert all_blobs(fetchd) == before

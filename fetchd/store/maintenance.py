@@ -210,11 +210,70 @@ def referenced(store: Store) -> set[Digest]:
             continue
         children = parsed.manifests if isinstance(parsed, ImageIndex) else parsed.blobs()
         keep.update(d.digest for d in children)
-    for e in layout.entries(store):
+    keep |= layout_roots(store)
+    return keep
+
+
+#: Blobs the root walk visits at most: a store past this is refused, not half-walked.
+MAX_WALK = 1_000_000
+
+
+def layout_roots(store: Store) -> set[Digest]:
+    """Every blob an ``index.json`` entry leads to, named or not (an image another tool
+    wrote, a URL record): the entries' descriptors, the blobs their annotations record
+    (the registry's index, a Docker original), and everything a manifest or index among
+    them lists, read leniently (any ``config``/``layers``/``manifests`` descriptor), each
+    child on its own, so one unreadable platform costs no other platform anything.
+
+    Fails closed: a manifest that is present but is not JSON raises StoreError, and gc
+    then deletes nothing (``fetchd fsck`` quarantines a corrupt one; a missing manifest
+    names nothing to keep)."""
+    pending: list[tuple[Descriptor, bool]] = []
+    for i, obj in enumerate(layout.read_index(store).get("manifests", [])):
+        with contextlib.suppress(FetchdError):
+            pending.append((Descriptor.from_json(obj, f"index.json manifests[{i}]"), True))
+    keep: set[Digest] = set()
+    while pending:
+        desc, known = pending.pop()
+        if desc.digest in keep:
+            continue
+        if len(keep) >= MAX_WALK:
+            raise StoreError(f"{store.root}: more than {MAX_WALK} blobs referenced; gc refused")
+        keep.add(desc.digest)
+        for key in (layout.INDEX_DIGEST_ANNOTATION, layout.SOURCE_DIGEST_ANNOTATION):
+            text = desc.annotations.get(key)
+            if text:
+                with contextlib.suppress(FetchdError, ValueError):
+                    recorded = Descriptor("application/octet-stream", Digest.parse(text), 0)
+                    pending.append((recorded, False))  # a blob of unknown type: may be JSON
+        typed = desc.media_type in MANIFEST_TYPES or desc.media_type in INDEX_TYPES
+        if (known and not typed) or layout.URL_ANNOTATION in desc.annotations:
+            continue  # a layer, a config or a URL blob: no children
+        size = store.blob_size(desc.digest)
+        if size is None or size > MAX_MANIFEST_SIZE:
+            continue  # absent (nothing to name), or too big to be a manifest
         try:
-            keep.update(d.digest for d in layout.image_blobs(store, e))
-        except FetchdError:
-            keep.add(e.manifest.digest)  # unreadable: keep what we can name, fsck reports
+            doc = json.loads(store.read_blob(desc.digest, MAX_MANIFEST_SIZE))
+        except (ValueError, RecursionError) as exc:
+            if not typed:
+                continue  # a recorded blob that is not JSON: not a manifest
+            raise StoreError(
+                f"manifest {desc.digest} in {store.root} cannot be read ({exc}); gc removed "
+                "nothing: run fetchd fsck"
+            ) from None
+        except OSError as exc:
+            raise StoreError(f"cannot read {desc.digest} in {store.root}: {exc}") from exc
+        if not isinstance(doc, dict):
+            continue
+        children = [doc.get("config")]
+        for key in ("layers", "manifests", "blobs"):
+            listed = doc.get(key)
+            if isinstance(listed, list):
+                children.extend(listed)
+        for j, child in enumerate(children):
+            if isinstance(child, dict):
+                with contextlib.suppress(FetchdError):
+                    pending.append((Descriptor.from_json(child, f"{desc.digest}[{j}]"), True))
     return keep
 
 
@@ -256,7 +315,11 @@ def abandon(store: Store, lease: Lease) -> dict[Digest, int]:
     lease.release()
     if not lease.committed:
         return {}
-    return remove_unreferenced(store, set(lease.committed))
+    try:
+        return remove_unreferenced(store, set(lease.committed))
+    except StoreError as exc:  # the pull's own error is the one to report
+        log.warning("left the blobs a failed pull committed for a later gc: %s", exc)
+        return {}
 
 
 def record_url(store: Store, rec: UrlRecord, media_type: str = "application/octet-stream") -> None:
@@ -297,8 +360,8 @@ def gc(
         meta.ensure()
     _adopt_legacy_urls(store)
     if max_size is not None:
-        times = _times(meta)
-        by_age = sorted(images(store), key=lambda i: times.get(i.name, (0.0, 0.0))[1])
+        # Least recently used first: images and URLs alike (each row has its last use).
+        by_age = sorted(images(store), key=lambda i: i.last_used or 0.0)
         while by_age and _live_size(store) > max_size:
             victim = by_age.pop(0)
             remove(store, [victim.name])
