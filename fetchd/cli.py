@@ -12,10 +12,11 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,43 @@ def _size_arg(text: str) -> int:
         return parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _platform_arg(text: str) -> str:
+    """OS/ARCH[/VARIANT], checked here so that a malformed one is a usage error (exit 2)."""
+    try:
+        Platform.parse(text)
+    except FetchdError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _seconds(minimum: float, strict: bool) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a number of seconds") from None
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            bound = "more than" if strict else "at least"
+            raise argparse.ArgumentTypeError(f"{text[:40]!r}: give {bound} {minimum:g} seconds")
+        return value
+
+    return parse
+
+
+_positive_seconds = _seconds(0.0, strict=True)
+_seconds_or_zero = _seconds(0.0, strict=False)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r}: give at least 1")
+    return value
 
 
 def _global_options(p: argparse.ArgumentParser, after: bool) -> None:
@@ -113,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         plat = sp.add_mutually_exclusive_group()
         plat.add_argument(
             "--platform",
+            type=_platform_arg,
             metavar="OS/ARCH[/VARIANT]",
             help="the platform to pull from an index (default: this machine's); the name "
             "keeps the platforms it has",
@@ -125,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--resolve", action="append", default=[], metavar="HOST:PORT:ADDR")
         sp.add_argument(
             "--stall-timeout",
-            type=float,
+            type=_positive_seconds,
             default=30.0,
             metavar="SECONDS",
             help="give up on a connection that sends nothing for this long (default 30)",
@@ -138,7 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
             help="connections per download at most (adaptive below that; default 8)",
         )
         sp.add_argument(
-            "--deadline", type=float, metavar="SECONDS", help="fail a pull that takes longer"
+            "--deadline",
+            type=_positive_seconds,
+            metavar="SECONDS",
+            help="fail a pull that takes longer",
         )
 
     sp = sub.add_parser("pull", help="fetch images into the store")
@@ -169,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("refs", nargs="+", metavar="REF|DIGEST")
     sp.add_argument(
         "--platform",
+        type=_platform_arg,
         metavar="OS/ARCH[/VARIANT]",
         help="forget only this platform of each name (the name goes with its last one)",
     )
@@ -209,20 +252,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument(
         "--grace",
-        type=float,
+        type=_seconds_or_zero,
         default=600.0,
         metavar="SECONDS",
         help="never evict a manifest used within this long (default 600)",
     )
     sp.add_argument(
         "--tag-ttl",
-        type=float,
+        type=_seconds_or_zero,
         default=60.0,
         metavar="SECONDS",
         help="ask upstream again for a tag after this long (default 60)",
     )
     sp.add_argument("--insecure-options", default="none", metavar="LIST")
-    sp.add_argument("--stall-timeout", type=float, default=30.0, metavar="SECONDS")
+    sp.add_argument("--stall-timeout", type=_positive_seconds, default=30.0, metavar="SECONDS")
     sp.add_argument(
         "--public-status",
         action=argparse.BooleanOptionalAction,
@@ -232,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument(
         "--max-connections",
-        type=int,
+        type=_positive_int,
         metavar="N",
         help="client connections at once (default 16384; never more than RLIMIT_NOFILE "
         "leaves after a reserve); at the limit the longest idle one is closed",
@@ -248,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print one JSON document")
     sp.add_argument(
         "--platform",
+        type=_platform_arg,
         metavar="OS/ARCH[/VARIANT]",
         help="export only this platform of a name stored for several (what umoci needs)",
     )
@@ -255,8 +299,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace, store: Path, progress: bool) -> Config:
-    if args.stall_timeout <= 0:
-        raise UsageError("--stall-timeout must be positive")
     if not 1 <= args.max_connections <= 64:
         raise UsageError("--max-connections must be between 1 and 64")
     return Config(
@@ -293,6 +335,11 @@ async def _pull_all(
                 return exc
             except TimeoutError:
                 return FetchdError(f"{ref}: not done within --deadline {config.deadline:g} s")
+            except OSError as exc:  # this REF's alone: the other pulls go on
+                error = _translate(exc)
+                if error is None:
+                    raise
+                return FetchdError(f"{ref}: {error}")
 
         async def every() -> list[PullResult | FetchdError]:
             async with asyncio.TaskGroup() as tg:
@@ -312,6 +359,8 @@ def cmd_pull(args: argparse.Namespace, store: Store, prefetch: bool = False) -> 
             lines = args.from_file.read_text().splitlines()
         except OSError as exc:
             raise FetchdError(f"cannot read {args.from_file}: {exc.strerror}") from exc
+        except UnicodeDecodeError:
+            raise UsageError(f"{args.from_file} is not UTF-8 text: give one REF per line") from None
         refs += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     if not refs:
         raise UsageError("no image references given")

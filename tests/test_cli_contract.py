@@ -260,6 +260,28 @@ MISTAKES: dict[str, Mistake] = {
     "--stall-timeout 0": Mistake(
         lambda p, d: ["pull", *HTTP, "--stall-timeout", "0", p.ref1], 2, ("--stall-timeout",)
     ),
+    "a malformed --platform": Mistake(
+        lambda p, d: ["pull", *HTTP, "--platform", "linux", p.ref1], 2, ("OS/ARCH",)
+    ),
+    "--deadline nan": Mistake(
+        lambda p, d: ["pull", *HTTP, "--deadline", "nan", p.ref1], 2, ("--deadline", "seconds")
+    ),
+    "--deadline -1": Mistake(
+        lambda p, d: ["pull", *HTTP, "--deadline", "-1", p.ref1], 2, ("--deadline", "seconds")
+    ),
+    "prefetch --from a file that is not text": Mistake(
+        lambda p, d: ["prefetch", "--from", str(d / "binary")], 2, ("not UTF-8", "binary")
+    ),
+    "serve --max-connections -5": Mistake(
+        lambda p, d: ["serve", "--max-connections", "-5", "--upstream", p.registry.url],
+        2,
+        ("--max-connections", "at least 1"),
+    ),
+    "serve --grace -1": Mistake(
+        lambda p, d: ["serve", "--grace", "-1", "--upstream", p.registry.url],
+        2,
+        ("--grace", "seconds"),
+    ),
 }
 
 
@@ -278,6 +300,7 @@ def test_each_mistake_is_one_error_line_and_leaves_the_store_as_it_was(
 ) -> None:
     shutil.copytree(one_pulled, fetchd.store)
     (tmp_path / "a-file").write_text("not a directory\n")
+    (tmp_path / "binary").write_bytes(b"\xff\xfe\x00docker://x\n")
     before = snapshot(fetchd)
     mistake = MISTAKES[case]
     with BusyPort() as busy:
