@@ -13,8 +13,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -252,3 +254,60 @@ def test_a_live_lease_keeps_its_blobs_and_a_dead_one_expires(tmp_path: Path) -> 
 
     assert report.removed_blobs == 1 and not store.has(digest)
     assert not lease_file.exists()
+
+
+_TRY_TO_LOCK = """
+import fcntl, os, sys
+held = []
+for path in sys.argv[1:]:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.append(path)
+    except OSError:
+        pass
+print("\\n".join(held))
+"""
+
+
+def test_another_local_user_cannot_hold_the_store_s_locks_or_leases(
+    small_image: tuple[str, BuiltImage],
+) -> None:
+    """flock needs only a descriptor: with lock and lease files 0644, any local user could
+    open one read-only, hold it, and stall every pull (index.lock, gc.lock, an ingest's
+    lock) or keep a dead pull's lease alive. They are 0600 now, and an older 0644 lock
+    is tightened the next time a writer opens it."""
+    name, _ = small_image
+    base = Path(tempfile.mkdtemp(prefix="fetchd-locks-"))
+    try:
+        base.chmod(0o755)  # others may walk to the store, as to /var/lib/fetchd
+        (base / "home").mkdir()
+        fetchd = Fetchd(base / "store", base / "home")
+        (base / "store").mkdir()
+        (base / "store" / "gc.lock").write_text("")
+        (base / "store" / "gc.lock").chmod(0o644)  # as an older fetchd left it
+        lease = subprocess.Popen(fetchd.argv("pull", "-q", *_pull_args_http(name)))
+        lease.wait(120)
+        assert lease.returncode == 0
+        ok_run = subprocess.run(fetchd.argv("gc"), capture_output=True, text=True, timeout=60)
+        assert ok_run.returncode == 0, ok_run.stderr
+        locks = [p for p in (base / "store").rglob("*") if p.name.endswith("lock")]
+        assert {p.name for p in locks} >= {"gc.lock", "index.lock"}, locks
+        probe = subprocess.run(
+            ["runuser", "-u", "nobody", "--", "/usr/bin/python3", "-c", _TRY_TO_LOCK]
+            + [str(p) for p in locks],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert probe.returncode == 0, probe.stderr
+        assert probe.stdout.strip() == "", f"nobody could hold: {probe.stdout}"
+        assert all(p.stat().st_mode & 0o077 == 0 for p in locks), [
+            (p.name, oct(p.stat().st_mode)) for p in locks
+        ]
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _pull_args_http(name: str) -> list[str]:
+    return [*HTTP, f"docker://{name}"]

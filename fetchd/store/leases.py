@@ -75,7 +75,9 @@ class Lease:
         tmp = store.leases / f".{lease_id}.tmp"
         with writing("a lease", store.root):
             store.leases.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC)
+            # 0600: another user who could open it could flock it and keep it "live"
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
+            fd = os.open(tmp, flags, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)  # a new file: nobody else can hold it
                 os.rename(tmp, store.leases / lease_id)

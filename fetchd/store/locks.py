@@ -38,9 +38,17 @@ def _open(path: Path) -> int:
             # removed in between raises FileExistsError)
             with writing(f"the lock {path.name}", path.parent):  # a read-only store: one line
                 path.parent.mkdir(parents=True, exist_ok=True)
-                return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except (FileNotFoundError, FileExistsError):
             continue  # the directory went between mkdir and open
+        else:
+            # 0600, and an older 0644 one tightened: flock needs only a descriptor, so
+            # another local user who could open it read-only could hold it and stall
+            # every pull of the store (only its writers may lock it).
+            with contextlib.suppress(OSError):
+                if os.fstat(fd).st_mode & 0o077:
+                    os.fchmod(fd, 0o600)
+            return fd
     raise StoreError(f"cannot create the lock {path}: its directory keeps vanishing")
 
 
