@@ -272,16 +272,20 @@ def _auth_file(home: Path, host: str) -> dict[str, str]:
     return {"REGISTRY_AUTH_FILE": str(path)}
 
 
-def test_credentials_never_go_to_a_plain_http_realm_on_another_host(fetchd: Fetchd) -> None:
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_credentials_never_go_to_a_realm_on_another_host_named_over_plain_http(
+    fetchd: Fetchd, scheme: str
+) -> None:
     # "localhost" is this very server, but a host name other than the registry's: over
-    # plain http a machine in the middle could have written any realm there.
+    # plain http a machine in the middle could have written any realm there, an https
+    # one of its own included.
     with GatedRegistry() as server:
-        server.challenges = (f'Bearer realm="http://localhost:{server.port}/token"',)
+        server.challenges = (f'Bearer realm="{scheme}://localhost:{server.port}/token"',)
         env = _auth_file(fetchd.home, server.host)
 
         line = failed(fetchd("pull", *HTTP, f"docker://{server.host}/app:1", env=env))
 
-        assert "plain HTTP on another host" in line and "https" in line, line
+        assert "another host named over plain HTTP" in line and "https" in line, line
         assert server.token_requests == []  # not even asked: nothing was sent anywhere
         assert fetchd.blobs() == set()
 

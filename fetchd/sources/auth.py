@@ -240,17 +240,14 @@ class Authenticator:
         self._tokens[scope] = token
 
     def _may_send_credentials(self, realm: str, registry_url: str) -> bool:
-        """https realms get them; a plain-http realm only on the registry's own host,
-        when the registry is itself plain http (the user allowed that in clear)."""
+        """A registry over https (its challenge came over TLS) may name any https realm.
+        A registry over plain http (the user allowed that in clear) only a realm on its
+        own host: anyone in the middle could have written the challenge, naming a realm
+        of theirs, https or not."""
         r, reg = urlsplit(realm), urlsplit(registry_url)
-        if r.scheme == "https":
-            return True
-        return (
-            r.scheme == "http"
-            and reg.scheme == "http"
-            and bool(r.hostname)
-            and r.hostname == reg.hostname
-        )
+        if reg.scheme == "https":
+            return r.scheme == "https"
+        return r.scheme in ("http", "https") and bool(r.hostname) and r.hostname == reg.hostname
 
     async def _fetch_token(
         self,
@@ -271,10 +268,11 @@ class Authenticator:
         if self.credentials and not self._may_send_credentials(realm, registry_url):
             raise InsecureRefused(
                 f"registry {self.host} wants the credentials sent to the token realm "
-                f"{redact(realm)} over plain HTTP on another host; fetchd sends them only "
-                "over https, or over http to the registry's own host (with --insecure-options "
-                "http): give the registry an https realm, or remove the credentials for "
-                f"{self.host} to pull anonymously"
+                f"{redact(realm)}, a realm on another host named over plain HTTP (or a "
+                "plain-HTTP realm); fetchd sends them only to an https realm named by an "
+                "https registry, or to the registry's own host when the registry is plain "
+                "http (--insecure-options http): serve the registry over https, or remove "
+                f"the credentials for {self.host} to pull anonymously"
             )
         query = []
         if params.get("service"):
