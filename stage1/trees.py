@@ -39,6 +39,8 @@ from stage1.layout import Layout
 from stage1.model import Descriptor, Image
 
 PARTIAL = ".partial-"
+#: a tree set aside because other users could reach it: never run again, gc removes it
+STALE = ".stale-"
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,11 @@ class Trees:
         try:
             st = os.fstat(fd)
             if stat.S_IMODE(st.st_mode) != 0o700:
-                # An older stage1 made it 0755: no other user may reach a tree.
+                # An older stage1 made it 0755: no other user may reach a tree. What they
+                # could reach until now may have been changed (a 0777 directory of an
+                # image, a descriptor opened meanwhile): every tree is rendered again.
                 os.fchmod(fd, 0o700)
+                _set_aside(fd, self.path)
         except OSError as exc:
             os.close(fd)
             raise Stage1Error(
@@ -153,7 +158,9 @@ class Trees:
         failed: list[str] = []
         try:
             for name in sorted(os.listdir(trees_fd)):
-                if name.startswith(PARTIAL):
+                if name.startswith(STALE):
+                    pass  # always removed
+                elif name.startswith(PARTIAL):
                     pid = name.rpartition("-")[2]
                     if pid.isascii() and pid.isdigit() and _alive(int(pid)):
                         continue
@@ -177,6 +184,26 @@ class Trees:
 
 
 Blobs = list[tuple[Descriptor, IO[bytes]]]
+
+
+def _set_aside(trees_fd: int, path: str) -> None:
+    """Rename every tree out of the way (to be rendered again; gc removes the old)."""
+    names = [n for n in os.listdir(trees_fd) if _is_hex(n)]
+    for name in names:
+        try:
+            os.rename(
+                name, f"{STALE}{name}-{os.getpid()}", src_dir_fd=trees_fd, dst_dir_fd=trees_fd
+            )
+        except OSError as exc:
+            raise Stage1Error(
+                f"cannot set aside {path}/{name}, which other users could reach: "
+                f"{exc.strerror}; remove it (stage1 gc) before running it"
+            ) from exc
+    if names:
+        _warn(
+            f"warning: {path} was open to other users: {len(names)} rendered tree(s) set "
+            "aside to be rendered again (stage1 gc removes them)"
+        )
 
 
 def _render_here(tree: int, blobs: Blobs) -> None:

@@ -129,6 +129,34 @@ def test_another_user_cannot_reach_a_tree_of_a_normal_users_store(nobody_place: 
     _check_other_user_is_locked_out(stage1, built.digest, 54321)
 
 
+def test_a_tree_others_could_reach_before_is_rendered_again(root_place: Place) -> None:
+    """trees/ left 0755 by an older stage1: while it was, another user could plant files
+    in an image's 0777 directory. Tightening trees/ does not undo that, so every tree
+    there is set aside and rendered again (and stage1 gc removes the old one)."""
+    stage1 = root_place.stage1
+    built = image(stage1, REF, [_open_layer()])
+    assert stage1.run("run", REF, "--", "/bin/true").returncode == 0
+    os.chmod(stage1.trees, 0o755)  # as an older stage1 left it
+    tree = stage1.tree(built)
+    planted = subprocess.run(
+        [
+            *("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"),
+            *("sh", "-c", f"echo planted > {tree}/open/evil && echo changed > {tree}/open/file"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+    )
+    assert planted.returncode == 0, planted.stderr  # it could, before: that is the point
+
+    result = stage1.run("run", REF, "--", "/bin/sh", "-c", "cat /open/file; ls /open")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["original", "file"]
+    assert "set aside" in result.stderr, result.stderr
+    assert stage1.run("gc").returncode == 0
+    assert sorted(p.name for p in stage1.trees.iterdir()) == [tree.name]
+
+
 # --- item 4: sparse files stay sparse; what one render may write is bounded ------------------
 
 _PAYLOAD = b"the end of a sparse file\n"
