@@ -171,7 +171,7 @@ class Relay:
             if user_in is not None and len(pending) < _BUFFERED:
                 readers.append(user_in)
             writers = [master] if pending else []
-            ready, writable, _ = select.select(readers, writers, [])
+            ready, writable = _wait(readers, writers)
             if wake in ready:
                 for signo in os.read(wake, 1024):
                     if signo == signal.SIGWINCH:
@@ -210,7 +210,7 @@ class Relay:
     def _drain(self) -> None:
         deadline = time.monotonic() + DRAIN_SECONDS
         while (left := deadline - time.monotonic()) > 0:
-            if not select.select([self._master], [], [], left)[0]:
+            if not _wait([self._master], [], left)[0]:
                 return
             if not self._forward_output():
                 return
@@ -237,3 +237,20 @@ class Relay:
 
 def _ignore(signo: int, frame: object) -> None:
     """A Python-level handler, so that the signal reaches the wakeup pipe."""
+
+
+def _wait(
+    readers: list[int], writers: list[int], timeout: float | None = None
+) -> tuple[set[int], set[int]]:
+    """The readable and the writable descriptors among those given, with poll(2), not
+    select(2): select fails on a descriptor numbered 1024 or more, which a caller that
+    holds many open files hands stage1's pty."""
+    poller = select.poll()
+    for fd in {*readers, *writers}:
+        mask = (select.POLLIN if fd in readers else 0) | (select.POLLOUT if fd in writers else 0)
+        poller.register(fd, mask)
+    events = poller.poll(None if timeout is None else max(0, int(timeout * 1000)))
+    gone = select.POLLHUP | select.POLLERR | select.POLLNVAL  # the read or write says what
+    readable = {fd for fd, ev in events if ev & (select.POLLIN | gone) and fd in readers}
+    writable = {fd for fd, ev in events if ev & (select.POLLOUT | gone) and fd in writers}
+    return readable, writable
