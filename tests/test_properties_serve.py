@@ -26,9 +26,11 @@ from fetchd.server.upstreams import Upstream, Upstreams
 from tests.support.fakeregistry import Answer, FakeRegistry, sha256
 from tests.support.serve import ServeProcess, start_serve
 
-FAST = settings(max_examples=100, deadline=1000)
+FAST = settings(max_examples=100, deadline=1000, derandomize=True, database=None)
 E2E = settings(
     max_examples=40,
+    derandomize=True,
+    database=None,
     deadline=None,  # bounded by the socket's timeout instead: the machine may be loaded
     suppress_health_check=[HealthCheck.too_slow],
 )

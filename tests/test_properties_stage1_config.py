@@ -134,7 +134,13 @@ def test_a_deeply_nested_index_json_is_one_clear_error(
 
 # --- properties ---------------------------------------------------------------------------
 
-SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=100,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 _text = st.text(max_size=12) | st.sampled_from(
     ["", "\0", "A=b", "=", "/bin/sh", "\ud800", "sha256:" + "a" * 64, "²", "x" * 200]
 )

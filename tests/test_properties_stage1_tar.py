@@ -181,6 +181,7 @@ def _outside(box: Path) -> dict[str, bytes]:
     max_examples=200,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    derandomize=True,
     database=None,
 )
 @given(_layer())
