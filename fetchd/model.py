@@ -225,6 +225,8 @@ class Platform:
                 for major, start in zip(majors, minors, strict=True)
                 for minor in range(start, -1, -1)
             ]
+            if self not in out:  # a variant the table does not know matches itself
+                out.insert(0, self)
             arm = "v8" if (self.variant or "v8").startswith(("v8", "v9")) else self.variant
             return (*out, *Platform.of(self.os, "arm", arm).accepts())
         out = [self]

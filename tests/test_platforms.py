@@ -219,6 +219,8 @@ def test_containerd_platform_rules() -> None:
     assert Platform.parse("linux/amd64/v1") == Platform.parse("linux/x86_64")
     assert Platform.parse("linux/arm") == Platform.parse("linux/arm/v7")
     assert accepts("linux/arm/v7") == ["linux/arm/v7", "linux/arm/v6", "linux/arm/v5"]
+    # A variant the table does not know (yet) still matches itself, first.
+    assert accepts("linux/arm64/v10")[0] == "linux/arm64/v10"
     assert accepts("linux/amd64") == ["linux/amd64", "linux/386"]
     assert accepts("linux/amd64/v3") == [
         "linux/amd64/v3",

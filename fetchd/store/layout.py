@@ -278,10 +278,9 @@ def set_platforms(
         children = list(news)
         current = _current(store, name, ms)
         if current is not None and index is not None and current.top_digest == index:
-            try:
-                old = manifests(store, current)
-            except StoreError:
-                old = ()
+            # An entry that cannot be read is not silently replaced by this one platform:
+            # StoreError ("run fetchd fsck") goes up instead, and nothing changes.
+            old = manifests(store, current)
             kept = [
                 o
                 for o in old
