@@ -287,6 +287,23 @@ def test_malformed_requests_get_a_400_and_leave_no_traceback_in_the_log(shared: 
     assert grown < 4096, f"the log grew {grown} bytes:\n{cache.log()[-2000:]}"
 
 
+def test_headers_over_32_kib_are_refused_even_after_blank_lines(shared: Shared) -> None:
+    """Blank lines before a request line are skipped by the parser; the guard took the
+    first of them for the end of the headers and let 800 KB of headers through."""
+    cache = shared.cache
+    for prefix in (b"", b"\r\n\r\n"):
+        headers = b"".join(b"X-%d: %s\r\n" % (i, b"a" * 1000) for i in range(40))
+        answer = raw_exchange(
+            cache.port, prefix + b"GET /v2/ HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n"
+        )
+        assert not answer.startswith(b"HTTP/1.1 200"), (prefix, answer[:200])
+    # A few blank lines and a small request are still fine.
+    answer = raw_exchange(
+        cache.port, b"\r\n\r\nGET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+
+
 def test_clients_that_reset_mid_blob_leave_no_traceback_in_the_log(shared: Shared) -> None:
     """A client killed while a blob goes out to it (the soak test kills many) is routine:
     aiohttp logged an ERROR with a traceback for each (ConnectionResetError under

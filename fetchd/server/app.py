@@ -785,6 +785,7 @@ class _Guard(asyncio.Protocol):
         self.busy = 0
         self.unclaimed = 0  # header bytes of the request now arriving
         self.in_body = False  # its headers ended: what follows is its body, not counted
+        self.started = False  # its request line began (blank lines before it are skipped)
         self.draining: StreamReader | None = None  # a body the handler left unread
         self._tail = b""
         self.last = time.monotonic() if since is None else since  # since it was accepted
@@ -821,12 +822,18 @@ class _Guard(asyncio.Protocol):
             if self.draining is None and not self.in_body:
                 # Count up to the blank line that ends the headers: a body is bounded by
                 # its handler (MAX_BODY for admin JSON), not as headers.
-                window = self._tail + data
+                window, skip = self._tail + data, 0
+                if not self.started:
+                    # HTTP parsers skip blank lines before a request line (RFC 9112 §2.2):
+                    # they are not the blank line that ends its headers.
+                    stripped = window.lstrip(b"\r\n")
+                    skip, window = len(window) - len(stripped), stripped
+                    self.started = bool(window)
                 end = window.find(b"\r\n\r\n")
                 if end < 0:
                     self.unclaimed += len(data)
                 else:
-                    self.unclaimed += max(0, end + 4 - len(self._tail))
+                    self.unclaimed += max(0, skip + end + 4 - len(self._tail))
                     self.in_body = True
                 self._tail = window[-3:]
                 if self.unclaimed > MAX_HEADER_BYTES:
@@ -870,6 +877,7 @@ def _busy(request: web.BaseRequest) -> Iterator[None]:
                 # The next request's headers start now; a body the handler did not
                 # read (aiohttp discards it) is not theirs.
                 guard.unclaimed, guard.in_body, guard._tail = 0, False, b""
+                guard.started = False
                 guard.draining = None if request.content.is_eof() else request.content
                 if guard.counted:
                     guard.connections.idle[guard] = None
