@@ -156,6 +156,30 @@ def test_a_cached_tag_is_served_within_5_s_of_a_dark_upstream(
     assert "serving the cached copy" in cache.log()
 
 
+def test_a_slow_upstream_still_moves_a_cached_tag(fake: FakeRegistry, fetchd: Fetchd) -> None:
+    """The cached copy is served after 2 s, but the upstream's late answer still counts:
+    cancelling the revalidation at 2 s meant a tag behind a slow upstream never moved."""
+    image(fake, "slow/img")
+    path = "/v2/reg.test/slow/img/manifests/1"
+    with start_serve(fetchd, [f"reg.test={fake.url}"], extra=("--tag-ttl", "0")) as cache:
+        old = cache.get(path)
+        assert old.status == 200, old
+        new = image(fake, "slow/img", b"the tag moved to another layer\n")
+        fake.routes["/v2/slow/img/manifests/1"].delay = 3.0
+        started = time.monotonic()
+        r = cache.get(path, timeout=60)
+        assert (r.status, r.body) == (200, old.body), r  # the cached copy, at once
+        assert time.monotonic() - started < 5
+        wait_until(
+            lambda: (
+                cache.get(path, timeout=60).headers.get("Docker-Content-Digest") == new["manifest"]
+            ),
+            30,
+            "the tag to move once the slow upstream answered",
+            cache.log_path,
+        )
+
+
 # --- item 10: admin request bodies -------------------------------------------------------------
 
 

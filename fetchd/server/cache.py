@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from fetchd.config import Config
 from fetchd.engine.pull import Engine, Flight
@@ -109,7 +109,10 @@ class Cache:
         #: how many responses are reading each blob now (LRU eviction spares them)
         self.serving: collections.Counter[Digest] = collections.Counter()
         self._fetches: dict[Digest, asyncio.Future[BaseException | None]] = {}
-        self._fetch_tasks: set[asyncio.Task[None]] = set()
+        self._fetch_tasks: set[asyncio.Task[Any]] = set()
+        #: a tag being asked upstream again, one task per tag; it goes on past the
+        #: REVALIDATE_TIMEOUT after which the cached copy is served
+        self._revalidations: dict[tuple[str, str], asyncio.Task[Manifest | Exception]] = {}
         self._registries: dict[Upstream, Registry] = {}
         self._tg: asyncio.TaskGroup | None = None
         #: when each upstream last failed to revalidate a tag (monotonic)
@@ -167,12 +170,26 @@ class Cache:
         ref = Reference(route.upstream.host, route.repository, reference, None)
         if stored is None:
             return await self._fetch_manifest(route, ref, reference)
+        key = (route.key, reference)
+        task = self._revalidations.get(key)
+        if task is None:
+            assert self._tg is not None, "Cache used outside running()"
+            task = self._tg.create_task(self._revalidate(route, ref, reference))
+            self._revalidations[key] = task
+            self._fetch_tasks.add(task)
+            task.add_done_callback(lambda t: self._revalidated(key, t))
+        outcome: Manifest | Exception
         try:
             async with asyncio.timeout(REVALIDATE_TIMEOUT):
-                fetched = await self._fetch_manifest(route, ref, reference)
-        except (FetchdError, TimeoutError) as exc:
-            if isinstance(exc, ManifestNotFound):
-                raise
+                # Shielded: a slow upstream still gets to answer (and move the tag) for
+                # the next client, while this one is served the cached copy now.
+                outcome = await asyncio.shield(task)
+        except TimeoutError as timeout:
+            outcome = timeout
+        if isinstance(outcome, Exception):
+            exc = outcome
+            if isinstance(exc, ManifestNotFound) or not isinstance(exc, FetchdError | TimeoutError):
+                raise exc
             why = (
                 f"no answer within {REVALIDATE_TIMEOUT:g} s"
                 if isinstance(exc, TimeoutError)
@@ -186,8 +203,24 @@ class Cache:
             )
             self._dark_since[route.upstream] = time.monotonic()
             return stored
+        return outcome
+
+    async def _revalidate(
+        self, route: Route, ref: Reference, reference: str
+    ) -> Manifest | Exception:
+        """Ask upstream for a tag again, with the full retry budget; the error is returned,
+        not raised (this task belongs to the server's task group, not to one request)."""
+        try:
+            fetched = await self._fetch_manifest(route, ref, reference)
+        except Exception as exc:
+            return exc
         self._dark_since.pop(route.upstream, None)
         return fetched
+
+    def _revalidated(self, key: tuple[str, str], task: asyncio.Task[Manifest | Exception]) -> None:
+        self._fetch_tasks.discard(task)
+        if self._revalidations.get(key) is task:
+            del self._revalidations[key]
 
     async def tags(self, route: Route) -> list[str]:
         """The upstream's tag list; the tags this cache knows when upstream is away."""

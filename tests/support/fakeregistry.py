@@ -29,6 +29,7 @@ class Answer:
     status: int = 200
     endless: bool = False
     send_length: bool = True
+    delay: float = 0.0  # seconds before the answer (a slow upstream); keep it small
 
 
 class _Handler(QuietHandler):
@@ -45,6 +46,8 @@ class _Handler(QuietHandler):
         answer = self.owner.routes.get(path)
         if answer is None:
             answer = Answer(b'{"errors":[{"code":"NAME_UNKNOWN"}]}', status=404)
+        if answer.delay:
+            self.owner.stopping.wait(min(answer.delay, 30.0))
         self.send_response(answer.status)
         for k, v in answer.headers.items():
             self.send_header(k, v)
