@@ -29,7 +29,7 @@ from fetchd.progress import Progress, TerminalBars, current_image
 from fetchd.store import Store, layout
 from fetchd.store import maintenance as mt
 from fetchd.store.diskfull import is_full, is_read_only
-from fetchd.units import parse_size
+from fetchd.units import format_size, parse_size
 
 log = logging.getLogger("fetchd")
 
@@ -423,17 +423,8 @@ def cmd_images(args: argparse.Namespace, store: Store) -> int:
     for i in infos:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(i.last_used)) if i.last_used else "-"
         plats = ",".join(i.platforms) or "-"
-        print(f"{i.name:<50} {plats:<24} {i.digest[:19]:<20} {_human(i.size):>10}  {used}")
+        print(f"{i.name:<50} {plats:<24} {i.digest[:19]:<20} {format_size(i.size):>10}  {used}")
     return 0
-
-
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return str(n)
 
 
 def cmd_rm(args: argparse.Namespace, store: Store) -> int:
@@ -466,13 +457,15 @@ def cmd_gc(args: argparse.Namespace, store: Store) -> int:
     for name in r.evicted_images or []:
         print(f"evicted {name}")
     print(
-        f"removed {r.removed_blobs} blobs ({_human(r.freed_bytes)}), "
+        f"removed {r.removed_blobs} blobs ({format_size(r.freed_bytes)}), "
         f"{r.removed_ingests} stale ingests"
     )
     if r.trees is None:
         print("stage1 gc: cannot read trees/ as this user (run it as the store's owner)")
     elif r.trees.count:
-        print(f"stage1 gc would free {r.trees.count} trees ({_human(r.trees.bytes)}) in trees/")
+        print(
+            f"stage1 gc would free {r.trees.count} trees ({format_size(r.trees.bytes)}) in trees/"
+        )
     return 0
 
 

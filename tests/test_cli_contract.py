@@ -204,6 +204,10 @@ class Mistake:
     says: tuple[str, ...]
 
 
+#: this machine's architecture (the test images are built for it) and another one
+MINE = {"x86_64": "amd64", "aarch64": "arm64"}[os.uname().machine]
+OTHER = "arm64" if MINE == "amd64" else "amd64"
+
 MISTAKES: dict[str, Mistake] = {
     "serve on a port in use": Mistake(
         lambda p, d: ["serve", "--listen", "127.0.0.1:{busy}", "--upstream", p.registry.url],
@@ -253,9 +257,9 @@ MISTAKES: dict[str, Mistake] = {
     "gc --max-size -1": Mistake(lambda p, d: ["gc", "--max-size", "-1"], 2, ("negative",)),
     "gc --max-size 0": Mistake(lambda p, d: ["gc", "--max-size", "0"], 2, ("--max-size",)),
     "pull --platform an image cannot satisfy": Mistake(
-        lambda p, d: ["pull", *HTTP, "--platform", "linux/arm64", p.ref1],
+        lambda p, d: ["pull", *HTTP, "--platform", f"linux/{OTHER}", p.ref1],
         1,
-        ("linux/amd64 only", "--platform"),
+        (f"linux/{MINE} only", "--platform"),
     ),
     "--stall-timeout 0": Mistake(
         lambda p, d: ["pull", *HTTP, "--stall-timeout", "0", p.ref1], 2, ("--stall-timeout",)
@@ -540,7 +544,7 @@ def test_pull_json_is_one_document_with_the_bytes_received(pushed: Pushed, fetch
     (image,) = doc["images"]
     assert image["name"] == pushed.name(pushed.ref1) and image["ref"] == pushed.ref1
     assert image["digest"] == image["manifest"] == pushed.one.digest
-    assert image["platform"] == "linux/amd64" and image["platforms"] == ["linux/amd64"]
+    assert image["platform"] == f"linux/{MINE}" and image["platforms"] == [f"linux/{MINE}"]
     assert image["fetched"] is True
     # Every byte of the store came over the network for this pull: manifest, config, layers.
     assert image["bytes_fetched"] == doc["bytes_fetched"] == _blob_bytes(fetchd)

@@ -113,26 +113,6 @@ def _name_of(obj: Any) -> str | None:
     return None
 
 
-def set_entry(
-    store: Store, name: str, manifest: Descriptor, required: Iterable[Digest] = ()
-) -> None:
-    """Point ``name`` at ``manifest`` (replacing what it named before).
-
-    ``required`` (the image's blobs) are checked under the index lock, the lock gc
-    deletes under: :class:`BlobsMissing` if any is gone, and nothing is written.
-    """
-    obj = manifest.to_json()
-    obj.setdefault("annotations", {})[REF_NAME_ANNOTATION] = name
-    needed = [manifest.digest, *required]
-
-    def check() -> None:
-        missing = [d for d in needed if not store.has(d)]
-        if missing:
-            raise BlobsMissing(name, missing)
-
-    _update(store, lambda ms: [m for m in ms if _name_of(m) != name] + [obj], check)
-
-
 # --- platforms: one name, one or more image manifests ---------------------------------
 #
 # A name stored for one platform is one index.json entry naming that platform's OCI

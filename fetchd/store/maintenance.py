@@ -289,7 +289,7 @@ def remove_unreferenced(
     sending right now).
 
     Holds the index lock while deciding and deleting; a pull publishes a name under
-    the same lock after checking its blobs are present (:func:`layout.set_entry`), so
+    the same lock after checking its blobs are present (:func:`layout.set_platforms`), so
     no name can ever point at a blob deleted here. It holds the gc lock too, under
     which leases add digests (leases.py). Returns digest → bytes freed.
     """
@@ -640,11 +640,20 @@ def _export_tar(store: Store, dest: Path, desc: dict[str, Any], blobs: list[Desc
                 tar.addfile(info, io.BytesIO(data))
             for d in blobs:
                 tar.add(store.blob_path(d.digest), f"blobs/{d.digest.algorithm}/{d.digest.hex}")
+        _fsync(tmp)
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _export_dir(
@@ -671,6 +680,7 @@ def _export_dir(
             except OSError:
                 tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
                 shutil.copyfile(store.blob_path(d.digest), tmp)
+                _fsync(tmp)  # on disk before index.json names it
                 os.replace(tmp, target)
         if not (dest / "oci-layout").exists():
             atomic_write(dest / "oci-layout", _OCI_LAYOUT)
