@@ -22,7 +22,13 @@ import pytest
 
 from fetchd.progress import Progress, TerminalBars
 from tests.support.cli import Fetchd
-from tests.support.fakeregistry import OCI_MANIFEST, Answer, FakeRegistry, sha256
+from tests.support.fakeregistry import (
+    CONFIG,
+    Answer,
+    FakeRegistry,
+    oci_manifest,
+    sha256,
+)
 
 HUGE = 1 << 62  # 4 EiB: more than any disk, less than int64
 MAX_RSS = 200 << 20
@@ -115,18 +121,8 @@ def test_a_url_agreeing_to_4_eib_is_refused(
 
 
 def test_a_manifest_over_the_layer_limit_is_refused(fetchd: Fetchd) -> None:
-    config = b"{}"
     layer = {"mediaType": "application/vnd.oci.image.layer.v1.tar", "size": 1}
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": sha256(config),
-            "size": len(config),
-        },
-        "layers": [{**layer, "digest": sha256(b"%d" % i)} for i in range(10_001)],
-    }
+    manifest = oci_manifest(CONFIG, [{**layer, "digest": sha256(b"%d" % i)} for i in range(10_001)])
     with FakeRegistry() as server:
         server.manifest("wide", json.dumps(manifest).encode())
         result = fetchd("pull", "--insecure-options", "http", f"docker://{server.host}/wide:1")
@@ -152,9 +148,8 @@ class _TimedLog(list[tuple[str, dict[str, str]]]):
 
 def wide_image(server: FakeRegistry, name: str, layers: int) -> str:
     """An image of ``layers`` distinct tiny layers on ``server``; its config's digest."""
-    config = b'{"architecture": "amd64", "os": "linux", "rootfs": {}}'
-    server.routes[f"/v2/{name}/blobs/{sha256(config)}"] = Answer(config)
-    descs = []
+    server.routes[f"/v2/{name}/blobs/{sha256(CONFIG)}"] = Answer(CONFIG)
+    descs: list[dict[str, object]] = []
     for i in range(layers):
         blob = b"%d" % i
         server.routes[f"/v2/{name}/blobs/{sha256(blob)}"] = Answer(blob)
@@ -165,18 +160,8 @@ def wide_image(server: FakeRegistry, name: str, layers: int) -> str:
                 "size": len(blob),
             }
         )
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": sha256(config),
-            "size": len(config),
-        },
-        "layers": descs,
-    }
-    server.manifest(name, json.dumps(manifest).encode())
-    return sha256(config)
+    server.manifest(name, json.dumps(oci_manifest(CONFIG, descs)).encode())
+    return sha256(CONFIG)
 
 
 PLAN_LIMIT = 2.0  # seconds from the manifest to the first blob request (the issue's bound)

@@ -13,7 +13,7 @@ import contextlib
 import fcntl
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -111,29 +111,42 @@ def _check_left_as_before(fetchd: Fetchd, blobs: set[str], index: bytes) -> None
     assert "ok" in ok(fetchd("fsck"))
 
 
+def _pull_until(
+    fetchd: Fetchd, name: str, ready: Callable[[], bool], what: str, disk: Path
+) -> subprocess.Popen[str]:
+    """Start a pull of NAME; once ``ready()`` (the pull waits on a lock we hold), fill
+    the disk. The pull is killed if anything goes wrong before that."""
+    pull = fetchd.popen("pull", *HTTP, f"docker://{name}")
+    try:
+        wait_until(lambda: pull.poll() is not None or ready(), WAIT, what)
+        assert pull.poll() is None, pull.communicate()
+        fill(disk)
+    except BaseException:
+        pull.kill()
+        pull.communicate()
+        raise
+    return pull
+
+
+def _finished(pull: subprocess.Popen[str]) -> subprocess.CompletedProcess[str]:
+    _, err = pull.communicate(timeout=WAIT)
+    return subprocess.CompletedProcess(pull.args, pull.returncode, "", err)
+
+
 def test_enospc_rewriting_index_json_leaves_nothing_and_the_full_store_still_works(
     disk: Path, images: Images, tmp_path: Path
 ) -> None:
     fetchd = _store_with_one_image(disk, images, tmp_path)
     blobs, index = fetchd.blobs(), (fetchd.store / "layout" / "index.json").read_bytes()
     with holding(fetchd.store / "index.lock"):
-        pull = fetchd.popen("pull", *HTTP, f"docker://{images.next_name}")
-        try:
-            wait_until(
-                lambda: (
-                    pull.poll() is not None or set(_blob_digests(images.next)) <= fetchd.blobs()
-                ),
-                WAIT,
-                "the pull to commit every blob and wait to write index.json",
-            )
-            assert pull.poll() is None, pull.communicate()
-            fill(disk)
-        except BaseException:
-            pull.kill()
-            pull.communicate()
-            raise
-    _, err = pull.communicate(timeout=WAIT)
-    result = subprocess.CompletedProcess(pull.args, pull.returncode, "", err)
+        pull = _pull_until(
+            fetchd,
+            images.next_name,
+            lambda: set(_blob_digests(images.next)) <= fetchd.blobs(),
+            "the pull to commit every blob and wait to write index.json",
+            disk,
+        )
+    result = _finished(pull)
 
     line = failed(result)
     assert line == (
@@ -162,21 +175,14 @@ def test_a_pull_that_runs_out_of_space_removes_what_it_committed(
     others = set(_blob_digests(images.next)[1:]) - {last}
     # The last layer waits for us (its ingest lock); the rest is committed meanwhile.
     with holding(fetchd.store / "ingest" / last.replace(":", "-") / "lock"):
-        pull = fetchd.popen("pull", *HTTP, f"docker://{images.next_name}")
-        try:
-            wait_until(
-                lambda: pull.poll() is not None or others <= fetchd.blobs(),
-                WAIT,
-                "the pull to commit all but the last layer",
-            )
-            assert pull.poll() is None, pull.communicate()
-            fill(disk)
-        except BaseException:
-            pull.kill()
-            pull.communicate()
-            raise
-    _, err = pull.communicate(timeout=WAIT)
-    result = subprocess.CompletedProcess(pull.args, pull.returncode, "", err)
+        pull = _pull_until(
+            fetchd,
+            images.next_name,
+            lambda: others <= fetchd.blobs(),
+            "the pull to commit all but the last layer",
+            disk,
+        )
+    result = _finished(pull)
 
     # The one line names the store and the lack of space (refused before the blob's
     # first byte, or ENOSPC while writing it).

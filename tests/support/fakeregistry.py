@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 
 from .servers import QuietHandler, ServerThread
@@ -20,6 +21,30 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 def sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+#: the image config of every image these doubles make (the platform the tests run on)
+CONFIG = json.dumps(
+    {
+        "architecture": {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, "amd64"),
+        "os": "linux",
+        "rootfs": {},
+    }
+).encode()
+
+
+def oci_manifest(config: bytes, layers: list[dict[str, object]]) -> dict[str, object]:
+    """An OCI image manifest of ``config`` and the ``layers`` descriptors."""
+    return {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": sha256(config),
+            "size": len(config),
+        },
+        "layers": layers,
+    }
 
 
 @dataclass
@@ -97,17 +122,7 @@ class FakeRegistry(ServerThread):
         blob: Answer,
         media_type: str = "application/vnd.oci.image.layer.v1.tar",
     ) -> None:
-        config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {}}).encode()
-        self.routes[f"/v2/{name}/blobs/{sha256(config)}"] = Answer(config)
+        self.routes[f"/v2/{name}/blobs/{sha256(CONFIG)}"] = Answer(CONFIG)
         self.routes[f"/v2/{name}/blobs/{layer['digest']}"] = blob
-        manifest = {
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {
-                "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": sha256(config),
-                "size": len(config),
-            },
-            "layers": [{"mediaType": media_type, **layer}],
-        }
+        manifest = oci_manifest(CONFIG, [{"mediaType": media_type, **layer}])
         self.manifest(name, json.dumps(manifest).encode())
