@@ -18,7 +18,14 @@ from pathlib import Path
 import pytest
 
 from tests.support.cli import Fetchd, failed, ok
-from tests.support.fakeregistry import OCI_MANIFEST, Answer, FakeRegistry, sha256
+from tests.support.fakeregistry import (
+    CONFIG,
+    OCI_MANIFEST,
+    Answer,
+    FakeRegistry,
+    oci_manifest,
+    sha256,
+)
 from tests.support.servers import QuietHandler, ServerThread
 
 HTTP = ("--insecure-options", "http")
@@ -215,25 +222,10 @@ class GatedRegistry(ServerThread):
     def __init__(self, *challenges: str) -> None:
         self.challenges = challenges
         self.token_requests: list[str | None] = []
-        config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {}}).encode()
-        layer = b"L" * 100
+        config, layer = CONFIG, b"L" * 100
+        tar = "application/vnd.oci.image.layer.v1.tar"
         manifest = json.dumps(
-            {
-                "schemaVersion": 2,
-                "mediaType": OCI_MANIFEST,
-                "config": {
-                    "mediaType": "application/vnd.oci.image.config.v1+json",
-                    "digest": sha256(config),
-                    "size": len(config),
-                },
-                "layers": [
-                    {
-                        "mediaType": "application/vnd.oci.image.layer.v1.tar",
-                        "digest": sha256(layer),
-                        "size": len(layer),
-                    }
-                ],
-            }
+            oci_manifest(config, [{"mediaType": tar, "digest": sha256(layer), "size": len(layer)}])
         ).encode()
         self.digest = sha256(manifest)
         self.routes = {
