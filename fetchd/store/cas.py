@@ -12,6 +12,11 @@ Contract (after containerd's content store):
   blob committed). Its ``data`` file survives a crash or a kill -9, and the next writer
   resumes from its end after re-hashing what is there.
 * Who verifies: the store, always. Callers hand it bytes; they need not hash anything.
+* Both kinds of ingest are a :class:`~fetchd.sources.base.Sink`, the face fetchers see.
+* Bad resumed data: when the digest does not match and some of the bytes came from an
+  earlier writer, commit drops those (a sequential ingest: everything, since its resumed
+  part is a prefix of the rest) and raises :class:`ResumedDataBad`; the caller fetches
+  ``gaps()`` again and commits once more. A mismatch with nothing resumed discards all.
 * An ingest's directory and lock file are removed only by the writer holding the lock
   (see locks.py), so a waiter never locks a file that is being deleted under it.
 * Inside a lease (:data:`leases.current`), every blob committed is first added to the
@@ -35,22 +40,37 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fetchd.errors import DigestMismatch, DiskFull, SizeMismatch, StoreError
 from fetchd.model import Digest
 from fetchd.store import leases
 from fetchd.store.diskfull import is_full, is_read_only, writing
 from fetchd.store.locks import alocked, remove_locked_dir
-from fetchd.threads import finish
+from fetchd.threads import finish, run_in
+
+if TYPE_CHECKING:
+    from fetchd.sources.base import Sink
 
 log = logging.getLogger(__name__)
 
 _REHASH_CHUNK = 4 * 1024 * 1024
 
 
+#: The end of the gaps of an ingest whose size is unknown (a URL not probed yet).
+UNKNOWN_END = 1 << 62
+
+
 class ResumedDataBad(DigestMismatch):
-    """A resumed blob failed verification; the ingest was reset to fetch it whole."""
+    """A resumed blob failed verification: the resumed ranges were dropped; fetch the
+    gaps again and commit once more.
+
+    A :class:`SegmentedIngest` keeps the ranges written since it was opened and drops
+    only those an earlier writer left (the suspect ones); a sequential :class:`Ingest`
+    drops everything (its resumed part is a prefix and the rest follows it). Raised
+    at most once per resume: a second mismatch, with nothing resumed left, is a plain
+    :class:`DigestMismatch` and discards everything.
+    """
 
 
 class Store:
@@ -185,9 +205,13 @@ class Ingest:
     """A partial blob being written, held by exactly one writer (see :meth:`Store.ingest`).
 
     :meth:`write` pipelines: it waits for the previous chunk, hands this one to a worker
-    thread (hash + write) and returns, so reading the next chunk from the network overlaps
-    hashing and writing this one, with at most two chunks in memory. Calls must not
-    overlap.
+    thread of the ``store`` pool (hash + write) and returns, so reading the next chunk
+    from the network overlaps hashing and writing this one, with at most two chunks in
+    memory. Calls must not overlap.
+
+    As a :class:`~fetchd.sources.base.Sink`: :meth:`write_at` takes only ``offset ==
+    self.offset`` (the bytes are hashed as they come, so they must come in order) and
+    :meth:`record` is refused; :meth:`gaps` is everything after ``offset``.
     """
 
     def __init__(self, store: Store, digest: Digest | None, size: int | None, path: Path) -> None:
@@ -210,6 +234,8 @@ class Ingest:
         self.generation = 0
         #: the lease of the pull this ingest serves (see leases.py), if any
         self.lease: leases.Lease | None = None
+        #: validators of the content (a segmented ingest keeps them in its state)
+        self.meta: dict[str, Any] = {}
 
     @property
     def exists(self) -> bool:
@@ -244,14 +270,38 @@ class Ingest:
         """
         n = self._check_room(self.offset, pieces)
         if n < 0:
+            sent = self.offset - n  # before discard() sets the offset back to 0
             await self.discard()
-            raise SizeMismatch(self._what, self.size or 0, self.offset - n)
+            raise SizeMismatch(self._what, self.size or 0, sent)
         # Chunks must be hashed and written in order: wait for the previous one, then
         # hand this one over and return while it is processed.
         await self.flush()
-        loop = asyncio.get_running_loop()
-        self._pending = loop.run_in_executor(None, self._append, pieces, self.offset)
+        self._pending = run_in("store", self._append, pieces, self.offset)
         self.offset += n
+
+    async def write_at(self, offset: int, pieces: Sequence[bytes]) -> None:
+        """:meth:`write`, for a caller that names the offset: only ``self.offset`` is
+        allowed (anything else raises :class:`StoreError`; nothing is written)."""
+        if offset != self.offset:
+            raise StoreError(
+                f"{self._what}: a sequential ingest is written in order: asked to write at "
+                f"{offset}, but {self.offset} bytes are there (use a segmented ingest)"
+            )
+        await self.write(pieces)
+
+    def record(self, offset: int, n: int) -> None:
+        """Refused (:class:`StoreError`): a sequential ingest hashes what it writes, so
+        bytes another writer placed in the file cannot be counted."""
+        raise StoreError(
+            f"{self._what}: a sequential ingest cannot count bytes written by another "
+            f"writer ({n} at {offset}); use a segmented ingest"
+        )
+
+    def gaps(self) -> list[tuple[int, int]]:
+        """What is still missing: ``[offset, size)`` (to :data:`UNKNOWN_END` if the size
+        is unknown), or nothing."""
+        end = self.size if self.size is not None else UNKNOWN_END
+        return [(self.offset, end)] if self.offset < end else []
 
     @property
     def _what(self) -> str:
@@ -271,7 +321,8 @@ class Ingest:
         pending, self._pending = self._pending, None
         if pending is not None:
             with writing(self._what, self.store.root):
-                await pending
+                # to its end even if cancelled: close() must not close the fd under it
+                await finish(pending)
         self._written = self.offset
 
     @property
@@ -309,8 +360,8 @@ class Ingest:
         actual = Digest(self.algorithm, self._hasher.hexdigest())
         if self.expected is not None and actual != self.expected:
             if self.resumed_from:
-                # The bad bytes may be an earlier run's: start over once, cleanly.
-                self._reset()
+                # The bad bytes may be an earlier run's: drop those, once.
+                self._drop_resumed()
                 raise ResumedDataBad(what, str(self.expected), str(actual))
             self._discard()
             raise DigestMismatch(what, str(self.expected), str(actual))
@@ -333,6 +384,10 @@ class Ingest:
         self._hasher = self._new_hasher()
         self.offset = self.resumed_from = self._written = 0
         self.generation += 1
+
+    def _drop_resumed(self) -> None:
+        """Forget what an earlier writer left (here: everything, it is a prefix)."""
+        self._reset()
 
     async def discard(self) -> None:
         """Drop the partial data (it cannot be the blob); the ingest starts empty again."""
@@ -428,13 +483,18 @@ class SegmentedIngest(Ingest):
     contiguous prefix as it grows (re-reading it from the page cache), so verification
     ends moments after the last byte arrives when segments are fetched roughly in
     order. Calls to :meth:`write_at` may overlap (for different ranges).
+
+    It remembers which ranges it resumed (found on disk at :meth:`open`) apart from
+    those written since: on a digest mismatch, commit drops only the resumed ones (see
+    :class:`ResumedDataBad`), and the gaps they leave are fetched again.
     """
 
     def __init__(self, store: Store, digest: Digest | None, size: int | None, path: Path) -> None:
         super().__init__(store, digest, size, path)
         self.state_path = path / "state.json"
-        self.meta: dict[str, Any] = {}
         self.ranges: list[tuple[int, int]] = []  # merged, sorted [start, end)
+        #: what this writer placed since open (merged): kept when resumed data is bad
+        self._fresh: list[tuple[int, int]] = []
         self.hashed = 0
         self._lock = threading.Lock()
         self._follower = ThreadPoolExecutor(1, thread_name_prefix="fetchd-hash")
@@ -458,6 +518,7 @@ class SegmentedIngest(Ingest):
         if self.size is not None and self.ranges and self.ranges[-1][1] > self.size:
             self.ranges = []
         self.offset = self.resumed_from = sum(b - a for a, b in self.ranges)
+        self._fresh = []
         self.save_state()  # from here on, data without a range in the state is not data
 
     def missing(self, size: int) -> list[tuple[int, int]]:
@@ -471,6 +532,11 @@ class SegmentedIngest(Ingest):
             gaps.append((at, size))
         return [(a, b) for a, b in gaps if a < b]
 
+    def gaps(self) -> list[tuple[int, int]]:
+        """The ranges not yet on disk, of ``size`` (unknown: up to :data:`UNKNOWN_END`)."""
+        with self._lock:
+            return self.missing(self.size if self.size is not None else UNKNOWN_END)
+
     async def write(self, pieces: Sequence[bytes]) -> None:
         await self.write_at(self.ranges[-1][1] if self.ranges else 0, pieces)
 
@@ -480,15 +546,16 @@ class SegmentedIngest(Ingest):
             return self.ranges[0][1] if self.ranges and self.ranges[0][0] == 0 else 0
 
     async def write_at(self, offset: int, pieces: Sequence[bytes]) -> None:
-        """Write ``pieces`` at ``offset``; the hash follower takes them when in order."""
+        """Write ``pieces`` at ``offset`` on the ``store`` pool; the hash follower takes
+        them when in order. Past ``size``: everything is dropped and
+        :class:`SizeMismatch` raised. A cancelled call returns once the write is done
+        (the fd must outlive it)."""
         n = self._check_room(offset, pieces)
         if n < 0:
             await self.discard()
             raise SizeMismatch(self._what, self.size or 0, offset - n)
         with writing(self._what, self.store.root):
-            await asyncio.get_running_loop().run_in_executor(
-                None, self.write_at_sync, offset, pieces
-            )
+            await finish(run_in("store", self.write_at_sync, offset, pieces))
 
     def write_at_sync(self, offset: int, pieces: Sequence[bytes | memoryview]) -> None:
         """:meth:`write_at` for a worker thread (callers check the room themselves)."""
@@ -500,10 +567,16 @@ class SegmentedIngest(Ingest):
         of its own): count them, and let the hash follower take them when in order."""
         with self._lock:
             self.ranges = _merge([*self.ranges, (offset, offset + n)])
+            self._fresh = _merge([*self._fresh, (offset, offset + n)])
             self.offset = sum(b - a for a, b in self.ranges)
-            if not self._following:  # one follower job at a time: it runs to the frontier
-                self._following = True
-                self._last_follow = self._follower.submit(self._hash_prefix)
+            self._follow()
+
+    def _follow(self) -> None:
+        """Start the hash follower unless it runs (one job at a time: it runs to the
+        frontier). Called with ``_lock`` held."""
+        if not self._following:
+            self._following = True
+            self._last_follow = self._follower.submit(self._hash_prefix)
 
     def room(self, offset: int, n: int) -> bool:
         """Whether ``n`` bytes at ``offset`` stay within the expected size."""
@@ -560,9 +633,33 @@ class SegmentedIngest(Ingest):
             self._hasher = self._new_hasher()
             self.offset = self.resumed_from = self.hashed = 0
             self.ranges = []
+            self._fresh = []
             self.meta = {}
         with contextlib.suppress(FileNotFoundError):
             self.state_path.unlink()
+
+    def _drop_resumed(self) -> None:
+        """Keep only the ranges written since open (the resumed ones are the suspects:
+        an earlier run's, or tampered with) and hash again from the start: the
+        follower re-reads what is kept. Readers of the old data see a new generation.
+        (Called by commit's thread, once the follower has caught up.)"""
+        if not self._fresh:
+            self._reset()  # nothing of ours to keep
+            return
+        with self._lock:
+            self.generation += 1
+            self.ranges = list(self._fresh)
+            self.offset = sum(b - a for a, b in self.ranges)
+            self.resumed_from = self.hashed = 0
+            self._hasher = self._new_hasher()
+        log.warning(
+            "%s: resumed data did not verify; kept the %d bytes written since, dropped the rest",
+            self._what,
+            self.offset,
+        )
+        self.save_state()
+        with self._lock:
+            self._follow()
 
     def save_state(self) -> None:
         """Record which ranges are on disk (data first: pwrite completed before this)."""
@@ -581,6 +678,11 @@ class SegmentedIngest(Ingest):
                 self.save_state()
         self._follower.shutdown(wait=True)
         await super().close()
+
+
+if TYPE_CHECKING:
+    # mypy --strict proves both kinds of ingest are the Sink fetchers write into.
+    _SINKS: tuple[type[Sink], ...] = (Ingest, SegmentedIngest)
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
