@@ -1,0 +1,806 @@
+"""The segment scheduler: one blob from several range sources into one ingest, aria2-style.
+
+The bytes of one blob may come from several :class:`RangeSource` (a mirror, the origin
+registry, a plain URL and its ``--mirror`` URLs) that serve the same content. Each is
+reached through the one transport (:mod:`fetchd.sources.transport`) on transfer threads.
+
+* The first request (the probe) asks the best source for the first missing segment with
+  ``Range``; its answer tells whether ranges work, the size and the validators (ETag,
+  Last-Modified, max-age, kept in ``sink.meta``), and its body is the first segment. A
+  resumed ingest whose validators differ from the answer's starts over.
+* The missing ranges are cut into segments of :data:`SEGMENT` bytes lazily (:class:`_Plan`),
+  handed out in order, so the ingest's hash follower keeps up with the front; what a
+  download holds is bounded by its connections and gaps, not by the size a server claims
+  (:func:`~fetchd.store.space.ensure_room` checked that first).
+* Connections are added while they raise throughput (up to ``max_connections``); one that
+  runs out of segments takes half of the largest one still running (work stealing).
+* **Tiers.** Sources of the lowest ``tier`` share the connections (round robin). A source
+  answering 404 is dead for this download; so is one that stalls (no byte for
+  ``stall_timeout``) or refuses connections while another source is alive: its running
+  transfers are cut at once and continue, from their cursors, on the next source. A
+  connection running far below its peers (< median/8 for :data:`SLOW_FOR` s) is cut and
+  its remainder goes to another source; its source is demoted behind every other live
+  source (the next tier races it on what is missing). With one source left, a failure is
+  retried as :mod:`fetchd.sources.retry` says (``Config.attempts``, Retry-After).
+* Which ranges are on disk is saved after each segment, every :data:`STATE_INTERVAL` s
+  and on exit (``sink.save_state``): a kill -9 loses at most what was in flight.
+* A source that ignores ``Range`` on the probe (200), or answers a wrong
+  ``Content-Range``, gives one plain stream instead (its length, or at most the free disk).
+
+Who verifies: the ingest's commit, always. This module only places bytes, and counts
+what each source placed (:attr:`RangeSource.wrote`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import statistics
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, TypeVar
+
+from fetchd.config import Config
+from fetchd.errors import (
+    BlobNotFound,
+    FetchdError,
+    NotEnoughSpace,
+    SizeMismatch,
+    StoreError,
+    TransferFailed,
+    unwrap,
+)
+from fetchd.sources.base import Location
+from fetchd.sources.http import (
+    cache_max_age,
+    content_range,
+    origin,
+    translate,
+    unsatisfied_length,
+)
+from fetchd.sources.retry import backoff, retry_delay, retryable, should_retry_status, status_error
+from fetchd.sources.transport import Head, Interrupted, Response, Stalled, Transfer, Transport
+from fetchd.store.cas import SegmentedIngest
+from fetchd.store.space import ensure_room, no_room, room
+from fetchd.threads import finish, run_in
+
+log = logging.getLogger(__name__)
+
+SEGMENT = 8 << 20
+MIN_SPLIT = 1 << 20
+STATE_INTERVAL = 2.0
+CONTROL_INTERVAL = 0.25
+INITIAL_CONNECTIONS = 2
+SLOW_FOR = 2.0  # seconds a connection may lag far behind its peers before it is cut
+
+T = TypeVar("T")
+
+
+def _ignore(n: int) -> None:
+    pass
+
+
+@dataclass(eq=False)  # identity: sources are compared and kept in sets by identity
+class RangeSource:
+    """One place a blob's ranges come from, and its state within one download."""
+
+    #: for logs and errors (redacted: no credentials, no query)
+    label: str
+    #: where the ranges are; may raise BlobNotFound / SourceError. Called again (at most
+    #: once per failure) after a 401/403, when a token or a signed URL may have expired
+    locate: Callable[[], Awaitable[Location]]
+    #: lower tiers first; sources of one tier share the connections
+    tier: int = 0
+    #: bytes this source placed in this download
+    wrote: int = 0
+    failures: int = 0  # consecutive failures (reset by a transfer that completes)
+    not_before: float = 0.0  # monotonic: no request before this (Retry-After, backoff)
+    dead: bool = False  # no more requests in this download
+    slow: bool = False  # demoted: a connection of it ran far below its peers
+    error: FetchdError | None = None  # why it is dead
+    location: Location | None = None  # located (and where a redirect led)
+    relocated: bool = False  # located again after a 401/403, not yet successful
+    etag: str | None = None  # the ETag its first answer in this download had
+    etag_seen: bool = False
+    _locating: asyncio.Lock | None = field(default=None, repr=False)
+
+
+class Segment(Transfer):
+    """A transfer of the scheduler: its source, rate, and the sources it should avoid."""
+
+    def __init__(
+        self, start: int, end: int, cursor: int | None = None, avoid: frozenset[Any] = frozenset()
+    ) -> None:
+        super().__init__(start, end, cursor)
+        self.started = time.monotonic()
+        self.rate = 0.0
+        self.slow_windows = 0
+        self.cut_slow = False
+        self.source: RangeSource | None = None
+        self.avoid = avoid
+
+
+class _Plan:
+    """The segments still to fetch: the gaps, cut into SEGMENT-sized pieces lazily (when
+    a connection asks), after any segment given back. Memory is O(gaps + given back),
+    never O(size / SEGMENT): a server may claim 2^62 bytes."""
+
+    def __init__(self) -> None:
+        self._returned: deque[Segment] = deque()
+        self._gaps: deque[tuple[int, int]] = deque()
+
+    def __bool__(self) -> bool:
+        return bool(self._returned or self._gaps)
+
+    def clear(self) -> None:
+        self._returned.clear()
+        self._gaps.clear()
+
+    def add_gap(self, start: int, end: int) -> None:
+        if start < end:
+            self._gaps.append((start, end))
+
+    def appendleft(self, seg: Segment) -> None:
+        """Give ``seg`` back: it is the next one handed out."""
+        self._returned.appendleft(seg)
+
+    def popleft(self) -> Segment:
+        if self._returned:
+            return self._returned.popleft()
+        a, b = self._gaps.popleft()
+        e = min(b, a + SEGMENT)
+        if e < b:
+            self._gaps.appendleft((e, b))
+        return Segment(a, e)
+
+
+class _Restart(Exception):
+    """The content changed under us (validators differ): start over from nothing."""
+
+
+class _RangeIgnored(Exception):
+    """A source answered 200 to a Range request for a segment."""
+
+
+class _Short(Exception):
+    """A transfer ended before its segment did, or its Content-Range was wrong."""
+
+
+class _Status(Exception):
+    """An answer the worker must act on (404, 401/403, 429/5xx, another status)."""
+
+    def __init__(self, head: Head) -> None:
+        super().__init__(f"HTTP {head.status}")
+        self.status = head.status
+        self.headers = {k: str(v) for k, v in head.headers.items()}
+
+
+@dataclass
+class _Probe:
+    source: RangeSource
+    resp: Response
+    single: bool  # a 200: the body is the whole blob, one stream
+
+
+class SegmentedDownload:
+    """Fill ``sink`` from ``sources`` (see the module docstring). One use only.
+
+    :meth:`run` raises :class:`~fetchd.errors.BlobNotFound` if every source answered 404,
+    :class:`~fetchd.errors.SizeMismatch` when the answers cannot be the blob, another
+    :class:`~fetchd.errors.SourceError` when no source can deliver, StoreError/DiskFull/
+    NotEnoughSpace for the disk. Bytes placed stay in the sink (and in its state) on every
+    exit, a cancellation included: it returns only once no transfer thread writes any more.
+    """
+
+    def __init__(
+        self,
+        sink: SegmentedIngest,
+        sources: Sequence[RangeSource],
+        config: Config,
+        on_bytes: Callable[[int], None] = _ignore,
+        on_connections: Callable[[int], None] = _ignore,
+    ) -> None:
+        if not sources:
+            raise ValueError("no sources")
+        self.sink = sink
+        self.sources = sorted(sources, key=lambda s: s.tier)  # stable: order within a tier
+        self.config = config
+        self.on_bytes = on_bytes
+        self.on_connections = on_connections
+        self.label = self.sources[0].label
+        self.size: int | None = sink.size
+        self.queue = _Plan()
+        self.active: set[Segment] = set()
+        self.connections = 0
+        self.transport = Transport(config)
+        self._turn = 0
+        self._errors: list[FetchdError] = []
+        self._saving = False
+        self._save_again = False
+        self._moved = 0  # bytes threads wrote that on_bytes has not heard of
+        self._moved_lock = threading.Lock()
+
+    # --- entry -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Download every missing byte; raises a FetchdError if that cannot be done."""
+        try:
+            for _ in range(2):  # a second time only after the content changed under us
+                self.queue.clear()
+                self.active.clear()
+                try:
+                    await self._run_once()
+                    return
+                except _Restart:
+                    log.warning("%s changed since the partial download; starting over", self.label)
+                    await self.sink.restart()
+                    self.size = self.sink.size
+                    for s in self.sources:
+                        s.etag_seen = False
+            raise TransferFailed(f"{self.label}: the content keeps changing")
+        finally:
+            self.transport.close()
+
+    async def _run_once(self) -> None:
+        known = self.size if self.size is not None else self.sink.meta.get("size")
+        if isinstance(known, int) and known > 0 and not self.sink.missing(known):
+            # Every byte is on disk already (a kill between the last segment and the
+            # commit): nothing to ask for. A probe would ask for bytes=SIZE-, whose 416
+            # reads as "changed under us" and would throw the whole download away.
+            self._set_size(known)
+            return
+        while True:
+            first = self._first_gap()
+            probe = Segment(first, first + SEGMENT)
+            if self.size is not None:
+                probe.end = min(probe.end, self.size)
+            got = await self._probe(probe)
+            if got is None:
+                return  # nothing to fetch (an empty blob)
+            if not got.single:
+                break
+            try:
+                await self._single_stream(got.source, got.resp)
+                return
+            except _Restart:
+                raise
+            except (NotEnoughSpace, StoreError):
+                raise
+            except Exception as exc:
+                if not _expected(exc):
+                    raise
+                self._kill(got.source, self._error(exc, got.source))
+                if not self._live():
+                    raise self._failure() from None
+        probe.source = got.source
+        self._plan(skip=probe)
+        self.active.add(probe)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._worker((got.source, probe, got.resp)))
+                for _ in range(min(INITIAL_CONNECTIONS, self.config.max_connections) - 1):
+                    if self.queue:
+                        tg.create_task(self._worker(None))
+                tg.create_task(self._control(tg))
+        except BaseExceptionGroup as group:
+            if group.subgroup(_Restart):
+                raise _Restart() from None
+            raise unwrap(group) from None
+        finally:
+            self._report_moved()
+            self.on_connections(0)
+            await asyncio.to_thread(self.sink.save_state)
+        if self.queue or self.active:
+            raise self._failure()
+
+    def _first_gap(self) -> int:
+        gaps = self.sink.missing(self.size if self.size is not None else 1 << 62)
+        return gaps[0][0] if gaps else (self.size or 0)
+
+    def _plan(self, skip: Segment) -> None:
+        """Queue every gap but the probe's segment ``skip``."""
+        assert self.size is not None
+        for a, b in self.sink.missing(self.size):
+            a = max(a, skip.end) if a < skip.end and b > skip.start else a
+            self.queue.add_gap(a, b)
+
+    # --- threads -----------------------------------------------------------------------
+
+    async def _in_thread(self, seg: Segment, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on a transfer thread. Cancelled, the transfer is interrupted and
+        the thread waited for: no thread writes into the sink after the download gave up."""
+        work = run_in("transfer", fn, *args)
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            seg.interrupt()
+            with contextlib.suppress(BaseException):
+                await finish(work)
+            if work.done() and not work.cancelled() and work.exception() is None:
+                leftover = work.result()
+                if isinstance(leftover, Response):
+                    leftover.close()
+            raise
+
+    def _moved_by(self, source: RangeSource) -> Callable[[int], None]:
+        def moved(n: int) -> None:
+            # From a transfer thread: counted here, reported by _control (waking the event
+            # loop once per buffer per connection would cost more than the reporting).
+            with self._moved_lock:
+                self._moved += n
+                source.wrote += n
+
+        return moved
+
+    def _report_moved(self) -> None:
+        with self._moved_lock:
+            moved, self._moved = self._moved, 0
+        if moved:
+            self.on_bytes(moved)
+
+    # --- sources -----------------------------------------------------------------------
+
+    def _live(self, but: RangeSource | None = None) -> list[RangeSource]:
+        return [s for s in self.sources if not s.dead and s is not but]
+
+    def _pick(self, seg: Segment) -> RangeSource | None:
+        """The source for ``seg``: of the best rank (tier, not demoted) among the live ones
+        it need not avoid, preferring one that may be asked now; round robin among equals."""
+        live = self._live()
+        if not live:
+            return None
+        candidates = [s for s in live if s not in seg.avoid] or live
+        best = min((s.slow, s.tier) for s in candidates)
+        ranked = [s for s in candidates if (s.slow, s.tier) == best]
+        now = time.monotonic()
+        ready = [s for s in ranked if s.not_before <= now] or ranked
+        self._turn += 1
+        return ready[self._turn % len(ready)]
+
+    async def _location(self, source: RangeSource) -> Location:
+        if source.location is None:
+            if source._locating is None:
+                source._locating = asyncio.Lock()
+            async with source._locating:
+                if source.location is None:
+                    source.location = await source.locate()
+        return source.location
+
+    async def _wait_for(self, source: RangeSource) -> None:
+        wait = source.not_before - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    def _kill(self, source: RangeSource, error: FetchdError) -> None:
+        """``source`` is dead for this download: its running transfers are cut now, and
+        go on from their cursors elsewhere."""
+        if source.dead:
+            return
+        source.dead = True
+        source.error = error
+        self._errors.append(error)
+        if self._live():
+            log.warning("%s: %s; going on with the other sources", source.label, error)
+        else:
+            log.info("%s: giving up on this source: %s", source.label, error)
+        for seg in list(self.active):
+            if seg.source is source:
+                seg.interrupt()
+
+    def _failure(self) -> FetchdError:
+        """The error to raise when no source can deliver any more."""
+        errors = [s.error for s in self.sources if s.error is not None]
+        if len(errors) == len(self.sources) and all(isinstance(e, BlobNotFound) for e in errors):
+            return errors[0]
+        others = [e for e in self._errors if not isinstance(e, BlobNotFound)]
+        if others:
+            return others[-1]
+        if self._errors:
+            return self._errors[-1]
+        return TransferFailed(f"{self.label}: every connection failed")
+
+    def _error(self, exc: BaseException, source: RangeSource) -> FetchdError:
+        if isinstance(exc, FetchdError):
+            return exc
+        if isinstance(exc, _Status):
+            return status_error(exc.status, source.label)
+        if isinstance(exc, _RangeIgnored | _Short | Interrupted):
+            return TransferFailed(f"{source.label}: {exc or type(exc).__name__}")
+        return translate(exc, source.label, self.config)
+
+    async def _setback(self, source: RangeSource, exc: BaseException) -> None:
+        """A request to ``source`` failed with ``exc``: mark it dead, or set when it may be
+        asked again (the decisions of fetchd.sources.retry)."""
+        if source.dead:
+            return
+        others = bool(self._live(but=source))
+        if isinstance(exc, _Status):
+            status = exc.status
+            if status in (401, 403) and not source.relocated:
+                source.relocated = True  # a token or a signed URL expired: locate again
+                source.location = None
+                return
+            if should_retry_status(status):
+                try:
+                    delay = retry_delay(
+                        status, exc.headers, source.failures + 1, self.config, source.label
+                    )
+                except TransferFailed as final:
+                    self._kill(source, final)
+                    return
+                source.failures += 1
+                if source.failures >= self.config.attempts:
+                    self._kill(source, self._error(exc, source))
+                    return
+                source.not_before = max(source.not_before, time.monotonic() + delay)
+                return
+            self._kill(source, self._error(exc, source))
+            return
+        if isinstance(exc, _RangeIgnored) or (
+            isinstance(exc, FetchdError) and not isinstance(exc, retryable())
+        ):
+            self._kill(source, self._error(exc, source))
+            return
+        # A stall or a refusal: with another source alive, this one is dead at once (no
+        # attempts x stall waits); alone, it is retried like any other failure.
+        refused = isinstance(exc.__cause__, ConnectionRefusedError)
+        if others and (isinstance(exc, Stalled) or refused):
+            self._kill(source, self._error(exc, source))
+            return
+        source.failures += 1
+        if source.failures >= self.config.attempts:
+            self._kill(source, self._error(exc, source))
+            return
+        source.not_before = max(source.not_before, time.monotonic() + backoff(source.failures))
+
+    # --- the probe ---------------------------------------------------------------------
+
+    async def _probe(self, seg: Segment) -> _Probe | None:
+        """Ask the best live source for the first segment until one answers usably."""
+        for _ in range(len(self.sources) * (self.config.attempts + 2) + 2):
+            source = self._pick(seg)
+            if source is None:
+                break
+            await self._wait_for(source)
+            try:
+                loc = await self._location(source)
+                resp = await self._in_thread(seg, self.transport.open, loc, seg.start, seg.end, seg)
+            except (_Restart, NotEnoughSpace, StoreError):
+                raise
+            except Exception as exc:
+                if not _expected(exc):
+                    raise
+                await self._setback(source, exc)
+                continue
+            try:
+                got = await self._probe_answer(source, loc, resp, seg)
+            except (_Restart, NotEnoughSpace, StoreError):
+                raise
+            except Exception as exc:
+                if not _expected(exc):
+                    raise
+                await self._setback(source, exc)
+                continue
+            return got
+        raise self._failure()
+
+    async def _probe_answer(
+        self, source: RangeSource, loc: Location, resp: Response, seg: Segment
+    ) -> _Probe | None:
+        """What the probe's answer means: a probe to go on with, or None (nothing to
+        fetch); raises to ask again. Closes ``resp`` unless it is returned."""
+        head = resp.head
+        try:
+            if head.status == 416:
+                resp.drain()
+                resp.release()
+                if self.sink.offset:
+                    raise _Restart()
+                if unsatisfied_length(head.get("Content-Range")) == 0:
+                    self._set_size(0)
+                    return None
+                raise TransferFailed(
+                    f"{source.label}: range bytes={seg.start}-{seg.end - 1} not satisfiable"
+                )
+            if head.status not in (200, 206):
+                resp.drain()
+                resp.release()
+                raise _Status(head)
+            self._check_validators(head, source)
+            if head.status == 200:
+                return _Probe(source, resp, True)
+            total = self._content_range(head, seg)
+            if total is None:
+                # A wrong Content-Range: trust nothing but a plain stream.
+                resp.close()
+                plain = await self._in_thread(seg, self.transport.open, loc, None, None, seg)
+                if plain.head.status != 200:
+                    plain.drain()
+                    plain.release()
+                    raise TransferFailed(
+                        f"{source.label}: answered HTTP {plain.head.status} to a plain GET"
+                    )
+                return _Probe(source, plain, True)
+            self._note_redirect(source, loc, head)
+            self._set_size(total)
+        except BaseException:
+            resp.close()
+            raise
+        seg.end = min(seg.end, total)
+        return _Probe(source, resp, False)
+
+    def _set_size(self, total: int) -> None:
+        if self.size is not None and total != self.size:
+            raise SizeMismatch(self._what, self.size, total)
+        if self.size is None:  # a size the server states: bounded before it is planned
+            store = self.sink.store
+            ensure_room(store.ingests, total - self.sink.offset, self.label, store.root)
+        self.size = total
+        self.sink.size = total
+        self.sink.meta["size"] = total
+
+    @property
+    def _what(self) -> str:
+        return f"blob {self.sink.expected.short}" if self.sink.expected else "download"
+
+    def _check_validators(self, head: Head, source: RangeSource) -> None:
+        """Record the validators; raises _Restart if they differ from a resumed ingest's
+        (those another source recorded are not compared: mirrors' ETags differ)."""
+        etag, modified = head.get("ETag"), head.get("Last-Modified")
+        meta = self.sink.meta
+        known = (meta.get("etag") or None, meta.get("last_modified") or None)
+        same_source = meta.get("validated_by", source.label) == source.label
+        if self.sink.offset and meta and same_source and known != (etag, modified):
+            raise _Restart()
+        meta["etag"], meta["last_modified"] = etag, modified
+        meta["max_age"] = cache_max_age(head.get("Cache-Control"))
+        meta["validated_by"] = source.label
+        source.etag, source.etag_seen = etag, True
+
+    def _content_range(self, head: Head, seg: Segment) -> int | None:
+        parsed = content_range(head.get("Content-Range"))
+        if parsed is None:
+            return None
+        first, last, total = parsed
+        if first != seg.cursor or total is None or last < seg.cursor:
+            return None
+        return total
+
+    def _note_redirect(self, source: RangeSource, loc: Location, head: Head) -> None:
+        """Ask where a redirect led directly from now on (with the location's headers only
+        on the same origin); a 401/403 there locates again."""
+        if head.url != loc.url:
+            same = origin(head.url) == origin(loc.url)
+            source.location = Location(head.url, loc.headers if same else {})
+
+    # --- one plain stream ------------------------------------------------------------------
+
+    async def _single_stream(self, source: RangeSource, resp: Response) -> None:
+        """The source ignores Range: take the body whole, from its start."""
+        try:
+            if self.sink.offset:
+                await self.sink.restart()
+                self._check_validators(resp.head, source)  # the restart cleared them
+            length = resp.head.length
+            if length is not None:
+                self._set_size(length)
+            # A body of no stated length may go on for ever: at most what the disk holds.
+            budget = await asyncio.to_thread(room, self.sink.store.ingests)
+        except BaseException:
+            resp.close()
+            raise
+        seg = Segment(0, length if length is not None else budget + 1)
+        seg.source = source
+        self.on_connections(1)
+        try:
+            await self._in_thread(seg, self._read_body, source, resp, seg)
+        finally:
+            self._report_moved()
+            self.on_connections(0)
+        if length is None:
+            if seg.cursor > budget:
+                await self._endless(budget)
+            self._set_size(seg.cursor)  # no length given: the body ended where it ended
+        elif seg.cursor != length:
+            raise SizeMismatch(self._what, length, seg.cursor)
+
+    def _read_body(self, source: RangeSource, resp: Response, seg: Segment) -> None:
+        try:
+            resp.read_into(seg, self.sink, self._moved_by(source))
+        finally:
+            resp.release()
+
+    async def _endless(self, budget: int) -> NoReturn:
+        """A body of no stated length ran past ``budget``: drop it (it would fill the
+        disk) and fail."""
+        await self.sink.discard()
+        raise no_room(f"{self.label} runs on", budget, self.sink.store.root)
+
+    # --- connections -------------------------------------------------------------------
+
+    def _next_segment(self) -> Segment | None:
+        if self.queue:
+            seg = self.queue.popleft()
+            self.active.add(seg)
+            return seg
+        # Steal the back half of the largest transfer still running.
+        victim = max(self.active, key=lambda s: s.remaining, default=None)
+        if victim is None or victim.remaining < 2 * MIN_SPLIT:
+            return None
+        mid = victim.cursor + victim.remaining // 2
+        seg = Segment(mid, victim.end)
+        victim.end = mid
+        self.active.add(seg)
+        return seg
+
+    def _requeue(self, seg: Segment, avoid: frozenset[Any] = frozenset()) -> None:
+        self.active.discard(seg)
+        if seg.remaining > 0:
+            self.queue.appendleft(Segment(seg.cursor, seg.end, avoid=avoid))
+
+    async def _worker(self, held: tuple[RangeSource, Segment, Response] | None) -> None:
+        self.connections += 1
+        self.on_connections(self.connections)
+        try:
+            while True:
+                resp: Response | None = None
+                if held is not None:
+                    source, seg, resp = held
+                    held = None
+                else:
+                    got = self._next_segment()
+                    if got is None:
+                        return
+                    seg = got
+                    picked = self._pick(seg)
+                    if picked is None:
+                        self._requeue(seg)
+                        return
+                    source = picked
+                    seg.source = source
+                    await self._wait_for(source)
+                    if source.dead:
+                        self._requeue(seg)
+                        continue
+                try:
+                    loc = source.location if resp is not None else await self._location(source)
+                    assert loc is not None
+                    await self._in_thread(seg, self._transfer, source, loc, seg, resp)
+                    source.failures = 0
+                    source.relocated = False
+                    self.active.discard(seg)
+                    await self._save_state()
+                except (_Restart, NotEnoughSpace, StoreError):
+                    raise
+                except Interrupted:
+                    avoid = frozenset({source}) if seg.cut_slow else seg.avoid
+                    if seg.cut_slow and self._live(but=source):
+                        source.slow = True  # demoted: the next tier races it
+                    self._requeue(seg, avoid)
+                except Exception as exc:
+                    if not _expected(exc):
+                        raise
+                    self._requeue(seg, seg.avoid)
+                    await self._setback(source, exc)
+                finally:
+                    resp = None
+        finally:
+            if held is not None:
+                held[2].close()  # never used
+            self.connections -= 1
+            self.on_connections(self.connections)
+
+    def _transfer(
+        self, source: RangeSource, loc: Location, seg: Segment, resp: Response | None
+    ) -> None:
+        """One segment, on a transfer thread: the request (unless the probe's answer is
+        given), the checks of its head, the body into the sink."""
+        if resp is None:
+            resp = self.transport.open(loc, seg.cursor, seg.end, seg)
+            try:
+                self._check_segment(source, loc, resp, seg)
+            except BaseException:
+                resp.close()
+                raise
+        try:
+            resp.read_into(seg, self.sink, self._moved_by(source))
+        finally:
+            resp.release()
+        if seg.cursor < seg.end:
+            raise _Short(f"{source.label}: the body ended at {seg.cursor} of {seg.end}")
+
+    def _check_segment(
+        self, source: RangeSource, loc: Location, resp: Response, seg: Segment
+    ) -> None:
+        head = resp.head
+        if head.status == 200:
+            raise _RangeIgnored(f"{source.label} ignores Range")
+        if head.status == 416:
+            raise _Short(f"{source.label}: range not satisfiable (HTTP 416)")
+        if head.status != 206:
+            resp.drain()
+            resp.release()
+            raise _Status(head)
+        if self._content_range(head, seg) != self.size:
+            raise _Short(f"{source.label}: wrong Content-Range")
+        etag = head.get("ETag")
+        if source.etag_seen and etag != source.etag:
+            raise _Restart()
+        if not source.etag_seen:
+            source.etag, source.etag_seen = etag, True
+        self._note_redirect(source, loc, head)
+
+    async def _save_state(self) -> None:
+        """Record the ranges on disk: after each segment, so a kill -9 loses at most the
+        segments in flight. Saves do not queue up: one at a time, the latest wins."""
+        if self._saving:
+            self._save_again = True
+            return
+        self._saving = True
+        try:
+            self._save_again = True
+            while self._save_again:
+                self._save_again = False
+                await asyncio.to_thread(self.sink.save_state)
+        finally:
+            self._saving = False
+
+    # --- control: more connections, cut slow ones, save state ----------------------------
+
+    async def _control(self, tg: asyncio.TaskGroup) -> None:
+        """Add connections while they help; cut far-slower ones; save progress."""
+        limit = max(1, self.config.max_connections)
+        last_save = last_add = time.monotonic()
+        rate_at_add = 0.0
+        total_before = self.sink.offset
+        while self.queue or self.active:
+            await asyncio.sleep(CONTROL_INTERVAL)
+            if not self._live():
+                raise self._failure()
+            self._report_moved()
+            now = time.monotonic()
+            done = self.sink.offset
+            rate = (done - total_before) / CONTROL_INTERVAL
+            total_before = done
+            for s in list(self.active):
+                s.rate = s.window_bytes / CONTROL_INTERVAL
+                s.window_bytes = 0
+            if (
+                self.queue
+                and self.connections < limit
+                and now - last_add >= 2 * CONTROL_INTERVAL
+                and (self.connections < 2 or rate > rate_at_add * 1.1)
+            ):
+                tg.create_task(self._worker(None))
+                last_add, rate_at_add = now, rate
+            self._cut_slow(now)
+            if now - last_save >= STATE_INTERVAL:
+                await self._save_state()
+                last_save = now
+
+    def _cut_slow(self, now: float) -> None:
+        running = [s for s in self.active if now - s.started > 1.0]
+        if len(running) < 2:
+            return
+        median = statistics.median(s.rate for s in running)
+        for s in running:
+            # Far slower than its peers for a while (a stall, a bad path): cut it; its
+            # remainder goes back to the queue, for another source if there is one.
+            s.slow_windows = s.slow_windows + 1 if median > 0 and s.rate < median / 8 else 0
+            if s.slow_windows * CONTROL_INTERVAL >= SLOW_FOR and not s.stop:
+                label = s.source.label if s.source else self.label
+                log.info(
+                    "%s: cutting a connection at %.0f B/s (median %.0f)", label, s.rate, median
+                )
+                s.cut_slow = True
+                s.interrupt()
+
+
+def _expected(exc: BaseException) -> bool:
+    """Whether ``exc`` is a source's failure (handled by _setback), not a bug or the disk."""
+    ours = (FetchdError, _Status, _Short, _RangeIgnored, Interrupted)
+    return isinstance(exc, (*ours, *retryable()))
