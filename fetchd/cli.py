@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from fetchd import __version__
-from fetchd.config import PULL_POLICIES, Config, default_store, parse_insecure, parse_resolve
+from fetchd.config import (
+    PULL_FROM_MIRROR,
+    PULL_POLICIES,
+    Config,
+    default_store,
+    parse_insecure,
+    parse_resolve,
+)
 from fetchd.engine import Engine, PullResult
 from fetchd.errors import DiskFull, FetchdError, StoreCorrupt, UsageError
 from fetchd.model import Digest, Platform
@@ -196,7 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
         "with the same bytes (repeatable)",
     )
     sp.add_argument(
-        "--mirror-only", action="store_true", help="never fall back from the mirrors to the origin"
+        "--mirror-only",
+        action="store_true",
+        help="never ask the origin (for when it is unreachable): the mirrors resolve tags too",
+    )
+    sp.add_argument(
+        "--pull-from-mirror",
+        choices=PULL_FROM_MIRROR,
+        default="digest-only",
+        help="as registries.conf: digest-only (default) resolves a tag at the origin and "
+        "fetches only by digest from the mirrors, which the store verifies; all lets the "
+        "mirrors resolve tags too (the mirror then decides what a tag means)",
     )
 
     sp = sub.add_parser("prefetch", help="pull all concurrently; idempotent; the pre-launch hook")
@@ -308,6 +325,7 @@ def _config(args: argparse.Namespace, store: Path, progress: bool) -> Config:
         platform=Platform.parse(args.platform) if args.platform else Platform.host(),
         all_platforms=args.all_platforms,
         pull_policy=args.pull_policy,
+        pull_from_mirror=getattr(args, "pull_from_mirror", "digest-only"),
         stall_timeout=args.stall_timeout,
         progress=progress,
         max_connections=args.max_connections,

@@ -12,6 +12,8 @@ from fetchd.model import Platform
 
 INSECURE_OPTIONS = frozenset({"none", "http", "tls", "image", "pubkey", "all-fetch"})
 PULL_POLICIES = ("new", "update", "never")
+#: registries.conf's pull-from-mirror: who may say which digest a tag means
+PULL_FROM_MIRROR = ("digest-only", "all")
 #: a request's whole budget, in stall timeouts (see Config.request_budget) ...
 REQUEST_BUDGET_STALLS = 4
 #: ... but never less than this many seconds (a 4 MiB manifest at 1 MiB/s fits)
@@ -68,6 +70,9 @@ class Config:
     #: pull every platform of an index (``--all-platforms``), not only ``platform``
     all_platforms: bool = False
     pull_policy: str = "new"
+    #: ``digest-only``: tags are resolved at the origin, mirrors serve digests only;
+    #: ``all``: mirrors resolve tags too (``--mirror-only`` implies it)
+    pull_from_mirror: str = "digest-only"
     #: seconds without a byte before a transfer counts as stalled
     stall_timeout: float = 30.0
     connect_timeout: float = 15.0

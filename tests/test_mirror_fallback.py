@@ -122,12 +122,21 @@ def test_every_bad_mirror_is_passed_over_for_the_origin(
     registry: Registry,
     fetchd: Fetchd,
 ) -> None:
-    """One pull through all the bad mirrors in turn (one process: this suite is timed):
-    each failure must send it on to the next, the last one's to the origin."""
+    """One pull through all the bad mirrors in turn (one process: this suite is timed),
+    each allowed to resolve the tag (``--pull-from-mirror all``): each failure must send
+    it on to the next, the last one's to the origin; a mirror that failed is not asked
+    for blobs either."""
     ref = f"docker://{registry.host}/{NAME}:1"
     order = list(mirrors.values())
 
-    result = fetchd("pull", *HTTP, *(a for m in order for a in ("--mirror", m.url)), ref)
+    result = fetchd(
+        "pull",
+        *HTTP,
+        "--pull-from-mirror",
+        "all",
+        *(a for m in order for a in ("--mirror", m.url)),
+        ref,
+    )
 
     ok(result)
     assert fetchd.entry(f"{registry.host}/{NAME}:1")["digest"] == origin[1]
@@ -139,6 +148,30 @@ def test_every_bad_mirror_is_passed_over_for_the_origin(
         assert warned[0].endswith(then), f"{case}: {warned[0]}"
         asked = {p for p, _ in mirror.seen}
         assert asked == {f"/v2/{NAME}/manifests/1"}, f"{case}: {asked}"
+    assert "ok" in ok(fetchd("fsck"))
+
+
+def test_by_default_the_origin_resolves_the_tag_and_mirrors_serve_only_digests(
+    mirrors: dict[str, FakeRegistry],
+    origin: tuple[bytes, str],
+    registry: Registry,
+    fetchd: Fetchd,
+) -> None:
+    """``digest-only`` (registries.conf's default for pull-from-mirror): no mirror is
+    asked what the tag means, whatever it would answer; they are asked for blobs by
+    digest (and have none), and the origin's digest is the one stored."""
+    ref = f"docker://{registry.host}/{NAME}:1"
+    order = list(mirrors.values())
+    before = {case: len(m.seen) for case, m in mirrors.items()}  # the fixture is shared
+
+    result = fetchd("pull", *HTTP, *(a for m in order for a in ("--mirror", m.url)), ref)
+
+    ok(result)
+    assert fetchd.entry(f"{registry.host}/{NAME}:1")["digest"] == origin[1]
+    for case, mirror in mirrors.items():
+        asked = {p for p, _ in mirror.seen[before[case] :]}
+        assert asked, f"{case}: the mirror was not asked for any blob"
+        assert all("/blobs/sha256:" in p for p in asked), f"{case}: {asked}"
     assert "ok" in ok(fetchd("fsck"))
 
 

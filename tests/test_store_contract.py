@@ -667,3 +667,28 @@ def test_the_gaps_of_an_ingest_of_unknown_size_run_to_2_62(tmp_path: Path, segme
             await ing.discard()
 
     run(go)
+
+
+@pytest.mark.parametrize("segmented", KINDS)
+def test_after_a_mismatch_the_same_ingest_takes_the_blob_from_another_source(
+    tmp_path: Path, segmented: bool
+) -> None:
+    """The engine drops a lying mirror and fetches the blob again in the ingest it holds:
+    a mismatch leaves the ingest empty and writable, and the right bytes then commit."""
+    store = Store.open(tmp_path / "store")
+    data = content(2)
+    digest = Digest.of(data)
+    wrong = bytes(b ^ 0xFF for b in data)
+
+    async def go() -> None:
+        async with store.ingest(digest, SIZE, segmented=segmented) as ing:
+            await put(ing, wrong, order(segmented))
+            with pytest.raises(DigestMismatch):
+                await ing.commit()
+            assert not store.has(digest) and ing.offset == 0
+            await put(ing, data, order(segmented))
+            await ing.commit()
+
+    run(go)
+    assert store.blob_path(digest).read_bytes() == data
+    assert ingest_dirs(store) == []

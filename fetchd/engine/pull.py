@@ -9,14 +9,16 @@ some committed blobs no name uses yet (gc frees them) and partial ingests (resum
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from fetchd.config import Config
+from fetchd.engine.fetching import SingleFlight, Sources, UrlFetcher, fill_and_commit
 from fetchd.errors import (
     FetchdError,
     ImageNotInStore,
@@ -25,6 +27,7 @@ from fetchd.errors import (
     PlatformNotFound,
     ReferenceInvalid,
     TransferFailed,
+    TransferTimeout,
     UsageError,
     unwrap,
 )
@@ -41,8 +44,8 @@ from fetchd.model import (
     platform_text,
 )
 from fetchd.progress import Progress, blob_kind
+from fetchd.sources.base import Fetcher
 from fetchd.sources.http import cache_max_age, new_session, redact, retryable, translate
-from fetchd.sources.ranges import Opener, SegmentedDownload, Source, ThreadedRanges
 from fetchd.store import layout
 from fetchd.store.cas import Ingest, SegmentedIngest, Store
 from fetchd.store.leases import Lease
@@ -61,6 +64,19 @@ log = logging.getLogger(__name__)
 #: The most layers one image manifest may list. Docker stops at 127 (overlayfs depth);
 #: OCI names no bound, but a manifest under the 4 MiB limit could list ~30,000.
 MAX_LAYERS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Resolved:
+    """What an authority said an image is: its manifests, verified by digest."""
+
+    top: Digest
+    #: what the authority served, committed as blobs once the layers are in
+    keep: dict[Digest, bytes]
+    #: the descriptors the store records, one per image manifest pulled
+    pulled: list[Descriptor]
+    images: list[ImageManifest]
+    index_digest: Digest | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +192,8 @@ class Engine:
         self._session: aiohttp.ClientSession | None = None
         self._registries: dict[str, Registry] = {}
         self._blob_slots = asyncio.Semaphore(config.max_parallel_blobs)
-        self._inflight: dict[Digest, asyncio.Future[None]] = {}
+        #: one transfer per digest (or URL) however it is asked for
+        self._single = SingleFlight()
         #: blobs being transferred right now, for readers that stream them as they come
         self.flights: dict[Digest, Flight] = {}
 
@@ -244,35 +261,73 @@ class Engine:
                     f"{what}{name} is not in the store{where} and --pull-policy never "
                     "forbids fetching it"
                 )
+        return await self._pull_through(ref, name, mirrors, mirror_only)
+
+    async def _pull_through(
+        self, ref: Reference, name: str, mirrors: tuple[str, ...], mirror_only: bool
+    ) -> PullResult:
+        """Resolve ``ref`` at an authority, then fetch each blob from the mirrors first and
+        the origin last (see fetching.py).
+
+        Who resolves (``Config.pull_from_mirror``, after registries.conf): ``digest-only``
+        (the default) asks the origin what a tag means, and a mirror only for bytes the
+        store verifies against digests the origin gave; a by-digest reference may be
+        resolved by a mirror too, as the digest checks its answer. ``all`` (implied by
+        ``--mirror-only``) lets the mirrors resolve tags too, in order, then the origin."""
+        for given in mirrors:
+            if not is_url(given):
+                raise UsageError(f"--mirror {given!r} is not an http(s):// URL")
+        origin = self._registry(ref.host)
+        reg = _registry_class()
+        caches = [
+            (m, reg(self.session(), self.config, ref.host, base=m, ns=ref.host)) for m in mirrors
+        ]
+        tags_too = mirror_only or self.config.pull_from_mirror == "all" or ref.digest is not None
+        authorities: list[tuple[str | None, Registry]] = list(caches) if tags_too else []
+        if not mirror_only:
+            authorities.append((None, origin))
         failures: list[str] = []
-        for url in mirrors:
-            if not is_url(url):
-                raise UsageError(f"--mirror {url!r} is not an http(s):// URL")
-            mirror = _registry_class()(self.session(), self.config, ref.host, base=url, ns=ref.host)
+        bad: set[str] = set()
+        resolved: _Resolved | None = None
+        for at, (url, authority) in enumerate(authorities):
             try:
-                return await self._pull_from(ref, name, mirror)
+                resolved = await self._resolve(ref, name, authority)
+                break
             except UsageError:
                 raise
             except Exception as exc:
+                if url is None:
+                    if mirrors and isinstance(exc, TransferFailed | TransferTimeout):
+                        raise type(exc)(
+                            f"{exc} (the origin resolves tags; --pull-from-mirror all lets "
+                            "the mirrors do it)"
+                        ) from exc
+                    raise
                 # A mirror is a cache: whatever it gets wrong (a captive portal's HTML, an
                 # oversized, endless or deeply nested manifest, a bad digest, a bug it
                 # trips in us), the next mirror or the origin may still answer. Only
-                # cancellation and the deadline (BaseException) go straight on up.
+                # cancellation and the deadline (BaseException) go straight on up. It is
+                # not asked for blobs either.
                 why = str(exc) if isinstance(exc, FetchdError) else type(exc).__name__
-                then = (
-                    "; trying the next mirror"
-                    if url != mirrors[-1]
-                    else ("" if mirror_only else "; trying the origin")
-                )
+                after = authorities[at + 1][0] if at + 1 < len(authorities) else ""
+                then = {None: "; trying the origin", "": ""}.get(after, "; trying the next mirror")
                 log.warning("mirror %s failed for %s: %s%s", redact(url), name, why, then)
                 log.debug("mirror %s failed", redact(url), exc_info=True)
                 failures.append(f"{redact(url)}: {why}")
-        if mirror_only and mirrors:
+                bad.add(url)
+        if resolved is None:
             raise TransferFailed(
                 f"{name}: every mirror failed and --mirror-only forbids the origin "
                 f"({'; '.join(failures)})"
             )
-        return await self._pull_from(ref, name, self._registry(ref.host))
+        fetchers: list[Fetcher] = [
+            c.blobs(ref.name, mirror=True) for u, c in caches if u not in bad
+        ]
+        trusted = None
+        if not mirror_only:
+            trusted = origin.blobs(ref.name)
+            fetchers.append(trusted)
+        return await self._pull_resolved(ref, name, resolved, Sources(fetchers, trusted))
 
     def _touch_image(self, name: str, digest: str) -> None:
         """Note a use of an image already there. Best effort, as for a URL: a store this
@@ -370,7 +425,9 @@ class Engine:
             keep[digest] = raw
         return Descriptor(OCI_MANIFEST, digest, len(raw), (), annotations, platform)
 
-    async def _pull_from(self, ref: Reference, name: str, registry: Registry) -> PullResult:
+    async def _resolve(self, ref: Reference, name: str, registry: Registry) -> _Resolved:
+        """The manifests of ``ref`` from the authority ``registry``: the top one and,
+        of an index, the image manifests this pull takes; all verified by digest."""
         raw, ctype, top = await registry.manifest(ref)
         self.progress.fetched(top.short, len(raw))
         parsed = parse_manifest(raw, ctype, name)
@@ -395,6 +452,13 @@ class Engine:
             pulled.append(self._stored_form(raw, parsed, top, None, keep))
             images.append(parsed)
 
+        return _Resolved(top, keep, pulled, images, index_digest)
+
+    async def _pull_resolved(
+        self, ref: Reference, name: str, resolved: _Resolved, sources: Sources
+    ) -> PullResult:
+        top, keep, pulled, images = resolved.top, resolved.keep, resolved.pulled, resolved.images
+        index_digest = resolved.index_digest
         seen: dict[Digest, Descriptor] = {}
         for image in images:
             for d in distinct_blobs(image, name):
@@ -417,15 +481,13 @@ class Engine:
         # A lease protects every blob of the image from gc until the name is published
         # (leases.py); the store records in it what this pull commits, through the
         # context the blob tasks and threads inherit.
-        lease = await asyncio.to_thread(Lease.take, self.store, [*keep, *(d.digest for d in blobs)])
-        leased = current_lease.set(lease)
-        try:
+        async with self._leased([*keep, *(d.digest for d in blobs)]):
             if index_digest is None:
-                pulled[0] = await self._check_config(registry, ref, name, images[0], pulled[0])
+                pulled[0] = await self._check_config(sources, name, images[0], pulled[0])
             # Twice at most: a gc running at the same moment may delete a blob we saw
             # present before we publish the name (set_platforms checks under gc's lock).
             for attempt in (1, 2):
-                await self._fetch_all(registry, ref.name, blobs, missing)
+                await self._fetch_all(sources, blobs, missing)
                 for digest, data in keep.items():
                     await asyncio.to_thread(self.store.put, data, digest)
                 try:
@@ -441,25 +503,34 @@ class Engine:
                 except layout.BlobsMissing:
                     if attempt == 2:
                         raise
-        except BaseException:
-            # Leave the store as it was: release the lease, then remove the blobs this
-            # pull committed itself that no name and no other pull's lease uses. (The
-            # TaskGroup waited for every commit, each of which runs to its end.)
-            await asyncio.to_thread(abandon, self.store, lease)
-            raise
-        finally:
-            current_lease.reset(leased)
-            lease.release()  # the name is published (or the pull failed): idempotent
         await asyncio.to_thread(self.meta.touch_image, name, str(top), pulled=True)
         return PullResult(name, top, pulled[0], True, tuple(pulled))
 
+    @contextlib.asynccontextmanager
+    async def _leased(self, digests: list[Digest]) -> AsyncIterator[Lease]:
+        """A lease (leases.py) on ``digests`` for the block: gc keeps them, and the store
+        records in it what the block commits, through the context the blob tasks and
+        threads inherit. If the block fails the store is left as it was: the lease is
+        released, then the blobs this pull committed itself that no name and no other
+        pull's lease uses are removed (every commit ran to its end before)."""
+        lease = await asyncio.to_thread(Lease.take, self.store, digests)
+        token = current_lease.set(lease)
+        try:
+            yield lease
+        except BaseException:
+            await asyncio.to_thread(abandon, self.store, lease)
+            raise
+        finally:
+            current_lease.reset(token)
+            lease.release()  # the name is published (or the pull failed): idempotent
+
     async def _check_config(
-        self, registry: Registry, ref: Reference, name: str, image: ImageManifest, desc: Descriptor
+        self, sources: Sources, name: str, image: ImageManifest, desc: Descriptor
     ) -> Descriptor:
         """A single-platform image: fetch its config first, and refuse it (before any
         layer moves) if the platform it names cannot run as the one asked for; returns
         ``desc`` with that platform, which the store records."""
-        await self.ensure_blob(registry, ref.name, image.config)
+        await self.ensure_blob(image.config, sources)
         plat = await asyncio.to_thread(layout.config_platform, self.store, image)
         if plat is None:
             return desc
@@ -471,7 +542,7 @@ class Engine:
         return replace(desc, platform=plat.to_json())
 
     async def _fetch_all(
-        self, registry: Registry, name: str, blobs: tuple[Descriptor, ...], missing: int
+        self, sources: Sources, blobs: tuple[Descriptor, ...], missing: int
     ) -> None:
         """:meth:`ensure_blob` for each of ``blobs``, in order, by as many workers as blobs
         may move at once: tasks O(parallel), not O(layers), and the first request goes
@@ -480,7 +551,7 @@ class Engine:
 
         async def worker() -> None:
             for desc in queue:  # shared: each blob goes to the next free worker
-                await self.ensure_blob(registry, name, desc, self._segment(desc, missing))
+                await self.ensure_blob(desc, sources, self._segment(desc, missing))
 
         try:
             async with asyncio.TaskGroup() as tg:
@@ -497,33 +568,18 @@ class Engine:
         return desc.size >= self.config.segmented_threshold and 2 * desc.size >= missing
 
     async def ensure_blob(
-        self, registry: Registry, name: str, desc: Descriptor, segmented: bool = False
+        self, desc: Descriptor, sources: Sources | Sequence[Fetcher], segmented: bool = False
     ) -> None:
-        """Make ``desc`` present in the store; one transfer per digest (single flight)."""
+        """Make ``desc`` present in the store from ``sources`` (asked in order, see
+        fetching.py); one transfer per digest however many ask (single flight)."""
         if self.store.has(desc.digest):
             return
-        waiting = self._inflight.get(desc.digest)
-        if waiting is not None:
-            await asyncio.shield(waiting)
-            return
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._inflight[desc.digest] = done
-        try:
-            await self._transfer(registry, name, desc, segmented)
-            done.set_result(None)
-        except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                done.cancel()
-            else:
-                done.set_exception(exc)
-                done.exception()  # retrieved: the waiters re-raise it, if any
-            raise
-        finally:
-            del self._inflight[desc.digest]
+        if not isinstance(sources, Sources):
+            sources = Sources(sources, sources[-1] if sources else None)
+        chosen = sources
+        await self._single.run(str(desc.digest), lambda: self._transfer(desc, chosen, segmented))
 
-    async def _transfer(
-        self, registry: Registry, name: str, desc: Descriptor, segmented: bool
-    ) -> None:
+    async def _transfer(self, desc: Descriptor, sources: Sources, segmented: bool) -> None:
         """Fetch and commit ``desc`` (unless another process committed it meanwhile)."""
         key = str(desc.digest)
         async with (
@@ -547,8 +603,13 @@ class Engine:
                 flight.advanced()
 
             try:
-                await registry.fetch_blob(
-                    name, desc, ingest, advance, lambda n: self.progress.connections(key, n)
+                await fill_and_commit(
+                    desc,
+                    ingest,
+                    sources,
+                    self.config,
+                    advance,
+                    lambda n: self.progress.connections(key, n),
                 )
             except BaseException as exc:
                 flight.finish(exc)
@@ -602,74 +663,85 @@ class Engine:
         if rec is not None and await self._still_valid(url, rec, listed):
             return self._url_result(url, Digest.parse(rec.digest), rec.size, False)
         # A lease, as for an image: the blob's digest (if not given) joins it at commit.
-        lease = await asyncio.to_thread(Lease.take, self.store, [digest] if digest else [])
-        leased = current_lease.set(lease)
-        try:
+        # One download per URL (or pinned digest) however many ask, in this process
+        # (single flight) and across processes (the ingest's lock, then the record).
+        flight = str(digest) if digest is not None else f"url:{url}"
+        async with self._leased([digest] if digest else []):
             for attempt in (1, 2):
-                got, size, meta = await self._download_url(url, digest, mirrors)
-                rec = UrlRecord(
-                    url,
-                    str(got),
-                    size,
-                    meta.get("etag"),
-                    meta.get("last_modified"),
-                    meta.get("max_age"),
-                    now,
-                    now,
-                )
                 try:
-                    await asyncio.to_thread(record_url, self.store, rec)
+                    got, size, fetched = await self._single.run(
+                        flight, lambda: self._download_url(url, digest, mirrors, rec, now)
+                    )
                     break
                 except layout.BlobsMissing:
                     if attempt == 2:  # a gc deleted it between our commit and now: twice
                         raise
-        except BaseException:
-            await asyncio.to_thread(abandon, self.store, lease)
-            raise
-        finally:
-            current_lease.reset(leased)
-            lease.release()
-        return self._url_result(url, got, size, True)
+        return self._url_result(url, got, size, fetched)
 
     async def _download_url(
         self,
         url: str,
         digest: Digest | None,
         mirrors: tuple[str, ...],
-    ) -> tuple[Digest, int, dict[str, Any]]:
+        seen: UrlRecord | None,
+        now: float,
+    ) -> tuple[Digest, int, bool]:
+        """Download ``url`` (and ``mirrors``: the same bytes) into the store and name it,
+        holding its ingest: one writer across processes. A writer that finds, once it
+        holds the ingest, that another process fetched and named the URL meanwhile (the
+        record differs from ``seen``, read before) takes that instead."""
         key = "url-" + hashlib.sha256(url.encode()).hexdigest()[:40]
         label = redact(url)
         async with self.store.ingest(digest, None, key=key, segmented=True) as ingest:
             assert isinstance(ingest, SegmentedIngest)
-            if ingest.exists:
-                return ingest.digest, self.store.blob_size(ingest.digest) or 0, {}
-            sources = [
-                Source(
-                    redact(u), _opener(self.session, u), ThreadedRanges(u, self.config, redact(u))
-                )
-                for u in (url, *mirrors)
-            ]
-            self.progress.start(label, _short_label(url), ingest.size or 0, ingest.offset)
+            rec, _ = await asyncio.to_thread(self._url_record, url)
+            if (
+                rec is not None
+                and rec != seen
+                and self.store.has(Digest.parse(rec.digest))
+                and (digest is None or Digest.parse(rec.digest) == digest)
+            ):
+                return Digest.parse(rec.digest), rec.size, False
+            meta: dict[str, Any] = {}
+            if ingest.exists:  # a pinned digest another writer committed meanwhile
+                got, size, fetched = ingest.digest, self.store.blob_size(ingest.digest) or 0, False
+            else:
+                fetchers = [UrlFetcher(u, self.config) for u in (url, *mirrors)]
+                sources = Sources(fetchers, fetchers[0], peers=True)
+                self.progress.start(label, _short_label(url), ingest.size or 0, ingest.offset)
 
-            def advance(n: int) -> None:
-                self.progress.advance(label, n)
-                self.progress.resize(label, ingest.size or 0)
+                def advance(n: int) -> None:
+                    self.progress.advance(label, n)
+                    self.progress.resize(label, ingest.size or 0)
 
-            download = SegmentedDownload(
-                ingest,
-                sources,
-                self.config,
-                advance,
-                lambda n: self.progress.connections(label, n),
+                desc = Descriptor("application/octet-stream", ingest.digest, ingest.size or 0)
+                try:
+                    await fill_and_commit(
+                        desc,
+                        ingest,
+                        sources,
+                        self.config,
+                        advance,
+                        lambda n: self.progress.connections(label, n),
+                    )
+                except BaseException:
+                    self.progress.drop(label)
+                    raise
+                self.progress.finish(label)
+                got, size, fetched = ingest.digest, ingest.size or 0, True
+                meta = dict(ingest.meta)
+            record = UrlRecord(
+                url,
+                str(got),
+                size,
+                meta.get("etag"),
+                meta.get("last_modified"),
+                meta.get("max_age"),
+                now,
+                now,
             )
-            try:
-                await download.run()
-                await ingest.commit()
-            except BaseException:
-                self.progress.drop(label)
-                raise
-            self.progress.finish(label)
-            return ingest.digest, ingest.size or 0, dict(ingest.meta)
+            await asyncio.to_thread(record_url, self.store, record)
+            return got, size, fetched
 
     def _url_record(self, url: str) -> tuple[UrlRecord | None, bool]:
         """What the store holds for ``url`` (the layout's record, with the validators and
@@ -732,16 +804,6 @@ class Engine:
         return PullResult(
             url, digest, Descriptor("application/octet-stream", digest, size), fetched
         )
-
-
-def _opener(session: Callable[[], aiohttp.ClientSession], url: str) -> Opener:
-    """GET ``url`` on the engine's aiohttp session, created (aiohttp imported) on first use:
-    a URL pull whose requests all run on threads never needs it."""
-
-    async def open_(headers: dict[str, str]) -> aiohttp.ClientResponse:
-        return await session().get(url, headers=headers)
-
-    return open_
 
 
 def _registry_class() -> type[Registry]:

@@ -355,7 +355,8 @@ class Cache:
         """One upstream fetch, owned by the server. Never raises into the server's task
         group (a failed fetch must not stop the server): the outcome goes to ``outcome``."""
         try:
-            await self.engine.ensure_blob(self.registry(route.upstream), route.repository, desc)
+            upstream = self.registry(route.upstream).blobs(route.repository)
+            await self.engine.ensure_blob(desc, [upstream])
             outcome.set_result(None)
         except asyncio.CancelledError:
             outcome.cancel()

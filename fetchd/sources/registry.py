@@ -52,30 +52,21 @@ from fetchd.model import (
     load_json,
 )
 from fetchd.sources.auth import Authenticator, load_credentials
-from fetchd.sources.http import (
+from fetchd.sources.base import Location, Resolved, Sink
+from fetchd.sources.http import content_range, origin, pump, redact, translate
+from fetchd.sources.retry import (
+    REDIRECT_STATUSES,
     backoff,
-    content_range,
-    origin,
-    pump,
-    redact,
-    retry_after,
+    retry_delay,
     retryable,
-    translate,
+    should_retry_status,
 )
-from fetchd.sources.ranges import SegmentedDownload, Source
-from fetchd.store.cas import Ingest, ResumedDataBad, SegmentedIngest
 
 log = logging.getLogger(__name__)
 
-RETRY_STATUSES = frozenset({429, 502, 503, 504})
-REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 #: bytes of an error body read for its OCI error (a hostile one may be endless)
 MAX_ERROR_BODY = 64 * 1024
-
-
-class _ShortBody(Exception):
-    """The body ended before the blob did: resume from where it stopped."""
 
 
 class Registry:
@@ -106,6 +97,7 @@ class Registry:
             budget=config.request_budget,
         )
         self._base: str | None = base.rstrip("/") if base else None
+        self._pinned = base is not None
         self._base_lock = asyncio.Lock()
         self.query = f"?ns={quote(ns, safe='')}" if ns else ""
 
@@ -137,17 +129,32 @@ class Registry:
 
     # --- requests ------------------------------------------------------------------
 
+    @property
+    def pinned_base(self) -> str | None:
+        """The API's URL when it was given (a mirror, a server's upstream), else None."""
+        return self._base if self._pinned else None
+
     async def _send(
-        self, method: str, path: str, scope: str, headers: dict[str, str], what: str
+        self,
+        method: str,
+        path: str,
+        scope: str,
+        headers: dict[str, str],
+        what: str,
+        *,
+        patient: bool = True,
     ) -> aiohttp.ClientResponse:
         """Send a request with auth, redirects and retries; the caller releases the response.
 
         Returns the final response whatever its status, except: 401 after the
-        challenge was answered raises :class:`AuthenticationFailed`; 429/5xx are
-        retried up to ``config.attempts`` times, honouring ``Retry-After``.
+        challenge was answered raises :class:`AuthenticationFailed`; what the retry
+        table (retry.py) calls retryable is retried up to ``config.attempts`` times
+        within the request budget, honouring ``Retry-After`` — or, not ``patient`` (a
+        mirror, with another source to ask), not at all.
         """
         url = f"{await self.base()}{path}"
         budget = self.config.request_budget
+        attempts = self.config.attempts if patient else 1
         started = time.monotonic()
         attempt = 0
         silent = 0
@@ -166,10 +173,10 @@ class Registry:
                 if isinstance(exc, TimeoutError):
                     # Accepted (or not) and then nothing: retried once, not attempts times.
                     silent += 1
-                    if silent >= SILENT_ATTEMPTS:
+                    if silent >= SILENT_ATTEMPTS or not patient:
                         raise TransferTimeout(self._silent(what, silent)) from exc
                 delay = backoff(attempt)
-                if attempt >= self.config.attempts or not self._fits(started, delay):
+                if attempt >= attempts or not self._fits(started, delay):
                     raise translate(exc, what, self.config) from exc
                 log.info("%s: %s; retrying", what, exc)
                 await asyncio.sleep(delay)
@@ -187,15 +194,11 @@ class Registry:
                 self.auth.forget(scope)
                 await self.auth.answer(self.session, challenge, scope, str(resp.url))
                 continue
-            if resp.status in RETRY_STATUSES and attempt < self.config.attempts:
-                delay = retry_after(resp.headers, backoff(attempt))
+            if should_retry_status(resp.status) and attempt < attempts:
                 resp.release()
-                if delay > self.config.max_retry_after:
-                    raise TransferFailed(
-                        f"{what}: the registry answered HTTP {resp.status} and asks to retry "
-                        f"after {delay:.0f} s, longer than fetchd waits "
-                        f"({self.config.max_retry_after:g} s); try again later"
-                    )
+                delay = retry_delay(
+                    resp.status, resp.headers, attempt, self.config, f"{what}: the registry"
+                )
                 if not self._fits(started, delay):
                     raise TransferFailed(
                         f"{what}: the registry answered HTTP {resp.status} {attempt} times in "
@@ -354,55 +357,80 @@ class Registry:
                 raise TransferFailed(f"{what}: the registry sent no Content-Length")
             return resp.content_length
 
-    async def fetch_blob(
-        self,
-        name: str,
-        desc: Descriptor,
-        ingest: Ingest,
-        on_bytes: Callable[[int], None],
-        on_connections: Callable[[int], None] = lambda n: None,
-    ) -> None:
-        """Stream blob ``desc`` of repository ``name`` into ``ingest`` and commit it.
+    def blobs(self, name: str, *, mirror: bool = False) -> RegistryBlobs:
+        """The fetcher of repository ``name``'s blobs on this registry (see base.py)."""
+        return RegistryBlobs(self, name, mirror=mirror)
 
-        Resumes from ``ingest.offset`` with ``Range``; restarts if the server ignores
-        it. Raises :class:`DigestMismatch`/:class:`SizeMismatch` (data discarded) or a
-        :class:`SourceError` once retries are exhausted (partial data kept to resume).
-        """
-        what = f"blob {desc.digest.short} of {self.host}/{name}"
-        # Non-distributable layers live where their descriptor's urls say (OCI image
-        # spec); the registry is asked when none of those answers.
+    # --- the authority -------------------------------------------------------------
+
+    async def resolve(self, ref: Reference) -> Resolved:
+        """:class:`~fetchd.sources.base.Resolver`: the top manifest of ``ref``."""
+        raw, ctype, digest = await self.manifest(ref)
+        media_type = ctype.split(";")[0].strip() if ctype else ""
+        return Resolved(Descriptor(media_type, digest, len(raw)), raw, f"registry {self.host}")
+
+
+class _ShortBody(Exception):
+    """The body ended before the blob did: resume from where it stopped."""
+
+
+class RegistryBlobs:
+    """Blobs of one repository on one registry: a :class:`~fetchd.sources.base.Fetcher`
+    (one streamed GET, resumed with ``Range``) and a ``RangeFetcher`` (:meth:`locate`:
+    the blob URL after authentication and redirects, for the segment scheduler).
+
+    Never verifies, never commits (the engine does both). ``mirror``: a cache that is
+    asked first; a failure then costs no retries, the next fetcher is asked instead.
+    Calls may overlap.
+    """
+
+    def __init__(self, registry: Registry, name: str, *, mirror: bool = False) -> None:
+        self.registry = registry
+        self.name = name
+        self.mirror = mirror
+        base = registry.pinned_base
+        where = redact(base) if base else f"registry {registry.host}"
+        self.label = f"{where} ({'mirror' if mirror else 'origin'})"
+
+    def _what(self, desc: Descriptor) -> str:
+        return f"blob {desc.digest.short} of {self.registry.host}/{self.name}"
+
+    def _path(self, desc: Descriptor) -> str:
+        return f"/v2/{self.name}/blobs/{desc.digest}{self.registry.query}"
+
+    async def locate(self, desc: Descriptor) -> Location:
+        """Ask for the blob's first byte (answering any challenge, following redirects):
+        the URL that answered and the Authorization it took, if that is the registry's."""
+        reg = self.registry
+        what = self._what(desc)
+        resp = await reg._send(
+            "GET",
+            self._path(desc),
+            f"repository:{self.name}:pull",
+            {"Range": "bytes=0-0"},
+            what,
+            patient=not self.mirror,
+        )
+        async with resp:
+            if resp.status not in (200, 206):
+                raise await reg._error(resp, what)
+            sent = resp.request_info.headers.get("Authorization")
+            url = str(resp.url)
+        return Location(url, {"Authorization": sent} if sent else {})
+
+    async def fetch(
+        self, desc: Descriptor, sink: Sink, on_bytes: Callable[[int], None], *, last: bool = True
+    ) -> None:
+        """Stream ``desc`` into ``sink`` from its offset (see base.Fetcher). Non-
+        distributable layers are asked where their descriptor's urls say first."""
+        what = self._what(desc)
         urls: list[str | None] = []
         if desc.media_type in NONDISTRIBUTABLE_TYPES:
             urls += [u for u in desc.urls if u.startswith(("https://", "http://"))]
         urls.append(None)
-        if isinstance(ingest, SegmentedIngest):
-            # A big blob: several range requests at once (registries serve Range).
-            path = f"/v2/{name}/blobs/{desc.digest}{self.query}"
-            scope = f"repository:{name}:pull"
-
-            async def open_registry(headers: dict[str, str]) -> aiohttp.ClientResponse:
-                return await self._send("GET", path, scope, headers, what)
-
-            sources = [Source(f"{self.host}/{name}@{desc.digest.short}", open_registry)]
-            download = SegmentedDownload(ingest, sources, self.config, on_bytes, on_connections)
-            try:
-                await download.run()
-                await ingest.commit()
-            except ResumedDataBad:
-                await SegmentedDownload(
-                    ingest, sources, self.config, on_bytes, on_connections
-                ).run()
-                await ingest.commit()
-            return
         for url in urls:
             try:
-                try:
-                    await self._fill(name, desc, ingest, on_bytes, what, url)
-                    await ingest.commit()
-                except ResumedDataBad:
-                    log.warning("%s: resumed data did not verify; fetching it whole", what)
-                    await self._fill(name, desc, ingest, on_bytes, what, url)
-                    await ingest.commit()
+                await self._fill(desc, sink, on_bytes, what, url, patient=last and not self.mirror)
                 return
             except SourceError as exc:
                 if url is None:
@@ -411,85 +439,91 @@ class Registry:
 
     async def _fill(
         self,
-        name: str,
         desc: Descriptor,
-        ingest: Ingest,
+        sink: Sink,
         on_bytes: Callable[[int], None],
         what: str,
         url: str | None,
+        *,
+        patient: bool,
     ) -> None:
+        config = self.registry.config
+        attempts = config.attempts if patient else 1
         failures = 0
-        while ingest.offset < desc.size or desc.size == 0:
-            before = ingest.offset
+        while sink.offset < desc.size or desc.size == 0:
+            before = sink.offset
             try:
-                await self._stream(name, desc, ingest, on_bytes, what, url)
+                await self._stream(desc, sink, on_bytes, what, url, patient)
                 break
             except retryable(_ShortBody) as exc:
                 # Progress resets the count: a flaky but moving transfer goes on.
-                failures = 1 if ingest.offset > before else failures + 1
-                if failures >= self.config.attempts:
-                    if isinstance(exc, _ShortBody):
+                failures = 1 if sink.offset > before else failures + 1
+                if failures >= attempts:
+                    if isinstance(exc, _ShortBody) and patient:
                         # Not a flaky network: the source disagrees with the descriptor.
-                        await ingest.discard()
+                        await sink.restart()
                         raise TransferFailed(
                             f"{what}: the source keeps ending the body early "
-                            f"({ingest.offset} of {desc.size} bytes)"
+                            f"({sink.offset} of {desc.size} bytes)"
                         ) from None
-                    raise translate(exc, what, self.config) from exc
-                log.info("%s: %s at %d bytes; resuming", what, type(exc).__name__, ingest.offset)
+                    if isinstance(exc, _ShortBody):
+                        raise TransferFailed(f"{what}: {self.label}: {exc}") from None
+                    raise translate(exc, f"{what} from {self.label}", config) from exc
+                log.info("%s: %s at %d bytes; resuming", what, type(exc).__name__, sink.offset)
                 await asyncio.sleep(backoff(failures))
 
     async def _stream(
         self,
-        name: str,
         desc: Descriptor,
-        ingest: Ingest,
+        sink: Sink,
         on_bytes: Callable[[int], None],
         what: str,
         url: str | None,
+        patient: bool,
     ) -> None:
         """One GET of the blob from the registry (``url`` None) or from ``url``.
 
-        Appends to ``ingest`` from its offset; raises a ``retryable()`` error or
+        Appends to ``sink`` from its offset; raises a ``retryable()`` error or
         :class:`_ShortBody` when the body ends early, after keeping what arrived.
         """
+        reg = self.registry
         headers = {}
-        if ingest.offset:
-            headers["Range"] = f"bytes={ingest.offset}-"
+        if sink.offset:
+            headers["Range"] = f"bytes={sink.offset}-"
         if url is None:
-            resp = await self._send(
+            resp = await reg._send(
                 "GET",
-                f"/v2/{name}/blobs/{desc.digest}{self.query}",
-                f"repository:{name}:pull",
+                self._path(desc),
+                f"repository:{self.name}:pull",
                 headers,
                 what,
+                patient=patient,
             )
         else:  # another host: no registry credentials, ordinary redirects
-            resp = await self.session.get(url, headers=headers)
+            resp = await reg.session.get(url, headers=headers)
         async with resp:
             if resp.status == 206:
                 got = content_range(resp.headers.get("Content-Range"))
-                if got is None or got[0] != ingest.offset:
-                    await ingest.restart()
+                if got is None or got[0] != sink.offset:
+                    await sink.restart()
                     raise _ShortBody("bad Content-Range")
             elif resp.status == 200:
-                if ingest.offset:
-                    await ingest.restart()  # the server ignored Range: take it whole
+                if sink.offset:
+                    await sink.restart()  # the server ignored Range: take it whole
             elif resp.status == 416:
-                await ingest.restart()
+                await sink.restart()
                 raise _ShortBody("range not satisfiable")
             else:
-                raise await self._error(resp, what)
+                raise await reg._error(resp, what)
 
-            async def sink(pieces: list[bytes], n: int) -> None:
-                await ingest.write(pieces)
+            async def write(pieces: list[bytes], n: int) -> None:
+                await sink.write_at(sink.offset, pieces)
                 on_bytes(n)
 
             # what arrived before a cut is kept: the next attempt resumes after it
-            await pump(resp, sink)
-        await ingest.flush()
-        if ingest.offset < desc.size:
-            raise _ShortBody(f"body ended at {ingest.offset}")
+            await pump(resp, write)
+        if sink.offset < desc.size:
+            raise _ShortBody(f"body ended at {sink.offset}")
 
 
 def oci_error_detail(body: bytes) -> str:

@@ -355,8 +355,9 @@ class Ingest:
     def _commit(self) -> None:
         what = f"blob {self.expected.short}" if self.expected else "download"
         if self.size is not None and self.offset != self.size:
+            got = self.offset
             self._discard()
-            raise SizeMismatch(what, self.size, self.offset)
+            raise SizeMismatch(what, self.size, got)
         actual = Digest(self.algorithm, self._hasher.hexdigest())
         if self.expected is not None and actual != self.expected:
             if self.resumed_from:
@@ -394,8 +395,9 @@ class Ingest:
         await self.restart()
 
     def _discard(self) -> None:
-        os.ftruncate(self._fd, 0)
-        self._done = True
+        """Drop every byte; the ingest stays open, empty, for another source to fill
+        (the engine fetches a blob again, in the same ingest, when a mirror lied)."""
+        self._reset()
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -1,0 +1,272 @@
+"""The engine's side of the seam: which fetcher fills an ingest, and what happens when
+one fails or lies. Used by :class:`fetchd.engine.pull.Engine` for every blob, however it
+was asked for (an image's layer, a URL, a server's pull-through).
+
+For each blob the engine has an ordered list of fetchers (:class:`Sources`: mirrors
+first, then the origin; a URL and its mirrors as equals):
+
+* a fetcher that answers 404 is skipped for that blob only;
+* one that fails (down, refused) or stalls while another remains is passed over at once
+  (no retries): the next one continues from the bytes already on disk, which count;
+* in a segmented download the scheduler (segments.py) does the same per connection, and
+  races one far slower than the others with the next fetcher on the ranges missing;
+* one whose bytes fail verification is dropped for the rest of the pull, its bytes are
+  discarded and the blob is fetched again from the others. The fetcher the user named
+  as the authority's own (the origin; for a URL, the URL) is never blamed for bytes it
+  did not send alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from fetchd.config import Config
+from fetchd.errors import BlobNotFound, DigestMismatch, FetchdError, SourceError, TransferFailed
+from fetchd.model import Descriptor
+from fetchd.sources.base import Fetcher, Location, RangeFetcher, Sink
+from fetchd.sources.http import redact
+from fetchd.store.cas import Ingest, ResumedDataBad, SegmentedIngest
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Sources:
+    """The fetchers of one pull, in the order they are asked, and those it dropped.
+
+    ``trusted`` is the authority's own fetcher (the origin registry; a URL itself): it is
+    not dropped for bad bytes others may have sent too. ``peers``: the fetchers are
+    equals (a URL and its mirrors) and share a segmented download's connections, where
+    otherwise each is a tier of its own, asked in order. One pull's blobs share one
+    ``Sources``; its methods run on the event loop only.
+    """
+
+    def __init__(
+        self, fetchers: Sequence[Fetcher], trusted: Fetcher | None = None, *, peers: bool = False
+    ) -> None:
+        self.fetchers = list(fetchers)
+        self.trusted = trusted
+        self.peers = peers
+        #: label → why it was dropped
+        self.dropped: dict[str, str] = {}
+
+    def live(self) -> list[Fetcher]:
+        return [f for f in self.fetchers if f.label not in self.dropped]
+
+    def drop(self, fetcher: Fetcher, why: str) -> None:
+        if fetcher.label not in self.dropped:
+            self.dropped[fetcher.label] = why
+            log.warning("dropped %s for the rest of this pull: %s", fetcher.label, why)
+
+
+async def fill_and_commit(
+    desc: Descriptor,
+    ingest: Ingest,
+    sources: Sources,
+    config: Config,
+    on_bytes: Callable[[int], None],
+    on_connections: Callable[[int], None],
+) -> None:
+    """Fill ``ingest`` from ``sources`` and commit it (verified against ``desc``).
+
+    Data an earlier run left that fails verification is fetched again once (only the
+    resumed ranges, see ResumedDataBad). Bytes that fail verification after that drop
+    the fetchers that sent them (never ``sources.trusted``) and the blob is fetched
+    again, in this ingest, from the rest. Raises the last fetcher's error when none is
+    left, or :class:`DigestMismatch` when the trusted source's own bytes are wrong.
+    """
+    what = f"blob {desc.digest.short}" if ingest.expected else "download"
+    resumed_retry = True
+    for _ in range(len(sources.fetchers) + 2):
+        live = sources.live()
+        if not live:
+            raise TransferFailed(
+                f"{what}: every source was dropped ({'; '.join(sources.dropped.values())})"
+            )
+        contributors = await _fill(
+            desc, ingest, live, sources.peers, config, on_bytes, on_connections
+        )
+        try:
+            await ingest.commit()
+            return
+        except ResumedDataBad:
+            if not resumed_retry:
+                raise
+            resumed_retry = False
+            log.warning(
+                "%s: the data an earlier run left did not verify; fetching those ranges again",
+                what,
+            )
+            continue
+        except DigestMismatch as exc:
+            blamed = [f for f in contributors if f is not sources.trusted]
+            if not blamed:
+                raise
+            for f in blamed:
+                sources.drop(f, f"its bytes of {what} failed verification ({exc})")
+            await ingest.restart()
+    raise TransferFailed(f"{what}: no source delivered bytes that verify")
+
+
+async def _fill(
+    desc: Descriptor,
+    ingest: Ingest,
+    live: list[Fetcher],
+    peers: bool,
+    config: Config,
+    on_bytes: Callable[[int], None],
+    on_connections: Callable[[int], None],
+) -> list[Fetcher]:
+    """Every missing byte of ``ingest`` from ``live`` (in order); returns the fetchers
+    that placed bytes in it now."""
+    ranged = [f for f in live if isinstance(f, RangeFetcher)]
+    if isinstance(ingest, SegmentedIngest) and len(ranged) == len(live):
+        try:
+            from fetchd.sources.segments import RangeSource, SegmentedDownload
+        except ImportError:  # TEMPORARY bridge while segments.py is written
+            return await _old_ranges(desc, ingest, ranged, config, on_bytes, on_connections)
+
+        def locator(f: RangeFetcher) -> Callable[[], Awaitable[Location]]:
+            return lambda: f.locate(desc)
+
+        ranges = [
+            RangeSource(f.label, locator(f), tier=0 if peers else i) for i, f in enumerate(ranged)
+        ]
+        await SegmentedDownload(ingest, ranges, config, on_bytes, on_connections).run()
+        return [f for f, r in zip(ranged, ranges, strict=True) if r.wrote]
+    placed: list[Fetcher] = []
+    for i, fetcher in enumerate(live):
+        last = i == len(live) - 1
+        before = ingest.offset
+        try:
+            await fetcher.fetch(desc, ingest, on_bytes, last=last)
+        except BlobNotFound as exc:
+            if last:
+                raise
+            log.info(
+                "%s: %s has no copy (%s); asking %s",
+                desc.digest.short,
+                fetcher.label,
+                exc,
+                live[i + 1].label,
+            )
+            continue
+        except SourceError as exc:
+            if last:
+                raise
+            log.warning(
+                "%s: %s failed (%s); continuing from %s at %d bytes",
+                desc.digest.short,
+                fetcher.label,
+                exc,
+                live[i + 1].label,
+                ingest.offset,
+            )
+            continue
+        finally:
+            if ingest.offset != before:
+                placed.append(fetcher)
+        return placed
+    raise AssertionError("unreachable: the last fetcher returns or raises")
+
+
+async def _old_ranges(
+    desc: Descriptor,
+    ingest: SegmentedIngest,
+    ranged: list[RangeFetcher],
+    config: Config,
+    on_bytes: Callable[[int], None],
+    on_connections: Callable[[int], None],
+) -> list[Fetcher]:
+    from fetchd.sources.http import new_session
+    from fetchd.sources.ranges import SegmentedDownload, Source, ThreadedRanges
+
+    session = new_session(config)
+    try:
+        sources = []
+        for f in ranged:
+            loc = await f.locate(desc)
+
+            def opener(loc: Location = loc) -> Any:
+                async def open_(headers: dict[str, str]) -> Any:
+                    return await session.get(loc.url, headers={**loc.headers, **headers})
+
+                return open_
+
+            sources.append(
+                Source(f.label, opener(), ThreadedRanges(loc.url, config, f.label, loc.headers))
+            )
+        await SegmentedDownload(ingest, sources, config, on_bytes, on_connections).run()
+    finally:
+        await session.close()
+    return list(ranged)
+
+
+class UrlFetcher:
+    """A plain http(s) URL serving a blob's bytes: a :class:`RangeFetcher` (no request
+    to locate: the URL is where the bytes are). Never verifies, never commits."""
+
+    def __init__(self, url: str, config: Config) -> None:
+        self.url = url
+        self.config = config
+        self.label = redact(url)
+
+    async def locate(self, desc: Descriptor) -> Location:
+        return Location(self.url, {})
+
+    async def fetch(
+        self, desc: Descriptor, sink: Sink, on_bytes: Callable[[int], None], *, last: bool = True
+    ) -> None:
+        """One segmented download from this URL alone (``sink`` must be segmented)."""
+        if not isinstance(sink, SegmentedIngest):
+            raise TransferFailed(f"{self.label}: a URL is fetched into a segmented ingest only")
+        from fetchd.sources.segments import RangeSource, SegmentedDownload
+
+        async def here() -> Location:
+            return Location(self.url, {})
+
+        source = RangeSource(self.label, here)
+        await SegmentedDownload(sink, [source], self.config, on_bytes).run()
+
+
+class SingleFlight:
+    """One piece of work per key at a time, however many ask: the first caller runs it,
+    the others wait for its outcome (a failure is theirs too). When the one running it
+    is cancelled, a waiter that is not takes the work over. On the event loop only."""
+
+    def __init__(self) -> None:
+        self._running: dict[str, asyncio.Future[Any]] = {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._running
+
+    async def run(self, key: str, work: Callable[[], Awaitable[T]]) -> T:
+        for _ in range(1000):
+            waiting = self._running.get(key)
+            if waiting is None:
+                break
+            await asyncio.wait({waiting})  # our own cancellation propagates from here
+            if not waiting.cancelled():
+                result: T = waiting.result()  # its error, if it failed, is ours
+                return result
+        else:
+            raise FetchdError(f"{key}: its transfer was cancelled 1000 times")
+        done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._running[key] = done
+        try:
+            result = await work()
+            done.set_result(result)
+            return result
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                done.cancel()
+            else:
+                done.set_exception(exc)
+                done.exception()  # retrieved: the waiters re-raise it, if any
+            raise
+        finally:
+            del self._running[key]
