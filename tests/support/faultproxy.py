@@ -85,6 +85,12 @@ class Seen:
 
 
 class _ProxyHandler(QuietHandler):
+    def handle(self) -> None:
+        # A client that resets a kept-alive connection (fetchd cancelling a transfer, a
+        # killed pull) ends it; socketserver would print a traceback for each.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            super().handle()
+
     def do_GET(self) -> None:
         proxy: FaultProxy = self.owner
         match = _BLOB_PATH.fullmatch(urllib.parse.urlsplit(self.path).path)
