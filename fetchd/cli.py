@@ -563,7 +563,11 @@ def run(argv: Sequence[str]) -> int:
     if args.quiet:
         level = logging.ERROR
     logging.basicConfig(
-        level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        if args.verbose > 1
+        else "%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
     )
     store = Store.open(args.store or default_store())
     commands = {

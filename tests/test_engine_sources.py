@@ -309,21 +309,25 @@ def test_a_mirror_holding_2_of_4_layers_saves_those_2_from_the_origin(
     registry: Registry, origin: FaultProxy, fetchd: Fetchd, tmp_path: Path
 ) -> None:
     """A `fetchd serve` that cached layers 1 and 2 (asked through it by digest), restarted
-    with its upstream on a dead port: it cannot answer the tag nor the other blobs."""
+    with its upstream on a dead port: it cannot answer the tag nor the other blobs. Its
+    upstream is named for the origin's host (`--upstream ORIGIN=URL`), as a LAN cache of
+    that registry is: clients send `ns=ORIGIN`, and the cache serves only names it routes."""
     name = "engine/partial"
     image = publish(registry, tmp_path, name, 4, seed=20)
     held, rest = image.layers[:2], image.layers[2:]
     cache_store = Fetchd(tmp_path / "cache-store", tmp_path / "cache-home")
     cache_store.home.mkdir()
-    with start_serve(cache_store, [registry.url]) as cache:
+    # Warmed from the registry itself, not through the origin proxy, which counts.
+    with start_serve(cache_store, [f"{origin.host}={registry.url}"]) as cache:
         for layer in held:
-            reply = cache.get(f"/v2/{name}/blobs/{layer.digest}")
+            reply = cache.get(f"/v2/{name}/blobs/{layer.digest}?ns={origin.host}")
             assert reply.status == 200 and sha256(reply.body) == layer.digest
             wait_until(
                 blob_file(cache_store, layer.digest).exists, 10, "the cache to store a layer"
             )
     assert cache_store.blobs() == {layer.digest for layer in held}
-    dead = f"http://127.0.0.1:{free_port()}"
+    # The origin's name, served from a dead port: requests with ns=ORIGIN route to it.
+    dead = f"{origin.host}=http://127.0.0.1:{free_port()}"
     with start_serve(cache_store, [dead]) as cache:
         ref = f"docker://{origin.host}/{name}:1"
 

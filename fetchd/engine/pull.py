@@ -44,7 +44,7 @@ from fetchd.model import (
     platform_text,
 )
 from fetchd.progress import Progress, blob_kind
-from fetchd.sources.base import Fetcher
+from fetchd.sources.base import Fetcher, Resolver
 from fetchd.sources.http import cache_max_age, new_session, redact, retryable, translate
 from fetchd.store import layout
 from fetchd.store.cas import Ingest, SegmentedIngest, Store
@@ -425,12 +425,13 @@ class Engine:
             keep[digest] = raw
         return Descriptor(OCI_MANIFEST, digest, len(raw), (), annotations, platform)
 
-    async def _resolve(self, ref: Reference, name: str, registry: Registry) -> _Resolved:
-        """The manifests of ``ref`` from the authority ``registry``: the top one and,
-        of an index, the image manifests this pull takes; all verified by digest."""
-        raw, ctype, top = await registry.manifest(ref)
+    async def _resolve(self, ref: Reference, name: str, authority: Resolver) -> _Resolved:
+        """The manifests of ``ref`` from ``authority``: the top one and, of an index,
+        the image manifests this pull takes; all verified by digest (base.Resolver)."""
+        resolved = await authority.resolve(ref)
+        raw, top = resolved.raw, resolved.descriptor.digest
         self.progress.fetched(top.short, len(raw))
-        parsed = parse_manifest(raw, ctype, name)
+        parsed = parse_manifest(raw, resolved.descriptor.media_type or None, name)
         keep: dict[Digest, bytes] = {top: raw}  # what the registry served, kept as blobs
         pulled: list[Descriptor] = []
         images: list[ImageManifest] = []
@@ -439,11 +440,10 @@ class Engine:
             index_digest = top
             current = await asyncio.to_thread(layout.find, self.store, name)
             for chosen in self._targets(parsed, top, name, current):
-                craw, cctype, cdigest = await registry.manifest(ref, chosen)
+                craw = await authority.child(ref, chosen)
+                cdigest = chosen.digest
                 self.progress.fetched(cdigest.short, len(craw))
-                child = parse_manifest(
-                    craw, cctype or chosen.media_type, f"{name} ({chosen.digest.short})"
-                )
+                child = parse_manifest(craw, chosen.media_type, f"{name} ({chosen.digest.short})")
                 if not isinstance(child, ImageManifest):
                     raise ManifestInvalid(f"{name}: an index inside an index is not supported")
                 pulled.append(self._stored_form(craw, child, cdigest, chosen.platform, keep))

@@ -128,11 +128,11 @@ class Resolver(Protocol):
 
     :meth:`resolve` returns the top manifest (an index or an image manifest) verified
     against the digest asked for (a by-digest reference) or reported by the authority
-    over a channel it trusts; :meth:`manifest` returns a child of an index by digest,
+    over a channel it trusts; :meth:`child` returns a manifest an index lists, by digest,
     verified against it. Both raise :class:`~fetchd.errors.ManifestNotFound` or another
     :class:`~fetchd.errors.SourceError`. Calls may overlap.
     """
 
     async def resolve(self, ref: Reference) -> Resolved: ...
 
-    async def manifest(self, ref: Reference, desc: Descriptor) -> bytes: ...
+    async def child(self, ref: Reference, desc: Descriptor) -> bytes: ...

@@ -369,6 +369,11 @@ class Registry:
         media_type = ctype.split(";")[0].strip() if ctype else ""
         return Resolved(Descriptor(media_type, digest, len(raw)), raw, f"registry {self.host}")
 
+    async def child(self, ref: Reference, desc: Descriptor) -> bytes:
+        """:class:`~fetchd.sources.base.Resolver`: a manifest of an index, by digest."""
+        raw, _, _ = await self.manifest(ref, desc)
+        return raw
+
 
 class _ShortBody(Exception):
     """The body ended before the blob did: resume from where it stopped."""
