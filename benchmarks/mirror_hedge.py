@@ -21,9 +21,9 @@ engine needs about one --stall-timeout plus the missing half from the origin). T
 medians, the median of per-round ratios mirror/origin, and the origin's bytes in the mirror
 arm as a fraction of the layer (the aim: about a half, at most a half + one 8 MiB segment).
 
-``--baseline DIR`` adds a third arm in every round: the mirror arm with the fetchd of
-another checkout (`git worktree add DIR REV`), run with `python -P` and `PYTHONPATH=DIR`,
-for the before and after in one run.
+``--baseline DIR`` adds both arms again in every round, "base-origin" and "base-mirror",
+with the fetchd of another checkout (`git worktree add DIR REV`), run with `python -P` and
+`PYTHONPATH=DIR`: the before and after in one run, for the origin-only pull too.
 
     python benchmarks/mirror_hedge.py [--rounds N] [--layer-mib N] [--stall-timeout S]
                                       [--baseline DIR] [--json]
@@ -75,7 +75,7 @@ RUN_TIMEOUT = 300.0  # seconds for one pull
 
 @dataclass(frozen=True)
 class Run:
-    arm: str  # "origin", "mirror" or "baseline" (the mirror arm, another checkout's fetchd)
+    arm: str  # "origin", "mirror"; "base-origin", "base-mirror" (another checkout's fetchd)
     round: int
     wall: float  # seconds
     cpu: float  # user + system seconds of the child
@@ -87,7 +87,7 @@ class Run:
     def line(self, layer_size: int) -> str:
         silence = "" if self.after_silence is None else f"  end {self.after_silence:5.2f} s after"
         return (
-            f"round {self.round}  {self.arm:<8}  {self.wall:6.2f} s  cpu {self.cpu:5.2f} s  "
+            f"round {self.round}  {self.arm:<11}  {self.wall:6.2f} s  cpu {self.cpu:5.2f} s  "
             f"peak RSS {self.max_rss_mib:5.1f} MiB  origin {self.origin_bytes / MIB:6.1f} MiB "
             f"({self.origin_bytes / layer_size:4.2f} × layer)  mirror "
             f"{self.mirror_bytes / MIB:6.1f} MiB{silence}"
@@ -154,8 +154,10 @@ def pull(
     )
 
 
-def pull_origin(setup: Setup, dest: Path, round_: int) -> Run:
-    return pull(setup, dest, "origin", round_, None)
+def pull_origin(setup: Setup, dest: Path, round_: int, checkout: Path | None = None) -> Run:
+    """The origin arm: no mirror."""
+    arm = "origin" if checkout is None else "base-origin"
+    return pull(setup, dest, arm, round_, None, checkout)
 
 
 def pull_with_mirror(setup: Setup, dest: Path, round_: int, checkout: Path | None = None) -> Run:
@@ -164,17 +166,23 @@ def pull_with_mirror(setup: Setup, dest: Path, round_: int, checkout: Path | Non
     digest, size = setup.layer
     with FaultProxy(setup.registry.url) as mirror:
         mirror.set_mode("stall-after", digests={digest}, after=size // 2)
-        arm = "mirror" if checkout is None else "baseline"
+        arm = "mirror" if checkout is None else "base-mirror"
         return pull(setup, dest, arm, round_, mirror, checkout)
 
 
-def baseline_arm(checkout: Path) -> Callable[[Setup, Path, int], Run]:
-    """The mirror arm with the fetchd of another checkout."""
+Arm = Callable[[Setup, Path, int], Run]
 
-    def pull(setup: Setup, dest: Path, round_: int) -> Run:
+
+def baseline_arms(checkout: Path) -> list[tuple[str, Arm]]:
+    """Both arms with the fetchd of another checkout."""
+
+    def origin(setup: Setup, dest: Path, round_: int) -> Run:
+        return pull_origin(setup, dest, round_, checkout)
+
+    def mirror(setup: Setup, dest: Path, round_: int) -> Run:
         return pull_with_mirror(setup, dest, round_, checkout)
 
-    return pull
+    return [("base-origin", origin), ("base-mirror", mirror)]
 
 
 def publish(workdir: Path, registry: Registry, layer_mib: int) -> BuiltImage:
@@ -210,17 +218,20 @@ def summary(runs: Sequence[Run], args: argparse.Namespace, setup: Setup) -> dict
         "rounds": args.rounds,
         "origin_s": [round(w, 3) for w in walls("origin").values()],
         "mirror_s": [round(w, 3) for w in walls("mirror").values()],
-        "baseline_s": [round(w, 3) for w in walls("baseline").values()],
+        "base_origin_s": [round(w, 3) for w in walls("base-origin").values()],
+        "base_mirror_s": [round(w, 3) for w in walls("base-mirror").values()],
         "origin_median_s": median_s(walls("origin").values()),
         "mirror_median_s": median_s(walls("mirror").values()),
-        "baseline_median_s": median_s(walls("baseline").values()),
+        "base_origin_median_s": median_s(walls("base-origin").values()),
+        "base_mirror_median_s": median_s(walls("base-mirror").values()),
         "ratio_mirror_origin": median_ratio(walls("mirror"), walls("origin")),
-        "ratio_baseline_origin": median_ratio(walls("baseline"), walls("origin")),
-        "ratio_mirror_baseline": median_ratio(walls("mirror"), walls("baseline")),
+        "ratio_base_mirror_origin": median_ratio(walls("base-mirror"), walls("base-origin")),
+        "ratio_origin_base": median_ratio(walls("origin"), walls("base-origin")),
+        "ratio_mirror_base": median_ratio(walls("mirror"), walls("base-mirror")),
         "mirror_after_silence_s": after_silence("mirror"),
-        "baseline_after_silence_s": after_silence("baseline"),
+        "base_after_silence_s": after_silence("base-mirror"),
         "origin_share_in_mirror_arm": origin_share("mirror"),
-        "origin_share_in_baseline_arm": origin_share("baseline"),
+        "origin_share_in_base_mirror_arm": origin_share("base-mirror"),
         "origin_bound_share": round((size - size // 2 + SEGMENT) / size, 3),
         "peak_rss_mib": peak_mib(r.max_rss_mib for r in runs),
     }
@@ -237,13 +248,17 @@ def report(result: Mapping[str, object]) -> None:
         f"{result['origin_share_in_mirror_arm']} × the layer (bound: a half + one segment = "
         f"{result['origin_bound_share']})"
     )
-    if result["baseline_median_s"] is not None:
+    if result["base_mirror_median_s"] is not None:
         print(
-            f"baseline (the mirror arm, fetchd of --baseline) {result['baseline_median_s']} s  "
-            f"ratio baseline/origin {result['ratio_baseline_origin']}  ratio mirror/baseline "
-            f"{result['ratio_mirror_baseline']}; ended {result['baseline_after_silence_s']} s "
-            f"after the silence; the origin sent {result['origin_share_in_baseline_arm']} × "
+            f"--baseline: origin {result['base_origin_median_s']} s  mirror "
+            f"{result['base_mirror_median_s']} s  ratio mirror/origin "
+            f"{result['ratio_base_mirror_origin']}; ended {result['base_after_silence_s']} s "
+            f"after the silence; the origin sent {result['origin_share_in_base_mirror_arm']} × "
             "the layer"
+        )
+        print(
+            f"this fetchd / --baseline's: origin arm {result['ratio_origin_base']}  mirror arm "
+            f"{result['ratio_mirror_base']} (medians of per-round ratios)"
         )
     print(f"peak RSS {result['peak_rss_mib']} MiB")
 
@@ -256,7 +271,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--stall-timeout", type=float, default=3.0, help="fetchd's --stall-timeout (default 3)"
     )
     parser.add_argument(
-        "--baseline", type=Path, help="also run the mirror arm with fetchd from this checkout"
+        "--baseline", type=Path, help="also run both arms with fetchd from this checkout"
     )
     parser.add_argument("--json", action="store_true", help="also print a JSON summary line")
     args = parser.parse_args(argv)
@@ -308,12 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             finally:
                 shutil.rmtree(dest, ignore_errors=True)
             print(f"warm-up: one origin pull, checked, not counted ({warm.wall:.2f} s)", flush=True)
-            arms: list[tuple[str, Callable[[Setup, Path, int], Run]]] = [
-                ("origin", pull_origin),
-                ("mirror", pull_with_mirror),
-            ]
+            arms: list[tuple[str, Arm]] = [("origin", pull_origin), ("mirror", pull_with_mirror)]
             if args.baseline is not None:
-                arms.append(("baseline", baseline_arm(args.baseline.resolve())))
+                arms += baseline_arms(args.baseline.resolve())
             runs: list[Run] = []
             for round_ in range(1, args.rounds + 1):
                 for arm, one in arms:
