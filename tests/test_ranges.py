@@ -35,7 +35,7 @@ from tests.support.tls import TestCA
 
 MIB = 1 << 20
 GIB = 1 << 30
-SEGMENT = 8 * MIB  # fetchd.sources.ranges.SEGMENT: the probe asks for this much first
+SEGMENT = 8 * MIB  # fetchd.sources.segments.SEGMENT: the probe asks for this much first
 HTTP = ("--insecure-options", "http")
 BOUNDED = 30.0  # seconds: "within a bounded time" for the fault servers (40 MiB)
 FAULT_SIZE = 40 * MIB + 12345  # several segments, not a multiple of one

@@ -416,11 +416,6 @@ def stdlib_state_uses(path: Path) -> list[str]:
     return found
 
 
-@pytest.mark.xfail(
-    (REPO / "fetchd" / "sources" / "ranges.py").exists(),
-    reason="ranges.py (being replaced by segments.py + transport.py) reads sock._sslobj",
-    strict=True,
-)
 def test_no_module_of_fetchd_uses_private_state_of_the_standard_library() -> None:
     found = [
         hit for path in sorted((REPO / "fetchd").rglob("*.py")) for hit in stdlib_state_uses(path)

@@ -125,10 +125,7 @@ async def _fill(
     that placed bytes in it now."""
     ranged = [f for f in live if isinstance(f, RangeFetcher)]
     if isinstance(ingest, SegmentedIngest) and len(ranged) == len(live):
-        try:
-            from fetchd.sources.segments import RangeSource, SegmentedDownload
-        except ImportError:  # TEMPORARY bridge while segments.py is written
-            return await _old_ranges(desc, ingest, ranged, config, on_bytes, on_connections)
+        from fetchd.sources.segments import RangeSource, SegmentedDownload
 
         def locator(f: RangeFetcher) -> Callable[[], Awaitable[Location]]:
             return lambda: f.locate(desc)
@@ -172,38 +169,6 @@ async def _fill(
                 placed.append(fetcher)
         return placed
     raise AssertionError("unreachable: the last fetcher returns or raises")
-
-
-async def _old_ranges(
-    desc: Descriptor,
-    ingest: SegmentedIngest,
-    ranged: list[RangeFetcher],
-    config: Config,
-    on_bytes: Callable[[int], None],
-    on_connections: Callable[[int], None],
-) -> list[Fetcher]:
-    from fetchd.sources.http import new_session
-    from fetchd.sources.ranges import SegmentedDownload, Source, ThreadedRanges
-
-    session = new_session(config)
-    try:
-        sources = []
-        for f in ranged:
-            loc = await f.locate(desc)
-
-            def opener(loc: Location = loc) -> Any:
-                async def open_(headers: dict[str, str]) -> Any:
-                    return await session.get(loc.url, headers={**loc.headers, **headers})
-
-                return open_
-
-            sources.append(
-                Source(f.label, opener(), ThreadedRanges(loc.url, config, f.label, loc.headers))
-            )
-        await SegmentedDownload(ingest, sources, config, on_bytes, on_connections).run()
-    finally:
-        await session.close()
-    return list(ranged)
 
 
 class UrlFetcher:

@@ -5,7 +5,7 @@ aiohttp/ssl exception that escapes a request is translated by :func:`translate`
 into a :class:`~fetchd.errors.FetchdError` with ``raise … from exc``.
 
 aiohttp is imported when first needed, not with this module: a plain URL pull runs on
-threads (``fetchd.sources.ranges.ThreadedRanges``) and never needs it, and importing it
+threads (``fetchd.sources.transport``) and never needs it, and importing it
 is ~40 % of fetchd's start (80-140 ms here, of a 2 s download of 1 GiB).
 """
 

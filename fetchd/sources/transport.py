@@ -109,7 +109,7 @@ class Transfer:
         self.cursor = start if cursor is None else cursor
         self.window_bytes = 0
         self.stop = False
-        self._sock: socket.socket | None = None
+        self._socket: socket.socket | None = None
         self._lock = threading.Lock()
 
     @property
@@ -121,7 +121,7 @@ class Transfer:
         shut down), and the thread raises :class:`Interrupted` at its next step."""
         with self._lock:
             self.stop = True
-            sock = self._sock
+            sock = self._socket
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -130,7 +130,7 @@ class Transfer:
         """The socket the transfer runs on now (None: none). Raises :class:`Interrupted`
         if it was cut meanwhile."""
         with self._lock:
-            self._sock = sock
+            self._socket = sock
             if self.stop:
                 raise Interrupted()
 
