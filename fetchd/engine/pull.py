@@ -45,7 +45,8 @@ from fetchd.model import (
 )
 from fetchd.progress import Progress, blob_kind
 from fetchd.sources.base import Fetcher, Resolver
-from fetchd.sources.http import cache_max_age, new_session, redact, retryable, translate
+from fetchd.sources.http import cache_max_age, new_session, redact, translate
+from fetchd.sources.retry import retryable
 from fetchd.store import layout
 from fetchd.store.cas import Ingest, SegmentedIngest, Store
 from fetchd.store.leases import Lease

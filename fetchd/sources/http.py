@@ -14,11 +14,10 @@ from __future__ import annotations
 import asyncio
 import datetime
 import os
-import random
 import re
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from email.utils import parsedate_to_datetime
 from functools import cache
 from typing import TYPE_CHECKING, Any
@@ -206,11 +205,6 @@ def unsatisfied_length(header: str | None) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def backoff(attempt: int, base: float = 0.2, cap: float = 10.0) -> float:
-    """Exponential backoff with full jitter (attempt 1 → up to ``base`` seconds)."""
-    return random.uniform(0, min(cap, base * (2 ** (attempt - 1))))
-
-
 def translate(exc: BaseException, what: str, config: Config) -> FetchdError:
     """Turn an aiohttp/ssl/OS exception from a transfer into a FetchdError."""
     if isinstance(exc, FetchdError):
@@ -237,50 +231,3 @@ def translate(exc: BaseException, what: str, config: Config) -> FetchdError:
 def _reason(exc: BaseException) -> str:
     text: Any = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
     return str(text).splitlines()[0][:200]
-
-
-@cache
-def retryable(*extra: type[BaseException]) -> tuple[type[BaseException], ...]:
-    """The exceptions worth retrying (the next attempt may succeed), and ``extra``. A
-    function, so that ``except retryable():`` imports aiohttp only when an exception is
-    being matched."""
-    import aiohttp
-
-    return (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError, *extra)
-
-
-WRITE_BATCH = 1 << 20
-MAX_PIECES = 256  # pieces per batch: pwritev takes at most IOV_MAX (1024) buffers
-
-
-async def pump(
-    resp: aiohttp.ClientResponse,
-    sink: Callable[[list[bytes], int], Awaitable[None]],
-    room: Callable[[], int] | None = None,
-) -> None:
-    """Hand ``resp``'s body to ``sink`` in batches of about 1 MiB (the pieces as read:
-    nothing is joined on the event loop). With ``room``, stop once that many more bytes
-    were taken (re-asked after every batch: it may shrink meanwhile). On a retryable
-    error the pieces that arrived are handed over before it propagates."""
-    pending: list[bytes] = []
-    buffered = 0
-    try:
-        async for piece, _ in resp.content.iter_chunks():
-            if room is not None:
-                left = room() - buffered
-                if len(piece) >= left:
-                    if left > 0:
-                        pending.append(piece[:left])
-                        buffered += left
-                    break  # the rest is not ours (stolen, or more than was asked)
-            pending.append(piece)
-            buffered += len(piece)
-            if buffered >= WRITE_BATCH or len(pending) >= MAX_PIECES:
-                await sink(pending, buffered)
-                pending, buffered = [], 0
-    except retryable():
-        if pending:
-            await sink(pending, buffered)
-        raise
-    if pending:
-        await sink(pending, buffered)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from urllib.parse import quote, urljoin, urlsplit
 
 import aiohttp
@@ -53,7 +53,7 @@ from fetchd.model import (
 )
 from fetchd.sources.auth import Authenticator, load_credentials
 from fetchd.sources.base import Location, Resolved, Sink
-from fetchd.sources.http import content_range, origin, pump, redact, translate
+from fetchd.sources.http import content_range, origin, redact, translate
 from fetchd.sources.retry import (
     REDIRECT_STATUSES,
     backoff,
@@ -529,6 +529,33 @@ class RegistryBlobs:
             await pump(resp, write)
         if sink.offset < desc.size:
             raise _ShortBody(f"body ended at {sink.offset}")
+
+
+WRITE_BATCH = 1 << 20
+MAX_PIECES = 256  # pieces per batch: pwritev takes at most IOV_MAX (1024) buffers
+
+
+async def pump(
+    resp: aiohttp.ClientResponse, sink: Callable[[list[bytes], int], Awaitable[None]]
+) -> None:
+    """Hand ``resp``'s body to ``sink`` in batches of about 1 MiB (the pieces as read:
+    nothing is joined on the event loop). On a retryable error the pieces that arrived
+    are handed over before it propagates."""
+    pending: list[bytes] = []
+    buffered = 0
+    try:
+        async for piece, _ in resp.content.iter_chunks():
+            pending.append(piece)
+            buffered += len(piece)
+            if buffered >= WRITE_BATCH or len(pending) >= MAX_PIECES:
+                await sink(pending, buffered)
+                pending, buffered = [], 0
+    except retryable():
+        if pending:
+            await sink(pending, buffered)
+        raise
+    if pending:
+        await sink(pending, buffered)
 
 
 def oci_error_detail(body: bytes) -> str:
