@@ -33,6 +33,8 @@ import random
 import select
 import shutil
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -620,5 +622,57 @@ def test_cancel_a_pull_waiting_on_the_ingest_lock_another_process_holds(
         assert str(result.digest) == image.digest
         await scene.left_nothing(fetching=[], published=1)
         assert len(reg_gate.requests(layer, "GET")) == 1
+
+    run(body, tmp_path / "store", reg_gate)
+
+
+def test_cancel_a_pull_whose_lease_waits_on_a_gc_in_another_process(
+    images: Images, reg_gate: SlowProxy, tmp_path: Path
+) -> None:
+    """Another process (a gc) holds the store's gc lock: the pull's lease, taken in a
+    thread after the manifest, waits for it. Cancelled there, the pull must not leave a
+    live lease behind once the gc is done (it would keep those blobs from every gc for as
+    long as this process lives)."""
+    image = images.small
+    store = tmp_path / "store"
+    Store.open(store)
+    gc_lock = store / "gc.lock"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys\n"
+            "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "print('locked', flush=True)\n"
+            "sys.stdin.read()\n",
+            str(gc_lock),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+    async def body(scene: Scene) -> None:
+        try:
+            assert holder.stdout is not None and holder.stdin is not None
+            assert await asyncio.to_thread(holder.stdout.readline) == "locked\n"
+            async with scene.engine() as engine:
+                task = asyncio.create_task(engine.pull(image.at(reg_gate)))
+                await poll(lambda: bool(leases(store)), SIGNAL_WITHIN, "the pull's lease")
+                await scene.cancel(task)
+            holder.stdin.close()  # the gc is done
+            await asyncio.to_thread(holder.wait, SIGNAL_WITHIN)
+        finally:
+            if holder.poll() is None:
+                holder.kill()
+                holder.wait()
+        await poll(lambda: not leases(store), LEFT_WITHIN, f"the leases {leases(store)} to go")
+        await scene.left_nothing(fetching=[image.config, *image.layers])
+
+        async with scene.engine() as engine:
+            result = await engine.pull(image.at(reg_gate))
+        assert str(result.digest) == image.digest
+        await scene.left_nothing(fetching=[], published=1)
 
     run(body, tmp_path / "store", reg_gate)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.cli import Fetchd, ok
+from tests.support.cli import Fetchd, failed, ok
 from tests.support.fakeregistry import CONFIG, Answer, FakeRegistry, sha256
 from tests.support.faultproxy import FaultProxy
 from tests.support.images import BuiltImage, build_image, push, random_layer
@@ -552,3 +552,107 @@ def test_fault_proxy_stall_after_slow_and_digests(registry: Registry, tmp_path: 
         assert took >= 0.5 * two.size / (4 * MIB), f"{two.size} B in {took:.2f} s"
         assert proxy.bytes_sent(digest=one.digest) == one.size + 100_000
         assert proxy.bytes_sent() == 2 * two.size + one.size + 100_000
+
+
+# --- what review found: a mirror's other ways to be wrong -----------------------------------
+
+
+def _layer(n: int, seed: int) -> bytes:
+    out = bytearray()
+    i = 0
+    while len(out) < n:
+        out += sha256(f"{seed}-{i}".encode()).encode()
+        i += 1
+    return bytes(out[:n])
+
+
+def test_a_mirror_sending_too_many_bytes_is_dropped_and_the_origin_serves(fetchd: Fetchd) -> None:
+    """A body longer than the descriptor (a captive portal's page after the blob, the
+    wrong blob): not this blob, so the mirror is dropped and the origin asked."""
+    data = _layer(300_000, 1)
+    layer = {"digest": sha256(data), "size": len(data)}
+    with FakeRegistry() as origin, FakeRegistry() as mirror:
+        origin.image("rev/long", layer, Answer(data))
+        mirror.image("rev/long", layer, Answer(data + b"<html>log in</html>" * 100))
+
+        result = fetchd("pull", *HTTP, "--mirror", mirror.url, f"docker://{origin.host}/rev/long:1")
+
+        from_origin = [p for p, _ in origin.seen if str(layer["digest"]) in p]
+    ok(result)
+    assert from_origin, "the origin was not asked for the layer"
+    dropped = [ln for ln in result.stderr.splitlines() if "dropped" in ln and mirror.url in ln]
+    assert dropped and "wrong size" in dropped[0], result.stderr
+    assert_stored(fetchd, str(layer["digest"]), len(data))
+
+
+def test_the_only_mirror_of_mirror_only_is_retried_like_an_origin(fetchd: Fetchd) -> None:
+    """With --mirror-only nothing follows the mirror: a cut body is resumed, as from
+    an origin, instead of failing the pull."""
+    data = _layer(2_000_000, 2)
+    layer = {"digest": sha256(data), "size": len(data)}
+    dead = f"127.0.0.1:{free_port()}"
+    with FakeRegistry() as registry, FaultProxy(registry.url) as mirror:
+        registry.image("rev/cut", layer, Answer(data))
+        mirror.set_mode("cut", digests={str(layer["digest"])})
+
+        result = fetchd(
+            "pull", *HTTP, "--mirror", mirror.url, "--mirror-only", f"docker://{dead}/rev/cut:1"
+        )
+
+        cuts = [s for s in mirror.seen if str(layer["digest"]) in s.path]
+    ok(result)
+    assert len(cuts) >= 2, "the cut was not what happened"
+    assert_stored(fetchd, str(layer["digest"]), len(data))
+
+
+def test_one_pulls_failed_blob_does_not_fail_another_pull_of_it(fetchd: Fetchd) -> None:
+    """Two images on two registries share their config blob; registry A answers it with
+    a slow 500. The pull from B must not inherit A's failure: B is asked itself."""
+    a_data, b_data = _layer(100_000, 3), _layer(100_000, 4)
+    config = f"/blobs/{sha256(CONFIG)}"
+    with FakeRegistry() as a, FakeRegistry() as b:
+        a.image("rev/a", {"digest": sha256(a_data), "size": len(a_data)}, Answer(a_data))
+        a.routes[f"/v2/rev/a{config}"] = Answer(b"no", status=500, delay=1.5)
+        b.image("rev/b", {"digest": sha256(b_data), "size": len(b_data)}, Answer(b_data))
+        b.routes["/v2/rev/b/manifests/1"].delay = 0.4  # B asks once A's fetch is running
+
+        result = fetchd("pull", *HTTP, f"docker://{a.host}/rev/a:1", f"docker://{b.host}/rev/b:1")
+
+        b_config = [p for p, _ in b.seen if p.endswith(config)]
+    assert result.returncode == 1  # A's pull fails, alone
+    assert f"{b.host}/rev/b:1" in result.stdout, result.stderr
+    assert b_config, "B was never asked for the config"
+    assert fetchd.entry(f"{b.host}/rev/b:1")
+
+
+def test_a_mirror_answering_502_is_asked_once_and_named_in_the_error(fetchd: Fetchd) -> None:
+    """A mirror another source follows is not retried (by-digest: mirrors may resolve
+    it); with --mirror-only the error names the mirror, not the origin it stands for."""
+    data = _layer(10_000, 6)
+    layer = {"digest": sha256(data), "size": len(data)}
+    with FakeRegistry() as origin, FakeRegistry() as mirror:
+        origin.image("rev/502", layer, Answer(data))
+        manifest = origin.routes["/v2/rev/502/manifests/1"]
+        digest = sha256(manifest.body)
+        origin.routes[f"/v2/rev/502/manifests/{digest}"] = manifest
+        mirror.routes[f"/v2/rev/502/manifests/{digest}"] = Answer(b"bad gateway", status=502)
+        ref = f"docker://{origin.host}/rev/502@{digest}"
+
+        ok(fetchd("pull", *HTTP, "--mirror", mirror.url, ref))
+        asked = [p for p, _ in mirror.seen if "/manifests/" in p]
+        assert len(asked) == 1, asked
+
+        line = failed(
+            fetchd(
+                "pull",
+                *HTTP,
+                "--pull-policy",
+                "update",
+                "--mirror",
+                mirror.url,
+                "--mirror-only",
+                ref,
+            )
+        )
+    assert mirror.url in line and "502" in line, line
+    assert f"registry {origin.host}" not in line, line

@@ -326,10 +326,14 @@ def test_mirrors_share_the_segments(
     big: Big, fetchd: Fetchd, tmp_path: Path, tls_ca: TestCA
 ) -> None:
     tls = tls_ca.issue_server(tmp_path / "tls")
+    # Without --digest nothing could check that the mirror sends the same bytes.
+    bare = fetchd("pull", "--mirror", f"{big.url('m')}&x", big.url("m"), env=big.env)
+    assert failed(bare, "--mirror", "--digest")
+    assert fetchd.blobs() == set()
     with start_nginx(tmp_path / "mirror", big.path.parent, tls=tls) as mirror:
         url, other = big.url("mirror"), f"{mirror.https_url}/file.bin?t=mirror"
 
-        out = ok(fetchd("pull", "--mirror", other, url, env=big.env))
+        out = ok(fetchd("pull", "--digest", big.digest, "--mirror", other, url, env=big.env))
 
         assert out.strip() == big.digest
         assert_stored(fetchd, big.digest, big.size)

@@ -692,3 +692,28 @@ def test_after_a_mismatch_the_same_ingest_takes_the_blob_from_another_source(
     run(go)
     assert store.blob_path(digest).read_bytes() == data
     assert ingest_dirs(store) == []
+
+
+def test_a_sequential_writer_resumes_only_the_first_range_a_segmented_one_left(
+    tmp_path: Path,
+) -> None:
+    """Data a segmented writer left has holes: a sequential writer of the same digest
+    (the engine chose otherwise this time) resumes its range from 0 only, not the zeros
+    of the holes after it, and the segmented state goes."""
+    store = Store.open(tmp_path / "store")
+    data = content(2)
+    digest = Digest.of(data)
+    cut = SIZE // 4
+
+    async def go() -> None:
+        async with store.ingest(digest, SIZE, segmented=True) as ing:
+            await ing.write_at(0, [data[:cut]])
+            await ing.write_at(SIZE // 2, [data[SIZE // 2 :]])
+        async with store.ingest(digest, SIZE) as ing:
+            assert ing.offset == cut
+            assert not (ing.path / "state.json").exists()
+            await ing.write_at(cut, [data[cut:]])
+            await ing.commit()
+
+    run(go)
+    assert store.blob_path(digest).read_bytes() == data

@@ -24,7 +24,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from fetchd.config import Config
-from fetchd.errors import BlobNotFound, DigestMismatch, FetchdError, SourceError, TransferFailed
+from fetchd.errors import (
+    BlobNotFound,
+    DigestMismatch,
+    FetchdError,
+    SizeMismatch,
+    SourceError,
+    TransferFailed,
+)
 from fetchd.model import Descriptor
 from fetchd.sources.base import Fetcher, Location, RangeFetcher, Sink
 from fetchd.sources.http import redact
@@ -51,15 +58,16 @@ class Sources:
         self.fetchers = list(fetchers)
         self.trusted = trusted
         self.peers = peers
-        #: label → why it was dropped
-        self.dropped: dict[str, str] = {}
+        #: id(fetcher) → why it was dropped (by identity: two URLs that differ only in
+        #: their query string have one label)
+        self.dropped: dict[int, str] = {}
 
     def live(self) -> list[Fetcher]:
-        return [f for f in self.fetchers if f.label not in self.dropped]
+        return [f for f in self.fetchers if id(f) not in self.dropped]
 
     def drop(self, fetcher: Fetcher, why: str) -> None:
-        if fetcher.label not in self.dropped:
-            self.dropped[fetcher.label] = why
+        if id(fetcher) not in self.dropped:
+            self.dropped[id(fetcher)] = why
             log.warning("dropped %s for the rest of this pull: %s", fetcher.label, why)
 
 
@@ -81,15 +89,18 @@ async def fill_and_commit(
     """
     what = f"blob {desc.digest.short}" if ingest.expected else "download"
     resumed_retry = True
+    # Who placed the bytes the ingest holds now: across fills, until it is emptied (what
+    # a lying mirror placed survives a fill of only the gaps a bad resume left).
+    contributors: list[Fetcher] = []
     for _ in range(len(sources.fetchers) + 2):
         live = sources.live()
         if not live:
             raise TransferFailed(
                 f"{what}: every source was dropped ({'; '.join(sources.dropped.values())})"
             )
-        contributors = await _fill(
-            desc, ingest, live, sources.peers, config, on_bytes, on_connections
-        )
+        for f in await _fill(desc, ingest, sources, live, config, on_bytes, on_connections):
+            if f not in contributors:
+                contributors.append(f)
         try:
             await ingest.commit()
             return
@@ -109,14 +120,15 @@ async def fill_and_commit(
             for f in blamed:
                 sources.drop(f, f"its bytes of {what} failed verification ({exc})")
             await ingest.restart()
+            contributors.clear()
     raise TransferFailed(f"{what}: no source delivered bytes that verify")
 
 
 async def _fill(
     desc: Descriptor,
     ingest: Ingest,
+    sources: Sources,
     live: list[Fetcher],
-    peers: bool,
     config: Config,
     on_bytes: Callable[[int], None],
     on_connections: Callable[[int], None],
@@ -131,7 +143,8 @@ async def _fill(
             return lambda: f.locate(desc)
 
         ranges = [
-            RangeSource(f.label, locator(f), tier=0 if peers else i) for i, f in enumerate(ranged)
+            RangeSource(f.label, locator(f), tier=0 if sources.peers else i)
+            for i, f in enumerate(ranged)
         ]
         await SegmentedDownload(ingest, ranges, config, on_bytes, on_connections).run()
         return [f for f, r in zip(ranged, ranges, strict=True) if r.wrote]
@@ -151,6 +164,13 @@ async def _fill(
                 exc,
                 live[i + 1].label,
             )
+            continue
+        except SizeMismatch as exc:
+            # Not this blob (a captive portal's page, the wrong blob, an endless body):
+            # the ingest dropped it; the fetcher is not asked again in this pull.
+            if last or fetcher is sources.trusted:
+                raise
+            sources.drop(fetcher, f"it sent blob {desc.digest.short} at the wrong size ({exc})")
             continue
         except SourceError as exc:
             if last:
@@ -200,8 +220,9 @@ class UrlFetcher:
 
 class SingleFlight:
     """One piece of work per key at a time, however many ask: the first caller runs it,
-    the others wait for its outcome (a failure is theirs too). When the one running it
-    is cancelled, a waiter that is not takes the work over. On the event loop only."""
+    the others wait for its outcome. A success is theirs too; when it fails or is
+    cancelled, a waiter runs the work itself (its own sources may succeed where the
+    other pull's failed). On the event loop only."""
 
     def __init__(self) -> None:
         self._running: dict[str, asyncio.Future[Any]] = {}
@@ -215,9 +236,13 @@ class SingleFlight:
             if waiting is None:
                 break
             await asyncio.wait({waiting})  # our own cancellation propagates from here
-            if not waiting.cancelled():
-                result: T = waiting.result()  # its error, if it failed, is ours
+            if not waiting.cancelled() and waiting.exception() is None:
+                result: T = waiting.result()
                 return result
+            # Cancelled, or failed with the other caller's sources (its mirrors, its
+            # registry): ours may still work. Once: run it ourselves.
+            if not waiting.cancelled():
+                break
         else:
             raise FetchdError(f"{key}: its transfer was cancelled 1000 times")
         done: asyncio.Future[T] = asyncio.get_running_loop().create_future()

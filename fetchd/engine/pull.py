@@ -280,8 +280,20 @@ class Engine:
                 raise UsageError(f"--mirror {given!r} is not an http(s):// URL")
         origin = self._registry(ref.host)
         reg = _registry_class()
+        # A mirror retries only when nothing follows it (the last one, with --mirror-only).
         caches = [
-            (m, reg(self.session(), self.config, ref.host, base=m, ns=ref.host)) for m in mirrors
+            (
+                m,
+                reg(
+                    self.session(),
+                    self.config,
+                    ref.host,
+                    base=m,
+                    ns=ref.host,
+                    patient=mirror_only and i == len(mirrors) - 1,
+                ),
+            )
+            for i, m in enumerate(mirrors)
         ]
         tags_too = mirror_only or self.config.pull_from_mirror == "all" or ref.digest is not None
         authorities: list[tuple[str | None, Registry]] = list(caches) if tags_too else []
@@ -514,7 +526,15 @@ class Engine:
         threads inherit. If the block fails the store is left as it was: the lease is
         released, then the blobs this pull committed itself that no name and no other
         pull's lease uses are removed (every commit ran to its end before)."""
-        lease = await asyncio.to_thread(Lease.take, self.store, digests)
+        # Taking it may wait on a gc of another process: a cancellation returns at once,
+        # and what the thread goes on to take is released when it does (else its file
+        # would pin the digests for as long as this process lives).
+        taking = asyncio.ensure_future(asyncio.to_thread(Lease.take, self.store, digests))
+        try:
+            lease = await asyncio.shield(taking)
+        except asyncio.CancelledError:
+            taking.add_done_callback(_release_taken)
+            raise
         token = current_lease.set(lease)
         try:
             yield lease
@@ -640,6 +660,11 @@ class Engine:
                 raise InsecureRefused(
                     f"{redact(u)} is plain HTTP; pass --insecure-options http to allow it"
                 )
+        if mirrors and digest is None:
+            raise UsageError(
+                f"{redact(url)}: --mirror for a URL needs --digest sha256:…: without it "
+                "nothing can check that the mirrors send the URL's bytes"
+            )
         policy = self.config.pull_policy
         now = time.time()
         rec, listed = await asyncio.to_thread(self._url_record, url)
@@ -670,9 +695,11 @@ class Engine:
         async with self._leased([digest] if digest else []):
             for attempt in (1, 2):
                 try:
-                    got, size, fetched = await self._single.run(
-                        flight, lambda: self._download_url(url, digest, mirrors, rec, now)
-                    )
+                    download = lambda: self._download_url(url, digest, mirrors, rec, now)  # noqa: E731
+                    result = await self._single.run(flight, download)
+                    if result is None:  # the flight was an image's blob of that digest
+                        result = await download()
+                    got, size, fetched = result
                     break
                 except layout.BlobsMissing:
                     if attempt == 2:  # a gc deleted it between our commit and now: twice
@@ -698,7 +725,7 @@ class Engine:
             rec, _ = await asyncio.to_thread(self._url_record, url)
             if (
                 rec is not None
-                and rec != seen
+                and _content(rec) != _content(seen)
                 and self.store.has(Digest.parse(rec.digest))
                 and (digest is None or Digest.parse(rec.digest) == digest)
             ):
@@ -805,6 +832,19 @@ class Engine:
         return PullResult(
             url, digest, Descriptor("application/octet-stream", digest, size), fetched
         )
+
+
+def _release_taken(taking: asyncio.Future[Lease]) -> None:
+    if not taking.cancelled() and taking.exception() is None:
+        taking.result().release()
+
+
+def _content(rec: UrlRecord | None) -> tuple[object, ...] | None:
+    """What a URL record says about the content (not when it was last used: a pull that
+    only used the stored blob changes that, and is no newer download)."""
+    if rec is None:
+        return None
+    return (rec.digest, rec.size, rec.etag, rec.last_modified, rec.checked_at)
 
 
 def _registry_class() -> type[Registry]:

@@ -423,10 +423,13 @@ class Cache:
         loop = asyncio.get_running_loop()
         sent = start
         flushed = loop.time()
+        # Only a reset after this stream began matters: one before it (bad resumed data,
+        # a lying mirror) left nothing this client was sent.
+        generation = flight.ingest.generation
         f = await asyncio.to_thread(_open_ingest, flight, self.store)
         try:
             while sent < flight.size:
-                if flight.reset:
+                if flight.ingest.generation != generation:
                     raise StoreError(f"blob {flight.digest.short} was refetched mid-stream")
                 outcome = flight.done.result() if flight.done.done() else False
                 if outcome is not None and outcome is not False:

@@ -223,6 +223,8 @@ def translate(exc: BaseException, what: str, config: Config) -> FetchdError:
         )
     if isinstance(exc, aiohttp.ClientConnectorError):
         return TransferFailed(f"{what}: cannot connect ({_reason(exc)})")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return TransferFailed(f"{what}: the connection ended before the body was complete")
     if isinstance(exc, aiohttp.ClientError | OSError):
         return TransferFailed(f"{what}: {type(exc).__name__}: {_reason(exc)}")
     return TransferFailed(f"{what}: {type(exc).__name__}: {exc}")

@@ -80,6 +80,7 @@ class Registry:
         *,
         base: str | None = None,
         ns: str | None = None,
+        patient: bool = True,
     ) -> None:
         """``host`` names the registry (and its credentials). ``base`` pins the API's URL
         (``http://cache:5050``: a mirror, or a server's configured upstream) instead of
@@ -98,6 +99,10 @@ class Registry:
         )
         self._base: str | None = base.rstrip("/") if base else None
         self._pinned = base is not None
+        #: retry what retry.py calls retryable (False: a mirror another source follows)
+        self.patient = patient
+        #: who answers, for messages: a mirror by its URL, the registry by its name
+        self.where = f"mirror {redact(base)}" if base and ns else f"registry {host}"
         self._base_lock = asyncio.Lock()
         self.query = f"?ns={quote(ns, safe='')}" if ns else ""
 
@@ -142,7 +147,7 @@ class Registry:
         headers: dict[str, str],
         what: str,
         *,
-        patient: bool = True,
+        patient: bool | None = None,
     ) -> aiohttp.ClientResponse:
         """Send a request with auth, redirects and retries; the caller releases the response.
 
@@ -154,6 +159,8 @@ class Registry:
         """
         url = f"{await self.base()}{path}"
         budget = self.config.request_budget
+        if patient is None:
+            patient = self.patient
         attempts = self.config.attempts if patient else 1
         started = time.monotonic()
         attempt = 0
@@ -186,7 +193,7 @@ class Registry:
                 resp.release()
                 if auth_rounds >= 2:
                     raise AuthenticationFailed(
-                        f"registry {self.host} keeps refusing access to {what} (HTTP 401); "
+                        f"{self.where} keeps refusing access to {what} (HTTP 401); "
                         "check your credentials"
                     )
                 auth_rounds += 1
@@ -217,7 +224,7 @@ class Registry:
     def _silent(self, what: str, times: int) -> str:
         wait = self.config.stall_timeout
         return (
-            f"{what}: registry {self.host} did not answer (no data for {wait:g} s, "
+            f"{what}: {self.where} did not answer (no data for {wait:g} s, "
             f"{times} times); the server is down or overloaded: check it or try again "
             "later (or raise --stall-timeout if it is only slow)"
         )
@@ -246,13 +253,13 @@ class Registry:
             body = b""
         detail = oci_error_detail(body)
         if resp.status == 401:
-            return AuthenticationFailed(f"{what}: registry {self.host} requires login{detail}")
+            return AuthenticationFailed(f"{what}: {self.where} requires login{detail}")
         if resp.status == 403:
-            return AccessDenied(f"{what}: registry {self.host} denies access{detail}")
+            return AccessDenied(f"{what}: {self.where} denies access{detail}")
         if resp.status == 404:
             cls = ManifestNotFound if "manifest" in what else BlobNotFound
-            return cls(f"{what}: not found on {self.host}{detail}")
-        return TransferFailed(f"{what}: registry {self.host} answered HTTP {resp.status}{detail}")
+            return cls(f"{what}: not found on {self.where.removeprefix('registry ')}{detail}")
+        return TransferFailed(f"{what}: {self.where} answered HTTP {resp.status}{detail}")
 
     async def _document(self, resp: aiohttp.ClientResponse, what: str) -> bytes:
         """The whole body of a manifest or tag list, at most MAX_MANIFEST_SIZE bytes."""
@@ -278,7 +285,7 @@ class Registry:
     def _too_slow(self, what: str) -> TransferTimeout:
         return TransferTimeout(
             f"{what}: not complete within {self.config.request_budget:g} s (registry "
-            f"{self.host} sends it too slowly or not at all); check the server or the "
+            f"{self.where} sends it too slowly or not at all); check the server or the "
             "network, or raise --stall-timeout (the bound is 4 × --stall-timeout, at least 5 s)"
         )
 
@@ -367,7 +374,7 @@ class Registry:
         """:class:`~fetchd.sources.base.Resolver`: the top manifest of ``ref``."""
         raw, ctype, digest = await self.manifest(ref)
         media_type = ctype.split(";")[0].strip() if ctype else ""
-        return Resolved(Descriptor(media_type, digest, len(raw)), raw, f"registry {self.host}")
+        return Resolved(Descriptor(media_type, digest, len(raw)), raw, self.where)
 
     async def child(self, ref: Reference, desc: Descriptor) -> bytes:
         """:class:`~fetchd.sources.base.Resolver`: a manifest of an index, by digest."""
@@ -384,9 +391,9 @@ class RegistryBlobs:
     (one streamed GET, resumed with ``Range``) and a ``RangeFetcher`` (:meth:`locate`:
     the blob URL after authentication and redirects, for the segment scheduler).
 
-    Never verifies, never commits (the engine does both). ``mirror``: a cache that is
-    asked first; a failure then costs no retries, the next fetcher is asked instead.
-    Calls may overlap.
+    Never verifies, never commits (the engine does both). ``mirror``: a cache asked
+    before the origin (it names itself so in logs). A fetch that another fetcher follows
+    (``last`` False) is not retried: the next one is asked instead. Calls may overlap.
     """
 
     def __init__(self, registry: Registry, name: str, *, mirror: bool = False) -> None:
@@ -414,7 +421,6 @@ class RegistryBlobs:
             f"repository:{self.name}:pull",
             {"Range": "bytes=0-0"},
             what,
-            patient=not self.mirror,
         )
         async with resp:
             if resp.status not in (200, 206):
@@ -435,7 +441,7 @@ class RegistryBlobs:
         urls.append(None)
         for url in urls:
             try:
-                await self._fill(desc, sink, on_bytes, what, url, patient=last and not self.mirror)
+                await self._fill(desc, sink, on_bytes, what, url, patient=last)
                 return
             except SourceError as exc:
                 if url is None:

@@ -76,6 +76,11 @@ STATE_INTERVAL = 2.0
 CONTROL_INTERVAL = 0.25
 INITIAL_CONNECTIONS = 2
 SLOW_FOR = 2.0  # seconds a connection may lag far behind its peers before it is cut
+ADD_WINDOW = 0.5  # seconds of throughput measured before another connection is added
+#: the hash follower "keeps up" while its lag grows by at most 1/HASH_BEHIND of what
+#: arrived (+ HASH_SLACK: it hashes 4 MiB reads, so its progress comes in steps)
+HASH_BEHIND = 8
+HASH_SLACK = 8 << 20
 
 T = TypeVar("T")
 
@@ -156,6 +161,31 @@ class _Plan:
         if e < b:
             self._gaps.appendleft((e, b))
         return Segment(a, e)
+
+
+class _Growth:
+    """When one more connection is worth it: the throughput since the last one was added
+    (over at least :data:`ADD_WINDOW` s) beats the window before by 10 %, and the hash
+    follower keeps up. A follower falling behind means the CPU, not the network, is the
+    limit: another connection would only take CPU from hashing (and the hash still to do
+    when the last byte arrives is time the download waits)."""
+
+    def __init__(self, now: float, done: int, lag: int) -> None:
+        self.start, self.done, self.lag = now, done, lag
+        self.rate = 0.0  # throughput of the window before the last add
+
+    def another(self, now: float, done: int, lag: int, connections: int) -> bool:
+        """Whether to add a connection now; if so, a new window starts."""
+        elapsed = now - self.start
+        if elapsed < ADD_WINDOW:
+            return False
+        arrived = done - self.done
+        rate = arrived / elapsed
+        keeps_up = lag - self.lag <= arrived // HASH_BEHIND + HASH_SLACK
+        if connections >= INITIAL_CONNECTIONS and not (rate > self.rate * 1.1 and keeps_up):
+            return False
+        self.start, self.done, self.lag, self.rate = now, done, lag, rate
+        return True
 
 
 class _Restart(Exception):
@@ -754,33 +784,31 @@ class SegmentedDownload:
     async def _control(self, tg: asyncio.TaskGroup) -> None:
         """Add connections while they help; cut far-slower ones; save progress."""
         limit = max(1, self.config.max_connections)
-        last_save = last_add = time.monotonic()
-        rate_at_add = 0.0
-        total_before = self.sink.offset
+        last_save = time.monotonic()
+        growth = _Growth(last_save, self.sink.offset, self._hash_lag())
         while self.queue or self.active:
             await asyncio.sleep(CONTROL_INTERVAL)
             if not self._live():
                 raise self._failure()
             self._report_moved()
             now = time.monotonic()
-            done = self.sink.offset
-            rate = (done - total_before) / CONTROL_INTERVAL
-            total_before = done
             for s in list(self.active):
                 s.rate = s.window_bytes / CONTROL_INTERVAL
                 s.window_bytes = 0
             if (
                 self.queue
                 and self.connections < limit
-                and now - last_add >= 2 * CONTROL_INTERVAL
-                and (self.connections < 2 or rate > rate_at_add * 1.1)
+                and growth.another(now, self.sink.offset, self._hash_lag(), self.connections)
             ):
                 tg.create_task(self._worker(None))
-                last_add, rate_at_add = now, rate
             self._cut_slow(now)
             if now - last_save >= STATE_INTERVAL:
                 await self._save_state()
                 last_save = now
+
+    def _hash_lag(self) -> int:
+        """Bytes in order on disk that the ingest's hash follower has not hashed yet."""
+        return max(0, self.sink.contiguous - self.sink.hashed)
 
     def _cut_slow(self, now: float) -> None:
         running = [s for s in self.active if now - s.started > 1.0]

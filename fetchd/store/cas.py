@@ -249,6 +249,7 @@ class Ingest:
         """Open the data file and rebuild the hash state of what is already in it."""
         self._fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         length = os.fstat(self._fd).st_size
+        length = min(length, _prefix_of_segmented(self.path / "state.json", length))
         if self.size is not None and length > self.size:
             length = 0  # cannot be a prefix of this blob: start over
         self._hasher = self._new_hasher()
@@ -410,6 +411,22 @@ class Ingest:
             # We hold the lock (Store.ingest): the protocol of locks.py, never rmtree,
             # which would delete the lock file of a waiter that just re-created it.
             await asyncio.to_thread(remove_locked_dir, self.path, self.path / "lock")
+
+
+def _prefix_of_segmented(state_path: Path, length: int) -> int:
+    """A segmented writer left this data (its state.json is there): the bytes a
+    sequential writer may resume are its range from 0 only, not the holes after it.
+    The state is removed (this writer's data is a prefix from now on)."""
+    try:
+        ranges = json.loads(state_path.read_bytes()).get("ranges", [])
+        first = [int(b) for a, b in ranges if int(a) == 0]
+    except FileNotFoundError:
+        return length
+    except (OSError, ValueError, TypeError, AttributeError):
+        first = []
+    with contextlib.suppress(OSError):
+        state_path.unlink()
+    return min(first[0], length) if first else 0
 
 
 def _load_sync_file_range() -> Callable[[int, int, int], None]:
