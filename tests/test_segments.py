@@ -421,3 +421,54 @@ def test_no_module_of_fetchd_uses_private_state_of_the_standard_library() -> Non
         hit for path in sorted((REPO / "fetchd").rglob("*.py")) for hit in stdlib_state_uses(path)
     ]
     assert found == []
+
+
+def test_an_interrupted_tls_transfer_records_only_body_bytes(
+    served: Served, tmp_path: Path
+) -> None:
+    """Cut a transfer over TLS from another thread mid-body (as a stall, a steal or a
+    slow-cut does), many times at different points: every byte the transport recorded
+    is the body's. (SSLSocket.shutdown detached the SSL object first, and a read racing
+    it took the kernel's queued ciphertext as body bytes.)"""
+    from fetchd.sources.transport import Transfer, Transport
+
+    class Recorder:
+        def __init__(self, path: Path) -> None:
+            self.data_path = path
+            self.ranges: list[tuple[int, int]] = []
+
+        def record(self, offset: int, n: int) -> None:
+            self.ranges.append((offset, n))
+
+    bad = []
+    for run in range(6):
+        out = tmp_path / f"out{run}"
+        out.write_bytes(b"")
+        transport = Transport(Config(store=tmp_path))
+        transfer = Transfer(0, SIZE)
+        recorder = Recorder(out)
+        resp = transport.open(Location(served.url("tls-cut"), {}), 0, SIZE, transfer)
+        at = (SIZE // 4) + run * 977
+
+        def cut(transfer: Transfer = transfer, at: int = at) -> None:
+            deadline = time.monotonic() + 30
+            while transfer.cursor < at and time.monotonic() < deadline:
+                time.sleep(0.0002)
+            transfer.interrupt()
+
+        cutter = threading.Thread(target=cut)
+        cutter.start()
+        try:
+            resp.read_into(transfer, recorder, lambda n: None)
+        except Exception:  # Interrupted, or a lost connection: either is fine
+            pass
+        finally:
+            cutter.join(30)
+            resp.close()
+            transport.close()
+        got = out.read_bytes()
+        wrong = [(o, n) for o, n in recorder.ranges if got[o : o + n] != served.data[o : o + n]]
+        if wrong:
+            bad.append((run, wrong[:3]))
+        out.unlink()
+    assert bad == [], f"recorded bytes that are not the body's: {bad}"

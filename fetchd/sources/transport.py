@@ -123,8 +123,12 @@ class Transfer:
             self.stop = True
             sock = self._socket
         if sock is not None:
+            # The plain socket's shutdown(2), also for a TLS socket: SSLSocket.shutdown
+            # would first detach its SSL object, and a read racing it would then take
+            # the kernel's queued ciphertext as body bytes. The SSL layer stays; its
+            # next read fails (EOF) and the thread sees the stop.
             with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
     def attach(self, sock: socket.socket | None) -> None:
         """The socket the transfer runs on now (None: none). Raises :class:`Interrupted`
@@ -322,7 +326,7 @@ class Response:
                     break
                 got = 0
                 try:
-                    while got < want:
+                    while got < want and not transfer.stop:
                         n = self._read(view[got:want])
                         if not n:
                             break
