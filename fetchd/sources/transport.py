@@ -55,7 +55,7 @@ import ssl
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 from urllib.parse import urljoin, urlsplit
 
 from fetchd.config import Config
@@ -178,6 +178,15 @@ class _Connection:
         self.origin = origin
         self.pending = bytearray()  # read from the socket, not yet consumed
         self.used = False  # carried a response before (a stale keep-alive may close)
+        #: ``read(n, buffer)``: up to n bytes into buffer, straight from the socket (what
+        #: is pending is not looked at); 0 at the end of the stream
+        self.read: Callable[[int, memoryview], int]
+        if isinstance(sock, ssl.SSLSocket):
+            # SSLSocket.read(len, buffer) returns the count (typeshed says bytes); it is
+            # what SSLSocket.recv_into calls, one Python call less for each TLS record.
+            self.read = cast("Callable[[int, memoryview], int]", sock.read)
+        else:
+            self.read = lambda n, buffer: sock.recv_into(buffer, n)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -326,11 +335,16 @@ class Response:
                     break
                 got = 0
                 try:
-                    while got < want and not transfer.stop:
-                        n = self._read(view[got:want])
-                        if not n:
-                            break
-                        got += n
+                    if self._chunked or self._body_left is None or conn.pending:
+                        while got < want and not transfer.stop:
+                            n = self._read(view[got:want])
+                            if not n:
+                                break
+                            got += n
+                    else:
+                        got, failed = self._read_sized(view, want, transfer)
+                        if failed is not None:
+                            raise failed
                 except (Stalled, ConnectionLost):
                     if transfer.stop:
                         raise Interrupted() from None
@@ -346,6 +360,37 @@ class Response:
                 transfer.attach(None)
         if transfer.stop and not self._done and transfer.cursor < transfer.end:
             raise Interrupted()
+
+    def _read_sized(
+        self, view: memoryview, want: int, transfer: Transfer
+    ) -> tuple[int, Stalled | ConnectionLost | None]:
+        """Up to ``want`` bytes of a body of known length into ``view``, straight from the
+        socket (nothing may be pending): the loop every byte of a download goes through,
+        one call per TLS record. Returns how many bytes came (fewer only at a stop or a
+        failure) and the failure that ended it early, if one did."""
+        conn = self._conn
+        assert conn is not None and self._body_left is not None
+        want = min(want, self._body_left)
+        read = conn.read
+        got = 0
+        failed: Stalled | ConnectionLost | None = None
+        try:
+            while got < want and not transfer.stop:
+                n = read(want - got, view[got:want])
+                if not n:
+                    failed = ConnectionLost(f"the body ended {self._body_left - got} bytes early")
+                    break
+                got += n
+        except TimeoutError as exc:
+            failed = Stalled("no data within the stall timeout")
+            failed.__cause__ = exc
+        except (OSError, ValueError) as exc:  # ValueError: a socket shut down under SSL
+            failed = ConnectionLost(f"{type(exc).__name__}: {exc}")
+            failed.__cause__ = exc
+        self._body_left -= got
+        if not self._body_left:
+            self._done = True
+        return got, failed
 
     @staticmethod
     def _place(
