@@ -12,7 +12,10 @@ reached through the one transport (:mod:`fetchd.sources.transport`) on transfer 
   handed out in order, so the ingest's hash follower keeps up with the front; what a
   download holds is bounded by its connections and gaps, not by the size a server claims
   (:func:`~fetchd.store.space.ensure_room` checked that first).
-* Connections are added while they raise throughput (up to ``max_connections``); one that
+* Connections are added while they raise throughput and the ingest's hash follower keeps
+  up (up to ``max_connections``): where the CPU is the limit, another connection only
+  takes CPU from hashing. A connection waits before its next segment while the follower
+  is more than :data:`HASH_AHEAD` behind, so the hash ends with the last byte. One that
   runs out of segments takes half of the largest one still running (work stealing).
 * **Tiers.** Sources of the lowest ``tier`` share the connections (round robin). A source
   answering 404 is dead for this download; so is one that stalls (no byte for
@@ -36,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import statistics
 import threading
 import time
 from collections import deque
@@ -81,6 +83,9 @@ ADD_WINDOW = 0.5  # seconds of throughput measured before another connection is 
 #: arrived (+ HASH_SLACK: it hashes 4 MiB reads, so its progress comes in steps)
 HASH_BEHIND = 8
 HASH_SLACK = 8 << 20
+HASH_AHEAD = 32 << 20  # the most bytes in order that may wait for the hash follower...
+HASH_WAIT = 1.0  # ...while a connection waits at most this long (s) for it to catch up
+HASH_POLL = 0.005  # seconds between looks at the follower's progress while waiting
 
 T = TypeVar("T")
 
@@ -253,6 +258,8 @@ class SegmentedDownload:
         self._save_again = False
         self._moved = 0  # bytes threads wrote that on_bytes has not heard of
         self._moved_lock = threading.Lock()
+        #: set when a connection ends: the control loop looks whether work is left
+        self._ended = asyncio.Event()
 
     # --- entry -------------------------------------------------------------------------
 
@@ -682,6 +689,7 @@ class SegmentedDownload:
                     source, seg, resp = held
                     held = None
                 else:
+                    await self._hash_room()
                     got = self._next_segment()
                     if got is None:
                         return
@@ -723,6 +731,7 @@ class SegmentedDownload:
                 held[2].close()  # never used
             self.connections -= 1
             self.on_connections(self.connections)
+            self._ended.set()
 
     def _transfer(
         self, source: RangeSource, loc: Location, seg: Segment, resp: Response | None
@@ -786,8 +795,7 @@ class SegmentedDownload:
         limit = max(1, self.config.max_connections)
         last_save = time.monotonic()
         growth = _Growth(last_save, self.sink.offset, self._hash_lag())
-        while self.queue or self.active:
-            await asyncio.sleep(CONTROL_INTERVAL)
+        while await self._tick():
             if not self._live():
                 raise self._failure()
             self._report_moved()
@@ -806,15 +814,42 @@ class SegmentedDownload:
                 await self._save_state()
                 last_save = now
 
+    async def _tick(self) -> bool:
+        """Wait :data:`CONTROL_INTERVAL` s; False (at once) when no work is left: the
+        download ends when its last transfer does, not at the next tick."""
+        deadline = asyncio.get_running_loop().time() + CONTROL_INTERVAL
+        while self.queue or self.active:
+            self._ended.clear()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._ended.wait()
+            except TimeoutError:
+                return True
+        return False
+
     def _hash_lag(self) -> int:
         """Bytes in order on disk that the ingest's hash follower has not hashed yet."""
         return max(0, self.sink.contiguous - self.sink.hashed)
+
+    async def _hash_room(self) -> None:
+        """Before a connection takes its next segment: wait while the hash follower is more
+        than :data:`HASH_AHEAD` behind (at most :data:`HASH_WAIT` s). Where the CPU is the
+        limit, the follower falls behind the network; what it has not hashed when the
+        last byte arrives is time the download waits with the other cores idle. Held
+        back here, the transfers leave it the CPU while there is still work for them
+        and the verification ends with the download. Not in the end game (nothing
+        queued): the steals that finish the download never wait."""
+        deadline = time.monotonic() + HASH_WAIT
+        for _ in range(int(HASH_WAIT / HASH_POLL) + 1):
+            if not self.queue or self._hash_lag() <= HASH_AHEAD or time.monotonic() > deadline:
+                return
+            await asyncio.sleep(HASH_POLL)
 
     def _cut_slow(self, now: float) -> None:
         running = [s for s in self.active if now - s.started > 1.0]
         if len(running) < 2:
             return
-        median = statistics.median(s.rate for s in running)
+        median = _median([s.rate for s in running])
         for s in running:
             # Far slower than its peers for a while (a stall, a bad path): cut it; its
             # remainder goes back to the queue, for another source if there is one.
@@ -826,6 +861,14 @@ class SegmentedDownload:
                 )
                 s.cut_slow = True
                 s.interrupt()
+
+
+def _median(values: list[float]) -> float:
+    """The median of ``values`` (not empty); statistics.median, without importing
+    statistics (and fractions, decimal, random) at every start."""
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def _expected(exc: BaseException) -> bool:
