@@ -86,6 +86,7 @@ HASH_SLACK = 8 << 20
 HASH_AHEAD = 32 << 20  # the most bytes in order that may wait for the hash follower...
 HASH_WAIT = 1.0  # ...while a connection waits at most this long (s) for it to catch up
 HASH_POLL = 0.005  # seconds between looks at the follower's progress while waiting
+HASH_STUCK = 0.2  # seconds without progress after which the follower is not waited for
 
 T = TypeVar("T")
 
@@ -260,6 +261,8 @@ class SegmentedDownload:
         self._moved_lock = threading.Lock()
         #: set when a connection ends: the control loop looks whether work is left
         self._ended = asyncio.Event()
+        #: the follower's progress when last looked at, and when it last moved
+        self._hashed_seen, self._hashed_moved = sink.hashed, time.monotonic()
 
     # --- entry -------------------------------------------------------------------------
 
@@ -833,15 +836,22 @@ class SegmentedDownload:
 
     async def _hash_room(self) -> None:
         """Before a connection takes its next segment: wait while the hash follower is more
-        than :data:`HASH_AHEAD` behind (at most :data:`HASH_WAIT` s). Where the CPU is the
-        limit, the follower falls behind the network; what it has not hashed when the
-        last byte arrives is time the download waits with the other cores idle. Held
-        back here, the transfers leave it the CPU while there is still work for them
-        and the verification ends with the download. Not in the end game (nothing
-        queued): the steals that finish the download never wait."""
+        than :data:`HASH_AHEAD` behind and moving (at most :data:`HASH_WAIT` s; not when
+        it did not move for :data:`HASH_STUCK` s: a follower that failed or is starved
+        must not slow the download down). Where the CPU is the limit, the follower falls
+        behind the network; what it has not hashed when the last byte arrives is time
+        the download waits with the other cores idle. Held back here, the transfers
+        leave it the CPU while there is still work for them, and the verification ends
+        with the download. Not in the end game (nothing queued): the steals that finish
+        the download never wait."""
         deadline = time.monotonic() + HASH_WAIT
         for _ in range(int(HASH_WAIT / HASH_POLL) + 1):
-            if not self.queue or self._hash_lag() <= HASH_AHEAD or time.monotonic() > deadline:
+            if not self.queue or self._hash_lag() <= HASH_AHEAD:
+                return
+            now = time.monotonic()
+            if self.sink.hashed != self._hashed_seen:
+                self._hashed_seen, self._hashed_moved = self.sink.hashed, now
+            if now > deadline or now - self._hashed_moved > HASH_STUCK:
                 return
             await asyncio.sleep(HASH_POLL)
 
