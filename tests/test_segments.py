@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import hashlib
+import os
 import shutil
+import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -472,3 +475,325 @@ def test_an_interrupted_tls_transfer_records_only_body_bytes(
             bad.append((run, wrong[:3]))
         out.unlink()
     assert bad == [], f"recorded bytes that are not the body's: {bad}"
+
+
+# --- review findings (R2): servers that misbehave in one way each ---------------------------
+
+
+class _ScriptHandler(QuietHandler):
+    def do_GET(self) -> None:
+        owner: Scripted = self.owner
+        with owner.lock:
+            owner.count += 1
+            n = owner.count
+        rng = None
+        header = self.headers.get("Range", "")
+        if header.startswith("bytes="):
+            a, _, b = header.removeprefix("bytes=").partition("-")
+            rng = (int(a), int(b) if b else None)
+        try:
+            if owner.answer(owner, self, rng, n) is False:
+                self.close_connection = True
+        except OSError:
+            self.close_connection = True
+
+
+Answer = Callable[["Scripted", _ScriptHandler, "tuple[int, int | None] | None", int], "bool | None"]
+
+
+class Scripted(ServerThread):
+    """A server whose answer to the n-th GET (1-based) is `answer(server, handler, range,
+    n)`, written raw to `handler.wfile`; False closes the connection afterwards. `sent`
+    counts the body bytes written by send_range."""
+
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+        self.count = 0
+        self.sent = 0
+        self.lock = threading.Lock()
+        super().__init__(_ScriptHandler)
+
+    @property
+    def file_url(self) -> str:
+        return f"{self.url}/file.bin"
+
+    def send_range(
+        self,
+        out: _ScriptHandler,
+        data: bytes,
+        rng: tuple[int, int | None] | None,
+        etag: str | None = None,
+        extra: bytes = b"",
+        rate: float | None = None,
+        status: int = 206,
+    ) -> None:
+        """`data`'s range `rng` (the whole with status 200), at `rate` B/s if given, then
+        `extra` (bytes past the body)."""
+        a, b = rng if rng is not None and status == 206 else (0, None)
+        b = len(data) - 1 if b is None else min(b, len(data) - 1)
+        body = data[a : b + 1]
+        head = f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\n"
+        if status == 206:
+            head += f"Content-Range: bytes {a}-{b}/{len(data)}\r\n"
+        if etag:
+            head += f'ETag: "{etag}"\r\n'
+        if rate is None:
+            out.wfile.write(head.encode() + b"\r\n" + body + extra)
+            with self.lock:
+                self.sent += len(body)
+            return
+        out.wfile.write(head.encode() + b"\r\n")
+        step = max(1, int(rate / 20))
+        for at in range(0, len(body), step):  # bounded by the body; ends when the test does
+            if self.stopping.wait(step / rate):
+                return
+            out.wfile.write(body[at : at + step])
+            with self.lock:
+                self.sent += len(body[at : at + step])
+
+
+def run_download(
+    store_dir: Path,
+    sources: Sequence[RangeSource],
+    digest: str | None,
+    size: int | None,
+    bound: float = 60.0,
+    prefill: bytes = b"",
+    **cfg: object,
+) -> Digest:
+    """Like download(), for a digest or a plain URL (digest None: key "url"), after placing
+    `prefill` at 0 in an earlier run; fails if it takes longer than `bound` s (a hang).
+    Returns the digest of what was committed."""
+    store = Store.open(store_dir)
+    config = Config(store=store_dir, **cfg)  # type: ignore[arg-type]
+    expected = Digest.parse(digest) if digest else None
+
+    async def run() -> Digest:
+        if prefill:
+            async with store.ingest(expected, size, key="url", segmented=True) as ingest:
+                await ingest.write_at(0, [prefill])
+        async with store.ingest(expected, size, key="url", segmented=True) as ingest:
+            assert isinstance(ingest, SegmentedIngest)
+            assert ingest.offset == len(prefill)
+            async with asyncio.timeout(bound):
+                await SegmentedDownload(ingest, sources, config).run()
+            await ingest.commit()
+            assert ingest.digest is not None
+            return ingest.digest
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("mode", ["interim-for-ever", "dripping-head"])
+def test_a_mirror_that_never_finishes_its_head_is_dropped_for_the_next_tier(
+    served: Served, tmp_path: Path, mode: str
+) -> None:
+    """R2 #3: endless 100 Continue answers, or a head dripped a byte at a time, reset the
+    per-recv stall timeout for ever; the request's budget (4 stall timeouts) and the
+    bound on interim answers end it, and the origin serves the blob."""
+
+    def silent(srv: Scripted, out: _ScriptHandler, rng: object, n: int) -> bool:
+        if mode == "dripping-head":
+            out.wfile.write(b"HTTP/1.1 206 Partial\r\nX-Drip: ")
+        for _ in range(2000):  # 10 min at most; ends when the test does
+            out.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n" if mode.startswith("i") else b"a")
+            if srv.stopping.wait(0.3):
+                break
+        return False
+
+    with Scripted(silent) as mirror:
+        near = source(mirror.file_url)
+        origin = source(served.url(f"head-{mode}"), tier=1)
+        got = run_download(
+            tmp_path / "store", [near, origin], served.digest, SIZE, stall_timeout=2.0
+        )
+
+    assert str(got) == served.digest
+    assert (near.wrote, origin.wrote) == (0, SIZE)
+    assert mirror.count == 1  # stalled, with the origin alive: dropped at once
+
+
+def test_a_cancel_during_a_connect_returns_at_once(tmp_path: Path) -> None:
+    """R2 #7: a listener whose backlog is full (the SYN goes unanswered) and a connect
+    timeout of 60 s: the cancel ends the connect, and run() returns, well before."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect(("127.0.0.1", port))
+        fillers.append(s)
+    store = Store.open(tmp_path / "store")
+    outcome: dict[str, object] = {}
+
+    async def run() -> None:
+        config = Config(store=tmp_path / "store", connect_timeout=60.0, stall_timeout=60.0)
+        async with store.ingest(None, None, key="k", segmented=True) as ingest:
+            assert isinstance(ingest, SegmentedIngest)
+            src = source(f"http://127.0.0.1:{port}/f")
+            task = asyncio.create_task(SegmentedDownload(ingest, [src], config).run())
+            deadline = time.monotonic() + 20
+            while not any("_connect" in f for f in fetchd_frames().values()):
+                assert time.monotonic() < deadline, "no transfer ever connected"
+                await asyncio.sleep(0.05)
+            task.cancel()
+            await asyncio.wait({task}, timeout=10.0)  # the connect timeout is 60 s
+            outcome["returned"] = task.done()
+            with contextlib.suppress(BaseException):
+                await task
+
+    try:
+        asyncio.run(run())
+    finally:
+        for s in [*fillers, listener]:
+            s.close()
+    assert outcome["returned"], "run() still connecting 10 s after the cancel"
+
+
+# --- the transport's keep-alive hygiene (R2 #9) ---------------------------------------------
+
+
+class Recorder:
+    """A sink for Response.read_into: the file it writes, the ranges recorded."""
+
+    def __init__(self, path: Path) -> None:
+        path.write_bytes(b"")
+        self.data_path = path
+        self.ranges: list[tuple[int, int]] = []
+
+    def record(self, offset: int, n: int) -> None:
+        self.ranges.append((offset, n))
+
+
+def fetch_range(transport: object, url: str, start: int, end: int, out: Path) -> bytes:
+    """One range GET through `transport`, read whole and released: the bytes."""
+    from fetchd.sources.transport import Transfer, Transport
+
+    assert isinstance(transport, Transport)
+    transfer = Transfer(start, end)
+    resp = transport.open(Location(url, {}), start, end, transfer)
+    try:
+        assert resp.head.status == 206, resp.head.status
+        transfer.cursor = start
+        sink = Recorder(out)
+        resp.read_into(transfer, sink, lambda n: None)
+    finally:
+        resp.release()
+    return out.read_bytes()[start:end]
+
+
+@pytest.mark.parametrize(("extra", "size"), [(b"\r\n", 1 * MIB), (b"JUNK", 100)])
+def test_bytes_past_a_body_do_not_break_the_next_request(
+    tmp_path: Path, extra: bytes, size: int
+) -> None:
+    """A stray CRLF after a body (skipped before the next status line, RFC 9112 §2.2) or
+    other bytes past it (the connection is not reused): the next request works."""
+    from fetchd.sources.transport import Transport
+
+    data = os.urandom(size)
+
+    def sloppy(srv: Scripted, out: _ScriptHandler, rng: object, n: int) -> None:
+        srv.send_range(out, data, rng, extra=extra)  # type: ignore[arg-type]
+
+    with Scripted(sloppy) as server:
+        transport = Transport(Config(store=tmp_path))
+        try:
+            first = fetch_range(transport, server.file_url, 0, size // 2, tmp_path / "a")
+            second = fetch_range(transport, server.file_url, size // 2, size, tmp_path / "b")
+        finally:
+            transport.close()
+
+    assert first + second == data
+
+
+def test_a_late_interrupt_does_not_cut_the_next_user_of_a_pooled_connection(
+    served: Served, tmp_path: Path
+) -> None:
+    """A transfer whose 404 was drained and released (its connection pooled), interrupted
+    afterwards: the transfer that took the connection over is not cut."""
+    from fetchd.sources.transport import Transfer, Transport
+
+    transport = Transport(Config(store=tmp_path))
+    try:
+        done = Transfer(0, 100)
+        resp = transport.open(Location(served.url("pool", path="/none.bin"), {}), 0, 100, done)
+        assert resp.head.status == 404
+        resp.drain()
+        resp.release()
+        taker = Transfer(0, 4 * MIB)
+        resp = transport.open(Location(served.url("pool"), {}), 0, 4 * MIB, taker)
+        done.interrupt()  # late: a stall or a slow-cut deciding about the old transfer
+        sink = Recorder(tmp_path / "out")
+        try:
+            resp.read_into(taker, sink, lambda n: None)
+        finally:
+            resp.release()
+    finally:
+        transport.close()
+
+    assert (tmp_path / "out").read_bytes() == served.data[: 4 * MIB]
+    assert len(served.lines("pool")) == 2 and len(served.nginx.requests()) >= 2
+
+
+def test_a_stale_keep_alive_connection_is_retried_on_a_fresh_one(tmp_path: Path) -> None:
+    """Two pooled connections the server has both closed since: the retry after the first
+    one's failure connects afresh instead of taking the other stale one."""
+    from fetchd.sources.transport import Transfer, Transport
+
+    data = os.urandom(MIB)
+    closed = threading.Semaphore(0)
+
+    def one_each(srv: Scripted, out: _ScriptHandler, rng: object, n: int) -> bool:
+        srv.send_range(out, data, rng)  # type: ignore[arg-type]
+        out.wfile.flush()
+        out.connection.shutdown(socket.SHUT_RDWR)  # keep-alive promised, closed silently
+        closed.release()
+        return False
+
+    with Scripted(one_each) as server:
+        transport = Transport(Config(store=tmp_path))
+        try:
+            a, b = Transfer(0, MIB // 2), Transfer(MIB // 2, MIB)
+            loc = Location(server.file_url, {})
+            ra = transport.open(loc, 0, MIB // 2, a)
+            rb = transport.open(loc, MIB // 2, MIB, b)  # a second connection: ra's is busy
+            for resp, t, name in ((ra, a, "a"), (rb, b, "b")):
+                resp.read_into(t, Recorder(tmp_path / name), lambda n: None)
+                resp.release()
+            assert closed.acquire(timeout=20) and closed.acquire(timeout=20)
+            third = fetch_range(transport, server.file_url, 0, MIB, tmp_path / "c")
+        finally:
+            transport.close()
+
+    assert third == data and server.count == 3
+
+
+@pytest.mark.parametrize("size_line", [b"-5", b"0x10", b"1_0", b"+10"])
+def test_a_chunk_size_that_is_not_hex_digits_is_refused(tmp_path: Path, size_line: bytes) -> None:
+    from fetchd.sources.transport import ConnectionLost, Transfer, Transport
+
+    def chunked(srv: Scripted, out: _ScriptHandler, rng: object, n: int) -> None:
+        out.wfile.write(
+            b"HTTP/1.1 206 X\r\nContent-Range: bytes 0-15/16\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + size_line
+            + b"\r\n"
+            + b"0123456789abcdef\r\n0\r\n\r\n"
+        )
+
+    with Scripted(chunked) as server:
+        transport = Transport(Config(store=tmp_path))
+        sink = Recorder(tmp_path / "out")
+        transfer = Transfer(0, 16)
+        try:
+            resp = transport.open(Location(server.file_url, {}), 0, 16, transfer)
+            with pytest.raises(ConnectionLost, match="bad chunk size"):
+                resp.read_into(transfer, sink, lambda n: None)
+            resp.close()
+        finally:
+            transport.close()
+
+    assert sink.ranges == []

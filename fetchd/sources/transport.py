@@ -28,11 +28,19 @@ Contract:
   verifies, and sends SNI for, the URL's host name. ``tls`` in ``--insecure-options``
   turns verification off. An IPv6 literal is sent as ``Host: [::1]:PORT``.
 * A socket waits at most ``Config.stall_timeout`` for a byte: then :class:`Stalled`
-  (a ``TimeoutError``). Connection failures, short bodies and malformed answers raise
+  (a ``TimeoutError``). :meth:`Transport.open` as a whole (connects, redirects, up to
+  the final response head; a TLS handshake is bounded by the stall timeout only) takes
+  at most ``Config.request_budget``, and accepts at most
+  :data:`MAX_INTERIM` 1xx answers: a head dripped byte by byte, or 1xx for ever, is a
+  stall too. A connect is watched in slices, so :meth:`Transfer.interrupt` ends it.
+  Connection failures, short bodies and malformed answers raise
   :class:`ConnectionLost` (a ``ConnectionError``): both are retryable in the sense of
   :func:`fetchd.sources.retry.retryable`. An untrusted certificate raises
   :class:`~fetchd.errors.TransferFailed` (final). A transfer cut by
   :meth:`Transfer.interrupt` (from any thread) raises :class:`Interrupted`.
+* A connection goes back to the idle pool only when its body was read whole and
+  nothing was read past it (the transfer it carried no longer holds it); a stale pooled
+  connection is retried once, on a new connection.
 * :meth:`Response.read_into` writes body bytes at ``transfer.cursor`` onwards, up to
   ``transfer.end`` (which another thread may lower meanwhile: work stealing), calling
   ``sink.record(offset, n)`` for each write. It never writes at or past ``end`` as read
@@ -47,12 +55,16 @@ Who verifies: nobody here; the ingest's commit does.
 from __future__ import annotations
 
 import contextlib
+import errno
 import http.client
 import io
 import os
+import re
+import select
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, cast
@@ -73,6 +85,19 @@ MAX_REDIRECTS = 5
 HEAD_LIMIT = 64 << 10
 #: a body up to this size (a redirect's, an error's) is read and dropped to keep the connection
 DRAIN_LIMIT = 64 << 10
+#: interim (1xx) answers accepted before the final one: RFC 9110 allows several (a 103
+#: then a 100), none sends ten; a server that sends them for ever would never time out
+#: (each one resets the per-recv stall timeout)
+MAX_INTERIM = 10
+#: seconds between looks at Transfer.stop while a connect is in progress: short enough
+#: that an interrupt (a cancel, a cut) ends a connect to a silent address at once, long
+#: enough that the polling costs nothing
+CONNECT_SLICE = 0.1
+#: blank lines skipped before a status line (RFC 9112 §2.2 asks a client to ignore at
+#: least one: a server's stray CRLF after a body); more is not HTTP
+MAX_BLANK_LINES = 4
+#: a chunk size is hex digits only (RFC 9112 §7.1), at most 16 of them (2^64)
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 
 class Stalled(TimeoutError):
@@ -137,6 +162,18 @@ class Transfer:
             self._socket = sock
             if self.stop:
                 raise Interrupted()
+
+    def detach(self, sock: socket.socket) -> None:
+        """``sock`` no longer carries this transfer (it goes back to the idle pool, where
+        another transfer may take it): a later :meth:`interrupt` must not shut it down."""
+        with self._lock:
+            if self._socket is sock:
+                self._socket = None
+
+    @property
+    def attached(self) -> bool:
+        """Whether a socket carries the transfer now (it is not waiting to be sent)."""
+        return self._socket is not None
 
 
 @dataclass(frozen=True)
@@ -206,11 +243,22 @@ class _Connection:
         except (OSError, ValueError) as exc:  # ValueError: a socket shut down under SSL
             raise ConnectionLost(f"{type(exc).__name__}: {exc}") from exc
 
-    def fill(self) -> int:
-        """Read more into ``pending``; 0 at the end of the stream."""
+    def fill(self, deadline: float | None = None) -> int:
+        """Read more into ``pending``; 0 at the end of the stream. With ``deadline`` (a
+        monotonic time) the wait ends there too: :class:`Stalled`."""
         chunk = bytearray(16 << 10)
+        stall = self.sock.gettimeout()
         try:
-            n = self.sock.recv_into(chunk)
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("past the deadline")
+                self.sock.settimeout(left if stall is None else min(stall, left))
+            try:
+                n = self.sock.recv_into(chunk)
+            finally:
+                if deadline is not None:
+                    self.sock.settimeout(stall)
         except TimeoutError as exc:
             raise Stalled("no data within the stall timeout") from exc
         except (OSError, ValueError) as exc:
@@ -230,18 +278,36 @@ class _Connection:
                 break
         raise ConnectionLost("the chunked body's framing is broken or cut short")
 
-    def read_head(self) -> tuple[int, str, bytes, http.client.HTTPMessage]:
-        """The next response head: status, reason, HTTP version, headers."""
-        while True:
+    def read_head(self, deadline: float) -> tuple[int, str, bytes, http.client.HTTPMessage]:
+        """The next response head: status, reason, HTTP version, headers. Raises
+        :class:`Stalled` when the final head is not in by ``deadline`` (monotonic) or
+        after :data:`MAX_INTERIM` interim answers: a head dripped byte by byte, or 1xx
+        answers sent for ever, never trip the per-recv stall timeout."""
+        for _ in range(MAX_INTERIM + 1):
             for _ in range(HEAD_LIMIT):
+                for _ in range(MAX_BLANK_LINES):
+                    if self.pending.startswith(b"\r\n"):
+                        del self.pending[:2]
+                    elif self.pending.startswith(b"\n"):
+                        del self.pending[:1]
+                    else:
+                        break
                 end = self.pending.find(b"\r\n\r\n")
                 if end >= 0:
                     break
                 if len(self.pending) > HEAD_LIMIT:
                     raise ConnectionLost("the response head is too large")
-                if not self.fill():
+                try:
+                    more = self.fill(deadline)
+                except Stalled:
+                    if time.monotonic() >= deadline:
+                        raise Stalled("no whole response head within the request budget") from None
+                    raise
+                if not more:
                     what = "before answering" if not self.pending else "inside the response head"
                     raise ConnectionLost(f"the server closed the connection {what}")
+            else:
+                raise ConnectionLost("the response head is too large")
             head = bytes(self.pending[: end + 4])
             del self.pending[: end + 4]
             line, _, fields = head.partition(b"\r\n")
@@ -257,6 +323,7 @@ class _Connection:
                 continue  # an interim answer (100 Continue, 103 Early Hints): the next
             reason = parts[2].decode("latin-1").strip() if len(parts) > 2 else ""
             return status, reason, parts[0], headers
+        raise Stalled(f"no final answer after {MAX_INTERIM} interim (1xx) answers")
 
 
 class Response:
@@ -265,10 +332,17 @@ class Response:
     :meth:`release` (keeps the connection when the body was read whole) or :meth:`close`."""
 
     def __init__(
-        self, transport: Transport, conn: _Connection, head: Head, chunked: bool, keep: bool
+        self,
+        transport: Transport,
+        conn: _Connection,
+        head: Head,
+        chunked: bool,
+        keep: bool,
+        transfer: Transfer,
     ) -> None:
         self._transport = transport
         self._conn: _Connection | None = conn
+        self._transfer = transfer  # the one it was opened for (its socket is attached)
         self.head = head
         self._chunked = chunked
         self._chunk_left = 0
@@ -285,10 +359,9 @@ class Response:
         if self._chunked:
             if not self._chunk_left:
                 size_line = conn.readline().split(b";", 1)[0].strip()
-                try:
-                    self._chunk_left = int(size_line, 16)
-                except ValueError:
-                    raise ConnectionLost(f"bad chunk size {size_line[:20]!r}") from None
+                if not _CHUNK_SIZE.fullmatch(size_line):  # int(x, 16) takes -5, 0x10, 1_0
+                    raise ConnectionLost(f"bad chunk size {size_line[:20]!r}")
+                self._chunk_left = int(size_line, 16)
                 if not self._chunk_left:
                     for _ in range(100):  # trailers, up to the empty line
                         if conn.readline() in (b"\r\n", b"\n"):
@@ -430,7 +503,9 @@ class Response:
         conn, self._conn = self._conn, None
         if conn is None:
             return
-        if self._done and self._keep:
+        # Bytes past the body (a stray CRLF, garbage) would be read as the next head.
+        if self._done and self._keep and not conn.pending:
+            self._transfer.detach(conn.sock)  # a late interrupt must not cut its next user
             self._transport._put(conn)
         else:
             conn.close()
@@ -485,18 +560,59 @@ class Transport:
             conns = self._idle.get(origin)
             return conns.pop() if conns else None
 
-    def _connect(self, origin: Origin, transfer: Transfer) -> _Connection:
-        scheme, host, port = origin
+    def _dial(self, host: str, port: int, transfer: Transfer, deadline: float) -> socket.socket:
+        """A connected TCP socket to ``host``'s addresses, one after the other, each by a
+        non-blocking connect watched in slices of :data:`CONNECT_SLICE` s, so that
+        :meth:`Transfer.interrupt` ends it at once (a blocking connect cannot be woken).
+        The name lookup itself (getaddrinfo) still blocks. Raises :class:`Stalled` past
+        ``deadline``, :class:`ConnectionLost` when every address refuses,
+        :class:`Interrupted`."""
         address = self.config.resolve.get((host, port), host)
-        timeout = self.config.stall_timeout
         try:
-            raw = socket.create_connection(
-                (address, port), min(self.config.connect_timeout, timeout)
-            )
-        except TimeoutError as exc:
-            raise Stalled(f"cannot connect to {host}:{port} (timed out)") from exc
+            infos = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)
         except OSError as exc:
             raise ConnectionLost(f"cannot connect to {host}:{port} ({exc})") from exc
+        error: OSError | None = None
+        for family, kind, proto, _, addr in infos:
+            sock = socket.socket(family, kind, proto)
+            try:
+                transfer.attach(sock)
+                sock.setblocking(False)
+                code = sock.connect_ex(addr)
+                for _ in range(int(self.config.connect_timeout / CONNECT_SLICE) + 2):
+                    if code not in (errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK):
+                        break
+                    if transfer.stop:
+                        raise Interrupted()
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise Stalled(f"cannot connect to {host}:{port} (timed out)")
+                    _, writable, _ = select.select([], [sock], [], min(CONNECT_SLICE, left))
+                    if writable:
+                        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                        break
+                if code:
+                    raise OSError(code, os.strerror(code))
+                if transfer.stop:
+                    raise Interrupted()
+                sock.setblocking(True)
+                return sock
+            except OSError as exc:
+                sock.close()
+                if transfer.stop:
+                    raise Interrupted() from exc
+                error = exc
+            except BaseException:
+                sock.close()
+                raise
+        raise ConnectionLost(f"cannot connect to {host}:{port} ({error})") from error
+
+    def _connect(self, origin: Origin, transfer: Transfer, deadline: float) -> _Connection:
+        scheme, host, port = origin
+        timeout = self.config.stall_timeout
+        started = time.monotonic()
+        connect = min(self.config.connect_timeout, timeout)
+        raw = self._dial(host, port, transfer, min(deadline, started + connect))
         try:
             raw.settimeout(timeout)
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -543,8 +659,11 @@ class Transport:
         url = location.url
         sent = {**location.headers, **(headers or {})}
         first = _origin(url)
+        # The whole request, redirects and connects included, up to the response head:
+        # a server dripping its head, or sending 1xx for ever, does not hold it longer.
+        deadline = time.monotonic() + self.config.request_budget
         for _ in range(MAX_REDIRECTS + 1):
-            resp = self._exchange(url, sent, start, end, transfer)
+            resp = self._exchange(url, sent, start, end, transfer, deadline)
             target = resp.head.get("Location")
             if resp.head.status not in REDIRECT_STATUSES or not target:
                 return resp
@@ -569,13 +688,15 @@ class Transport:
         start: int | None,
         end: int | None,
         transfer: Transfer,
+        deadline: float,
     ) -> Response:
         origin = _origin(url)
         request = _request(url, origin, headers, start, end)
-        for _ in range(2):  # once more only when a reused keep-alive connection was stale
-            conn = self._take(origin)
+        for attempt in range(2):  # once more only when a reused keep-alive one was stale
+            # The retry connects afresh: another idle connection may be as stale.
+            conn = self._take(origin) if attempt == 0 else None
             if conn is None:
-                conn = self._connect(origin, transfer)
+                conn = self._connect(origin, transfer, deadline)
             try:
                 transfer.attach(conn.sock)
                 try:
@@ -584,7 +705,7 @@ class Transport:
                     raise Stalled("the request could not be sent") from exc
                 except OSError as exc:
                     raise ConnectionLost(f"sending the request failed ({exc})") from exc
-                status, reason, version, fields = conn.read_head()
+                status, reason, version, fields = conn.read_head(deadline)
             except (Stalled, ConnectionLost) as exc:
                 stale = conn.used and not conn.pending and not isinstance(exc, Stalled)
                 conn.close()
@@ -596,7 +717,7 @@ class Transport:
             except BaseException:
                 conn.close()
                 raise
-            return _response(self, conn, url, status, reason, version, fields)
+            return _response(self, conn, url, status, reason, version, fields, transfer)
         raise ConnectionLost("the server closed two connections before answering")
 
 
@@ -635,6 +756,7 @@ def _response(
     reason: str,
     version: bytes,
     headers: http.client.HTTPMessage,
+    transfer: Transfer,
 ) -> Response:
     codings = ",".join(headers.get_all("Transfer-Encoding") or []).lower()
     chunked = codings.replace(" ", "").endswith("chunked")
@@ -652,4 +774,4 @@ def _response(
     keep = (version == b"HTTP/1.1" and "close" not in tokens) or "keep-alive" in tokens
     keep = keep and (chunked or length is not None)
     head = Head(status, reason, headers, url, length)
-    return Response(transport, conn, head, chunked, keep)
+    return Response(transport, conn, head, chunked, keep, transfer)
