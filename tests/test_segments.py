@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from fetchd.config import Config
-from fetchd.errors import BlobNotFound
+from fetchd.errors import BlobNotFound, FetchdError
 from fetchd.model import Digest
 from fetchd.sources.base import Location
 from fetchd.sources.segments import SEGMENT, RangeSource, SegmentedDownload
@@ -584,6 +584,47 @@ def run_download(
     return asyncio.run(run())
 
 
+@pytest.mark.parametrize("mode", ["ranges", "one-stream"])
+def test_a_uniformly_slow_mirror_is_raced_by_the_next_tier(
+    served: Served, tmp_path: Path, mode: str
+) -> None:
+    """R2 #2: a mirror sending every answer at 16 KiB/s (on all its connections, so it is
+    its own median; ignoring Range in one-stream) while the origin is healthy: the origin
+    completes the blob; the mirror's bytes are kept."""
+    status = 206 if mode == "ranges" else 200
+
+    def trickle(srv: Scripted, out: _ScriptHandler, rng: object, n: int) -> bool:
+        srv.send_range(out, served.data, rng, rate=16 << 10, status=status)  # type: ignore[arg-type]
+        return False
+
+    with Scripted(trickle) as mirror:
+        near = source(mirror.file_url)
+        origin = source(served.url(f"floor-{mode}"), tier=1)
+        got = run_download(tmp_path / "store", [near, origin], served.digest, SIZE)
+
+    assert str(got) == served.digest
+    assert near.wrote < SIZE // 8 and near.wrote + origin.wrote == SIZE
+    assert served.sent(f"floor-{mode}") <= SIZE - near.wrote + SEGMENT
+
+
+def test_the_only_source_is_kept_however_slow(tmp_path: Path) -> None:
+    """R2 #2's other half: with nothing to race it with, a source below the speed floor
+    for longer than FLOOR_FOR is not cut."""
+    from fetchd.sources.segments import FLOOR_FOR, LOWEST_SPEED
+
+    data = bytes(range(256)) * (int(LOWEST_SPEED * (FLOOR_FOR + 1.5) / 2) // 256)
+
+    def trickle(srv: Scripted, out: _ScriptHandler, rng: object, n: int) -> None:
+        srv.send_range(out, data, rng, rate=LOWEST_SPEED / 2)  # type: ignore[arg-type]
+
+    with Scripted(trickle) as only:
+        src = source(only.file_url)
+        got = run_download(tmp_path / "store", [src], sha256(data), len(data))
+
+    assert str(got) == sha256(data)
+    assert src.wrote == len(data) and only.count == 1  # one request, never cut
+
+
 @pytest.mark.parametrize("mode", ["interim-for-ever", "dripping-head"])
 def test_a_mirror_that_never_finishes_its_head_is_dropped_for_the_next_tier(
     served: Served, tmp_path: Path, mode: str
@@ -611,6 +652,94 @@ def test_a_mirror_that_never_finishes_its_head_is_dropped_for_the_next_tier(
     assert str(got) == served.digest
     assert (near.wrote, origin.wrote) == (0, SIZE)
     assert mirror.count == 1  # stalled, with the origin alive: dropped at once
+
+
+def test_a_mirror_whose_etag_changes_between_segments_does_not_fail_a_known_digest(
+    served: Served, tmp_path: Path
+) -> None:
+    """R2 #4: a mirror behind two balanced nodes with different ETags; the digest is
+    known, so the digest is the validator: the pull completes, nothing restarts."""
+
+    def balanced(srv: Scripted, out: _ScriptHandler, rng: object, n: int) -> None:
+        srv.send_range(out, served.data, rng, etag=f"node-{n % 2}")  # type: ignore[arg-type]
+
+    with Scripted(balanced) as mirror:
+        near = source(mirror.file_url)
+        origin = source(served.url("etag-nodes"), tier=1)
+        got = run_download(tmp_path / "store", [near, origin], served.digest, SIZE)
+
+    assert str(got) == served.digest
+    assert near.wrote == SIZE and mirror.count >= 3
+    assert mirror.sent <= SIZE + 2 * SEGMENT  # never started over
+
+
+def test_an_inconsistent_peer_of_a_url_is_dropped_not_the_download(
+    served: Served, tmp_path: Path
+) -> None:
+    """R2 #4, no digest: a URL (nginx) and a --mirror URL whose ETag changes with every
+    answer; the URL validated the download, so only the inconsistent mirror is dropped."""
+
+    def balanced(srv: Scripted, out: _ScriptHandler, rng: object, n: int) -> None:
+        srv.send_range(out, served.data, rng, etag=f"node-{n}")  # type: ignore[arg-type]
+
+    with Scripted(balanced) as mirror:
+        flaky = source(mirror.file_url)
+        url = source(served.url("etag-peer"))
+        # the probe (which validates) goes to the second of two equal sources: the URL
+        got = run_download(tmp_path / "store", [flaky, url], None, None)
+
+    assert str(got) == served.digest
+    assert flaky.dead and not url.dead
+    assert served.sent("etag-peer") + mirror.sent <= SIZE + 2 * SEGMENT  # never started over
+
+
+@pytest.mark.parametrize("fault", ["416", "200", "shifted"])
+def test_a_mirror_failing_a_resume_does_not_throw_the_resumed_bytes_away(
+    served: Served, tmp_path: Path, fault: str
+) -> None:
+    """R2 #5: 32 MiB of the blob on disk; the mirror answers the resume with 416, with 200
+    and the whole blob, or with a shifted Content-Range; the origin completes what is
+    missing and the resumed bytes are kept."""
+    have = 32 * MIB
+
+    def bad(srv: Scripted, out: _ScriptHandler, rng: tuple[int, int | None] | None, n: int) -> None:
+        if fault == "416":
+            out.wfile.write(
+                b"HTTP/1.1 416 No\r\nContent-Range: bytes */1000\r\nContent-Length: 0\r\n\r\n"
+            )
+        elif fault == "200" or rng is None:  # a plain GET gets the whole blob
+            srv.send_range(out, served.data, rng, status=200)
+        else:
+            srv.send_range(out, served.data, (rng[0] - MIB, rng[1] and rng[1] - MIB))
+
+    with Scripted(bad) as mirror:
+        near = source(mirror.file_url)
+        origin = source(served.url(f"resume-{fault}"), tier=1)
+        got = run_download(
+            tmp_path / "store", [near, origin], served.digest, SIZE, prefill=served.data[:have]
+        )
+
+    assert str(got) == served.digest
+    assert (near.wrote, origin.wrote) == (0, SIZE - have)
+    assert all(
+        int(line.range.split("=")[1].split("-")[0]) >= have
+        for line in served.lines(f"resume-{fault}")
+    )
+
+
+def test_a_url_republished_at_another_size_starts_over_at_the_new_size(tmp_path: Path) -> None:
+    """R2 #6: a plain URL (no digest, no size) changes to a new version, of another size,
+    after the first two answers: the download starts over once and gets the new one."""
+    old, new = os.urandom(20 * MIB), os.urandom(21 * MIB + 5)
+
+    def republished(srv: Scripted, out: _ScriptHandler, rng: object, n: int) -> None:
+        data, etag = (old, "v1") if n <= 2 else (new, "v2")
+        srv.send_range(out, data, rng, etag=etag)  # type: ignore[arg-type]
+
+    with Scripted(republished) as server:
+        got = run_download(tmp_path / "store", [source(server.file_url)], None, None)
+
+    assert str(got) == sha256(new)
 
 
 def test_a_cancel_during_a_connect_returns_at_once(tmp_path: Path) -> None:
@@ -652,6 +781,29 @@ def test_a_cancel_during_a_connect_returns_at_once(tmp_path: Path) -> None:
         for s in [*fillers, listener]:
             s.close()
     assert outcome["returned"], "run() still connecting 10 s after the cancel"
+
+
+def test_a_retry_after_wait_is_no_slow_connection(tmp_path: Path) -> None:
+    """R2 #8: a mirror (2 MiB/s per connection) answers one request with 503 Retry-After:
+    5; the connections waiting for it have no rate and are not "cut as slow", so the
+    mirror is not demoted and the origin is never asked."""
+    data = os.urandom(16 * MIB)
+
+    def busy_once(srv: Scripted, out: _ScriptHandler, rng: object, n: int) -> None:
+        if n == 2:
+            out.wfile.write(b"HTTP/1.1 503 Busy\r\nRetry-After: 5\r\nContent-Length: 0\r\n\r\n")
+            return
+        srv.send_range(out, data, rng, rate=2 << 20)  # type: ignore[arg-type]
+
+    with Scripted(busy_once) as mirror, RangeServer(data) as far:
+        near, origin = source(mirror.file_url), source(far.file_url, tier=1)
+        got = run_download(
+            tmp_path / "store", [near, origin], sha256(data), len(data), max_connections=2
+        )
+        asked = [s for s in far.seen if s.method == "GET"]
+
+    assert str(got) == sha256(data)
+    assert (near.wrote, asked) == (len(data), [])
 
 
 # --- the transport's keep-alive hygiene (R2 #9) ---------------------------------------------
@@ -797,3 +949,23 @@ def test_a_chunk_size_that_is_not_hex_digits_is_refused(tmp_path: Path, size_lin
             transport.close()
 
     assert sink.ranges == []
+
+
+@pytest.mark.parametrize("fault", ["404", "short"])
+def test_a_source_label_appears_once_in_its_errors(
+    served: Served, tmp_path: Path, fault: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """R2 nit: "mirror: mirror: …" in messages."""
+
+    def short(srv: Scripted, out: _ScriptHandler, rng: tuple[int, int | None], n: int) -> None:
+        srv.send_range(out, served.data, (rng[0], rng[0] + 1000))
+
+    with Scripted(short) as mirror, caplog.at_level("INFO", logger="fetchd.sources.segments"):
+        near = source(served.url("label", "/none.bin") if fault == "404" else mirror.file_url)
+        with pytest.raises(FetchdError) as failed:
+            run_download(tmp_path / "store", [near], served.digest, SIZE, attempts=1)
+
+    label = near.label
+    texts = [str(failed.value), *(r.getMessage() for r in caplog.records)]
+    assert any(label in t for t in texts)
+    assert [t for t in texts if t.count(label) > 1] == []

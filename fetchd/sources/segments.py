@@ -21,13 +21,23 @@ reached through the one transport (:mod:`fetchd.sources.transport`) on transfer 
   answering 404 is dead for this download; so is one that stalls (no byte for
   ``stall_timeout``) or refuses connections while another source is alive: its running
   transfers are cut at once and continue, from their cursors, on the next source. A
-  connection running far below its peers (< median/8 for :data:`SLOW_FOR` s) is cut and
-  its remainder goes to another source; its source is demoted behind every other live
-  source (the next tier races it on what is missing). With one source left, a failure is
-  retried as :mod:`fetchd.sources.retry` says (``Config.attempts``, Retry-After).
+  connection running far below its peers (< median/8 for :data:`SLOW_FOR` s, counting only
+  transfers whose bytes flow) is cut and its remainder goes to another source; its
+  source is demoted behind every other live source for :data:`DEMOTED_FOR` s (the next
+  tier races it on what is missing). So is a source whose connections together stay
+  below :data:`LOWEST_SPEED` for :data:`FLOOR_FOR` s (one plain stream too) while a live
+  source of a later tier exists; the only source, or the last tier, is kept however
+  slow. With one source left, a failure is retried as :mod:`fetchd.sources.retry` says
+  (``Config.attempts``, Retry-After).
+* **Changed content.** A source whose ETag or size changes between answers, or that
+  answers a resume with 416, 200 or a wrong ``Content-Range``, is dropped while another
+  source is alive; the download starts over only when it is the only source, or when
+  it validated the resumed bytes and no descriptor fixes the blob (a republished URL:
+  the restart goes back to the size the sink was created with). With the digest known,
+  an ETag is no validator at all (mirror nodes differ; the commit verifies).
 * Which ranges are on disk is saved after each segment, every :data:`STATE_INTERVAL` s
   and on exit (``sink.save_state``): a kill -9 loses at most what was in flight.
-* A source that ignores ``Range`` on the probe (200), or answers a wrong
+* The only source ignoring ``Range`` on the probe (200), or answering a wrong
   ``Content-Range``, gives one plain stream instead (its length, or at most the free disk).
 
 Who verifies: the ingest's commit, always. This module only places bytes, and counts
@@ -78,6 +88,18 @@ STATE_INTERVAL = 2.0
 CONTROL_INTERVAL = 0.25
 INITIAL_CONNECTIONS = 2
 SLOW_FOR = 2.0  # seconds a connection may lag far behind its peers before it is cut
+#: a source whose connections together move less than this (B/s) for FLOOR_FOR s is
+#: raced by a live source of a later tier (aria2's --lowest-speed-limit, per source):
+#: at this rate a 256 MiB layer takes over an hour, which any working origin beats, and
+#: a mirror on a working path sends more than this within a second of its first byte
+LOWEST_SPEED = 64 << 10
+#: seconds below LOWEST_SPEED before the race: a few control windows, longer than a
+#: TCP slow start or a brief hiccup, far shorter than a stall timeout
+FLOOR_FOR = 4.0
+#: seconds a demoted source stays behind the others: long enough for the next tier to
+#: take the download over, short enough that a mirror that had a bad moment is asked
+#: again in a long download
+DEMOTED_FOR = 30.0
 ADD_WINDOW = 0.5  # seconds of throughput measured before another connection is added
 #: the hash follower "keeps up" while its lag grows by at most 1/HASH_BEHIND of what
 #: arrived (+ HASH_SLACK: it hashes 4 MiB reads, so its progress comes in steps)
@@ -111,13 +133,24 @@ class RangeSource:
     failures: int = 0  # consecutive failures (reset by a transfer that completes)
     not_before: float = 0.0  # monotonic: no request before this (Retry-After, backoff)
     dead: bool = False  # no more requests in this download
-    slow: bool = False  # demoted: a connection of it ran far below its peers
+    #: monotonic: demoted until then (it ran far below its peers, or below LOWEST_SPEED)
+    slow_until: float = 0.0
+    below_since: float | None = None  # monotonic: since when it runs below LOWEST_SPEED
     error: FetchdError | None = None  # why it is dead
     location: Location | None = None  # located (and where a redirect led)
     relocated: bool = False  # located again after a 401/403, not yet successful
     etag: str | None = None  # the ETag its first answer in this download had
     etag_seen: bool = False
     _locating: asyncio.Lock | None = field(default=None, repr=False)
+
+    @property
+    def slow(self) -> bool:
+        """Demoted now: asked after every other live source."""
+        return time.monotonic() < self.slow_until
+
+    def demote(self) -> None:
+        """Behind every other live source for :data:`DEMOTED_FOR` s."""
+        self.slow_until = time.monotonic() + DEMOTED_FOR
 
 
 class Segment(Transfer):
@@ -127,12 +160,19 @@ class Segment(Transfer):
         self, start: int, end: int, cursor: int | None = None, avoid: frozenset[Any] = frozenset()
     ) -> None:
         super().__init__(start, end, cursor)
-        self.started = time.monotonic()
+        self.first_byte: float | None = None  # monotonic: when _control first saw bytes
         self.rate = 0.0
+        self.measured = 0  # ``received`` at the last measure
         self.slow_windows = 0
         self.cut_slow = False
         self.source: RangeSource | None = None
         self.avoid = avoid
+
+    @property
+    def flowing(self) -> bool:
+        """On a socket, with bytes arriving (not waiting for a Retry-After, a locate, a
+        transfer thread, or a first byte): only such transfers have a rate to judge."""
+        return self.attached and self.first_byte is not None
 
 
 class _Plan:
@@ -198,6 +238,11 @@ class _Restart(Exception):
     """The content changed under us (validators differ): start over from nothing."""
 
 
+class _Changed(Exception):
+    """A source's answer says the content changed (its ETag or its size did): start over
+    or drop the source, as :meth:`SegmentedDownload._starts_over` decides."""
+
+
 class _RangeIgnored(Exception):
     """A source answered 200 to a Range request for a segment."""
 
@@ -249,6 +294,9 @@ class SegmentedDownload:
         self.on_connections = on_connections
         self.label = self.sources[0].label
         self.size: int | None = sink.size
+        #: the size the sink was created with (a descriptor's; None for a plain URL):
+        #: what a restart goes back to (a first answer's total is the old content's)
+        self._given_size = sink.size
         self.queue = _Plan()
         self.active: set[Segment] = set()
         self.connections = 0
@@ -278,7 +326,7 @@ class SegmentedDownload:
                 except _Restart:
                     log.warning("%s changed since the partial download; starting over", self.label)
                     await self.sink.restart()
-                    self.size = self.sink.size
+                    self.size = self.sink.size = self._given_size
                     for s in self.sources:
                         s.etag_seen = False
             raise TransferFailed(f"{self.label}: the content keeps changing")
@@ -423,10 +471,13 @@ class SegmentedDownload:
         source.dead = True
         source.error = error
         self._errors.append(error)
+        text = str(error)
+        if not text.startswith(source.label):
+            text = f"{source.label}: {text}"
         if self._live():
-            log.warning("%s: %s; going on with the other sources", source.label, error)
+            log.warning("%s; going on with the other sources", text)
         else:
-            log.info("%s: giving up on this source: %s", source.label, error)
+            log.info("giving up on this source: %s", text)
         for seg in list(self.active):
             if seg.source is source:
                 seg.interrupt()
@@ -448,7 +499,7 @@ class SegmentedDownload:
             return exc
         if isinstance(exc, _Status):
             return status_error(exc.status, source.label)
-        if isinstance(exc, _RangeIgnored | _Short | Interrupted):
+        if isinstance(exc, _RangeIgnored | _Short | _Changed | Interrupted):
             return TransferFailed(f"{source.label}: {exc or type(exc).__name__}")
         return translate(exc, source.label, self.config)
 
@@ -480,7 +531,7 @@ class SegmentedDownload:
                 return
             self._kill(source, self._error(exc, source))
             return
-        if isinstance(exc, _RangeIgnored) or (
+        if isinstance(exc, _RangeIgnored | _Changed) or (
             isinstance(exc, FetchdError) and not isinstance(exc, retryable())
         ):
             self._kill(source, self._error(exc, source))
@@ -538,8 +589,13 @@ class SegmentedDownload:
             if head.status == 416:
                 resp.drain()
                 resp.release()
-                if self.sink.offset:
+                if self.sink.offset and self._starts_over(source):
                     raise _Restart()
+                if self.sink.offset:
+                    raise TransferFailed(
+                        f"{source.label}: the range bytes={seg.start}-{seg.end - 1} of a "
+                        "resumed download is not satisfiable there"
+                    )
                 if unsatisfied_length(head.get("Content-Range")) == 0:
                     self._set_size(0)
                     return None
@@ -550,12 +606,20 @@ class SegmentedDownload:
                 resp.drain()
                 resp.release()
                 raise _Status(head)
+            if head.status == 200 and self.sink.offset and self._live(but=source):
+                # A plain stream would throw the resumed bytes away: others serve ranges.
+                raise _RangeIgnored("ignores Range")
             self._check_validators(head, source)
             if head.status == 200:
                 return _Probe(source, resp, True)
             total = self._content_range(head, seg)
+            if total is None and self._live(but=source):
+                raise TransferFailed(
+                    f"{source.label}: answered bytes={seg.start}-{seg.end - 1} with "
+                    f"Content-Range {head.get('Content-Range')!r}"
+                )
             if total is None:
-                # A wrong Content-Range: trust nothing but a plain stream.
+                # A wrong Content-Range from the only source: trust nothing but a plain stream.
                 resp.close()
                 plain = await self._in_thread(seg, self.transport.open, loc, None, None, seg)
                 if plain.head.status != 200:
@@ -572,6 +636,17 @@ class SegmentedDownload:
             raise
         seg.end = min(seg.end, total)
         return _Probe(source, resp, False)
+
+    def _starts_over(self, source: RangeSource) -> bool:
+        """Whether ``source`` saying the content changed (a 416 on resume, a new ETag or
+        size) means starting over; otherwise only ``source`` is dropped. Yes when it is
+        the only live source, or when it validated the resumed bytes and no descriptor
+        fixes the blob (a plain URL, republished); with a digest or a size given, and
+        another source alive, the others complete what is there."""
+        if not self._live(but=source):
+            return True
+        fixed = self.sink.expected is not None or self._given_size is not None
+        return not fixed and self.sink.meta.get("validated_by") == source.label
 
     def _set_size(self, total: int) -> None:
         if self.size is not None and total != self.size:
@@ -636,9 +711,18 @@ class SegmentedDownload:
         seg = Segment(0, length if length is not None else budget + 1)
         seg.source = source
         self.on_connections(1)
+        watch = asyncio.create_task(self._watch_stream(seg))
         try:
             await self._in_thread(seg, self._read_body, source, resp, seg)
+        except Interrupted:
+            if not seg.cut_slow:
+                raise
+            raise TransferFailed(
+                f"{source.label}: below {LOWEST_SPEED >> 10} KiB/s for {FLOOR_FOR:g} s"
+            ) from None
         finally:
+            watch.cancel()
+            await asyncio.wait({watch})
             self._report_moved()
             self.on_connections(0)
         if length is None:
@@ -647,6 +731,16 @@ class SegmentedDownload:
             self._set_size(seg.cursor)  # no length given: the body ended where it ended
         elif seg.cursor != length:
             raise SizeMismatch(self._what, length, seg.cursor)
+
+    async def _watch_stream(self, seg: Segment) -> None:
+        """While one plain stream runs: report its bytes, and cut it when it runs below
+        the speed floor while a source of a later tier could race it (see
+        :meth:`_race_slow_sources`). Ends when cancelled."""
+        while not seg.stop:
+            await asyncio.sleep(CONTROL_INTERVAL)
+            self._report_moved()
+            self._measure([seg], time.monotonic())
+            self._race_slow_sources(time.monotonic(), [seg])
 
     def _read_body(self, source: RangeSource, resp: Response, seg: Segment) -> None:
         try:
@@ -720,8 +814,13 @@ class SegmentedDownload:
                 except Interrupted:
                     avoid = frozenset({source}) if seg.cut_slow else seg.avoid
                     if seg.cut_slow and self._live(but=source):
-                        source.slow = True  # demoted: the next tier races it
+                        source.demote()  # the next tier races it
                     self._requeue(seg, avoid)
+                except _Changed as exc:
+                    self._requeue(seg, seg.avoid)
+                    if self._starts_over(source):
+                        raise _Restart() from None
+                    await self._setback(source, exc)
                 except Exception as exc:
                     if not _expected(exc):
                         raise
@@ -743,6 +842,7 @@ class SegmentedDownload:
         given), the checks of its head, the body into the sink."""
         if resp is None:
             resp = self.transport.open(loc, seg.cursor, seg.end, seg)
+            seg.first_byte = None  # a new request: its body has not begun
             try:
                 self._check_segment(source, loc, resp, seg)
             except BaseException:
@@ -753,27 +853,35 @@ class SegmentedDownload:
         finally:
             resp.release()
         if seg.cursor < seg.end:
-            raise _Short(f"{source.label}: the body ended at {seg.cursor} of {seg.end}")
+            raise _Short(f"the body ended at {seg.cursor} of {seg.end}")
 
     def _check_segment(
         self, source: RangeSource, loc: Location, resp: Response, seg: Segment
     ) -> None:
         head = resp.head
         if head.status == 200:
-            raise _RangeIgnored(f"{source.label} ignores Range")
+            raise _RangeIgnored("ignores Range")
         if head.status == 416:
-            raise _Short(f"{source.label}: range not satisfiable (HTTP 416)")
+            raise _Short("range not satisfiable (HTTP 416)")
         if head.status != 206:
             resp.drain()
             resp.release()
             raise _Status(head)
-        if self._content_range(head, seg) != self.size:
-            raise _Short(f"{source.label}: wrong Content-Range")
+        # The validator first: a republished URL's new size is no wrong Content-Range.
+        # With the digest known, the digest is the validator: one mirror node's ETag
+        # differing from another's changes nothing (the commit verifies the bytes).
         etag = head.get("ETag")
-        if source.etag_seen and etag != source.etag:
-            raise _Restart()
+        if source.etag_seen and etag != source.etag and self.sink.expected is None:
+            raise _Changed(f"its ETag changed from {source.etag} to {etag}")
         if not source.etag_seen:
             source.etag, source.etag_seen = etag, True
+        total = self._content_range(head, seg)
+        if total is None:
+            raise _Short(f"wrong Content-Range {head.get('Content-Range')!r}")
+        if total != self.size:
+            if self.sink.expected is None and self._given_size is None:
+                raise _Changed(f"its size changed from {self.size} to {total}")
+            raise _Short(f"Content-Range {head.get('Content-Range')!r}: not {self.size} bytes")
         self._note_redirect(source, loc, head)
 
     async def _save_state(self) -> None:
@@ -803,9 +911,7 @@ class SegmentedDownload:
                 raise self._failure()
             self._report_moved()
             now = time.monotonic()
-            for s in list(self.active):
-                s.rate = s.window_bytes / CONTROL_INTERVAL
-                s.window_bytes = 0
+            self._measure(list(self.active), now)
             if (
                 self.queue
                 and self.connections < limit
@@ -813,6 +919,7 @@ class SegmentedDownload:
             ):
                 tg.create_task(self._worker(None))
             self._cut_slow(now)
+            self._race_slow_sources(now, list(self.active))
             if now - last_save >= STATE_INTERVAL:
                 await self._save_state()
                 last_save = now
@@ -855,8 +962,55 @@ class SegmentedDownload:
                 return
             await asyncio.sleep(HASH_POLL)
 
+    @staticmethod
+    def _measure(segs: list[Segment], now: float) -> None:
+        """The rate of each transfer over the last control window."""
+        for s in segs:
+            received = s.received
+            s.rate = (received - s.measured) / CONTROL_INTERVAL
+            s.measured = received
+            if s.first_byte is None and s.rate > 0:
+                s.first_byte = now
+
+    def _race_slow_sources(self, now: float, segs: list[Segment]) -> None:
+        """A source whose flowing transfers together stay below :data:`LOWEST_SPEED` for
+        :data:`FLOOR_FOR` s, while a live source of a later tier exists, is demoted and
+        its transfers cut: they go on from their cursors there. (_cut_slow compares
+        connections with their median, and a source slow on all of them is its own
+        median.) The only source, or the last tier, is kept however slow: there is
+        nothing to race it with, and the stall timeout still ends a silent one."""
+        for source in self._live():
+            flowing = [s for s in segs if s.source is source and s.flowing and not s.stop]
+            if not flowing or sum(s.rate for s in flowing) >= LOWEST_SPEED:
+                source.below_since = None
+                continue
+            if source.below_since is None:
+                source.below_since = now
+            if now - source.below_since < FLOOR_FOR:
+                continue
+            if not any(o.tier > source.tier and not o.slow for o in self._live(but=source)):
+                continue
+            log.warning(
+                "%s: below %d KiB/s for %g s; racing the next tier",
+                source.label,
+                LOWEST_SPEED >> 10,
+                FLOOR_FOR,
+            )
+            source.below_since = None
+            source.demote()
+            for s in segs:  # all of them: one whose bytes have not begun would go on
+                if s.source is source and not s.stop:
+                    s.cut_slow = True
+                    s.interrupt()
+
     def _cut_slow(self, now: float) -> None:
-        running = [s for s in self.active if now - s.started > 1.0]
+        # Only transfers with bytes flowing for a second: one waiting (a Retry-After, a
+        # locate, a free transfer thread, a first byte) has no rate to judge yet.
+        running = [
+            s
+            for s in self.active
+            if s.flowing and s.first_byte is not None and now - s.first_byte > 1.0
+        ]
         if len(running) < 2:
             return
         median = _median([s.rate for s in running])
@@ -883,5 +1037,5 @@ def _median(values: list[float]) -> float:
 
 def _expected(exc: BaseException) -> bool:
     """Whether ``exc`` is a source's failure (handled by _setback), not a bug or the disk."""
-    ours = (FetchdError, _Status, _Short, _RangeIgnored, Interrupted)
+    ours = (FetchdError, _Status, _Short, _RangeIgnored, _Changed, Interrupted)
     return isinstance(exc, (*ours, *retryable()))

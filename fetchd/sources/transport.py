@@ -124,15 +124,17 @@ class RecordingSink(Protocol):
 class Transfer:
     """One transfer's progress: bytes ``[start, end)``, written up to ``cursor``.
 
-    The thread running it moves ``cursor`` and adds to ``window_bytes``; the scheduler may
-    lower ``end`` (stealing the back part) and may call :meth:`interrupt` from any thread.
+    The thread running it moves ``cursor`` and counts the body bytes it reads in
+    ``received`` (at each read, before they are placed: a slow transfer's rate shows
+    before its first buffer is full); the scheduler may lower ``end`` (stealing the
+    back part) and may call :meth:`interrupt` from any thread.
     """
 
     def __init__(self, start: int, end: int, cursor: int | None = None) -> None:
         self.start = start
         self.end = end
         self.cursor = start if cursor is None else cursor
-        self.window_bytes = 0
+        self.received = 0
         self.stop = False
         self._socket: socket.socket | None = None
         self._lock = threading.Lock()
@@ -414,6 +416,7 @@ class Response:
                             if not n:
                                 break
                             got += n
+                            transfer.received += n
                     else:
                         got, failed = self._read_sized(view, want, transfer)
                         if failed is not None:
@@ -454,6 +457,7 @@ class Response:
                     failed = ConnectionLost(f"the body ended {self._body_left - got} bytes early")
                     break
                 got += n
+                transfer.received += n  # the scheduler's rate: per read, not per buffer
         except TimeoutError as exc:
             failed = Stalled("no data within the stall timeout")
             failed.__cause__ = exc
@@ -480,7 +484,6 @@ class Response:
             return
         pwrite_all(fd, [view[:take]], at)
         transfer.cursor = at + take
-        transfer.window_bytes += take
         sink.record(at, take)
         moved(take)
 
