@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import hashlib
 import http.client
+import importlib
 import io
 import os
 import resource
@@ -286,8 +287,10 @@ def fetchd_transport(job: Job) -> None:
 
 def baseline(job: Job) -> None:
     from fetchd.config import Config
-    from fetchd.sources.ranges import Segment, ThreadedRanges
 
+    # The old module exists only in checkouts before issue 11 (run with one on PYTHONPATH).
+    old = importlib.import_module("fetchd.sources.ranges")
+    Segment, ThreadedRanges = old.Segment, old.ThreadedRanges
     config = Config(store=job.out.parent)
     url = f"https://{job.host}:{job.port}{job.path}"
     ranges = ThreadedRanges(url, config, "bench")
@@ -312,13 +315,14 @@ CANDIDATES: dict[str, Callable[[Job], None]] = {
 
 
 def available(name: str) -> bool:
+    module = {
+        "h11": "h11",
+        "fetchd": "fetchd.sources.transport",
+        "baseline": "fetchd.sources.ranges",
+    }
     try:
-        if name == "h11":
-            import h11  # noqa: F401
-        elif name == "fetchd":
-            import fetchd.sources.transport
-        elif name == "baseline":
-            import fetchd.sources.ranges  # noqa: F401
+        if name in module:
+            importlib.import_module(module[name])
     except ImportError:
         return False
     return True
