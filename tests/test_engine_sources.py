@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.cli import Fetchd, failed, ok
+from tests.support.cli import Fetchd, assert_stored, blob_file, failed, ok
 from tests.support.fakeregistry import CONFIG, Answer, FakeRegistry, sha256
 from tests.support.faultproxy import FaultProxy
 from tests.support.images import BuiltImage, build_image, push, random_layer
@@ -149,18 +149,6 @@ def finish(proc: subprocess.Popen[str], limit: float = RUN_LIMIT) -> tuple[int, 
         out, err = proc.communicate()
         pytest.fail(f"fetchd {proc.args!r}: still running after {limit:g} s\n{err[-3000:]}")
     return proc.returncode, out, err
-
-
-def blob_file(fetchd: Fetchd, digest: str) -> Path:
-    return fetchd.store / "layout" / "blobs" / "sha256" / digest.removeprefix("sha256:")
-
-
-def assert_stored(fetchd: Fetchd, digest: str, size: int) -> None:
-    """The blob is in layout/blobs at its size, fsck re-hashes the store clean."""
-    path = blob_file(fetchd, digest)
-    assert path.is_file(), f"{digest} not in {path.parent}"
-    assert path.stat().st_size == size
-    assert "ok" in ok(fetchd("fsck"))
 
 
 def image_blobs(image: BuiltImage) -> set[str]:

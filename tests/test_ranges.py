@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.cli import Fetchd, failed, ok
+from tests.support.cli import Fetchd, assert_stored, blob_file, failed, ok
 from tests.support.images import build_image, push, random_layer
 from tests.support.nginx import Nginx, NginxLogLine, make_file, start_nginx
 from tests.support.procs import wait_until
@@ -99,19 +99,6 @@ def _drop_big_files(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
 
 def sha256(blob: bytes) -> str:
     return "sha256:" + hashlib.sha256(blob).hexdigest()
-
-
-def blob_file(fetchd: Fetchd, digest: str) -> Path:
-    return fetchd.store / "layout" / "blobs" / "sha256" / digest.removeprefix("sha256:")
-
-
-def assert_stored(fetchd: Fetchd, digest: str, size: int) -> None:
-    """The blob is in layout/blobs at its size, fsck re-hashes it clean, no ingest is left."""
-    path = blob_file(fetchd, digest)
-    assert path.is_file(), f"{digest} not in {path.parent}"
-    assert path.stat().st_size == size
-    assert "ok" in ok(fetchd("fsck"))
-    assert fetchd.ingests() == []
 
 
 def url_ingest(fetchd: Fetchd, url: str) -> Path:

@@ -94,3 +94,17 @@ def failed(result: subprocess.CompletedProcess[str], *needles: str) -> str:
     for n in needles:
         assert n in lines[-1], f"{n!r} not in {lines[-1]!r}"
     return lines[-1]
+
+
+def blob_file(fetchd: Fetchd, digest: str) -> Path:
+    """Where the store keeps blob ``digest`` ("sha256:HEX")."""
+    return fetchd.store / "layout" / "blobs" / "sha256" / digest.removeprefix("sha256:")
+
+
+def assert_stored(fetchd: Fetchd, digest: str, size: int) -> None:
+    """The blob is in layout/blobs at its size, fsck re-hashes it clean, no ingest is left."""
+    path = blob_file(fetchd, digest)
+    assert path.is_file(), f"{digest} not in {path.parent}"
+    assert path.stat().st_size == size
+    assert "ok" in ok(fetchd("fsck"))
+    assert fetchd.ingests() == []
