@@ -21,6 +21,19 @@ MIN_REQUEST_BUDGET = 5.0
 #: waits for a response head that time out (a server that accepts, then says nothing)
 #: before a request fails: one retry, not config.attempts of them
 SILENT_ATTEMPTS = 2
+#: peers a BitTorrent session accepts by default: loopback, RFC 1918, CGNAT, link-local,
+#: IPv6 unique-local and link-local (a LAN's addresses; never the internet)
+BT_ALLOW_DEFAULT = (
+    "127.0.0.0/8",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "169.254.0.0/16",
+    "::1/128",
+    "fc00::/7",
+    "fe80::/10",
+)
 
 
 def default_store() -> Path:
@@ -90,6 +103,23 @@ class Config:
     segmented_threshold: int = 64 << 20
     #: seconds for a whole pull, if set
     deadline: float | None = None
+    # --- BitTorrent (issue 12) ---
+    #: ``--torrent``: layer blobs of at least ``torrent_min_size`` come through a swarm
+    torrent: bool = False
+    torrent_min_size: int = 16 << 20
+    #: seconds a finished pull keeps seeding what it fetched (``--seed-linger``)
+    seed_linger: float = 0.0
+    #: ``--bt-listen ADDR[:PORT]``: the one address the BitTorrent session listens on;
+    #: None: the address this host uses to reach the cache (never a wildcard)
+    bt_listen: str | None = None
+    #: ``--bt-allow CIDR,…``: peers outside these networks are refused
+    bt_allow: tuple[str, ...] = BT_ALLOW_DEFAULT
+    #: ``--lsd``: local service discovery (multicast on the listen interface)
+    lsd: bool = False
+    #: seconds without a verified piece before a swarm download is handed to HTTP
+    bt_stall_timeout: float = 10.0
+    #: hash failures in one swarm download before it is handed to HTTP
+    bt_max_hash_failures: int = 3
 
     @property
     def request_budget(self) -> float:

@@ -184,3 +184,13 @@ def unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
         if isinstance(exc, FetchdError):
             return exc
     return group
+
+
+class BadTorrent(FetchdError):
+    """A torrent (metainfo) fetchd will not use: not bencode, not canonical, not the
+    blob's deterministic torrent, or beyond a bound. The blob then comes over HTTP."""
+
+
+class SwarmFailed(SourceError):
+    """A BitTorrent download that cannot go on (stalled, too many hash failures, the
+    session could not start): the engine hands the missing ranges to the next fetcher."""
