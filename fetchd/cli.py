@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import json
 import logging
 import math
@@ -22,6 +23,7 @@ from typing import Any
 
 from fetchd import __version__
 from fetchd.config import (
+    BT_ALLOW_DEFAULT,
     PULL_FROM_MIRROR,
     PULL_POLICIES,
     Config,
@@ -190,9 +192,54 @@ def build_parser() -> argparse.ArgumentParser:
             help="fail a pull that takes longer",
         )
 
+    def bt_options(sp: argparse.ArgumentParser, *, client: bool) -> None:
+        g = sp.add_argument_group("BitTorrent")
+        g.add_argument(
+            "--torrent",
+            action="store_true",
+            help="layer blobs of at least --torrent-min-size come through a swarm: the torrent "
+            "from the mirror (a fetchd serve), the bytes from the hosts that hold them; HTTP "
+            "from the mirror or the origin takes over when the swarm stalls"
+            if client
+            else "pull blobs from the upstream fetchd serve through its swarm",
+        )
+        g.add_argument(
+            "--torrent-min-size",
+            type=_size_arg,
+            default=16 << 20,
+            metavar="SIZE",
+            help="smaller blobs come over HTTP (one HTTP GET beats a swarm below it; default 16M)",
+        )
+        g.add_argument(
+            "--bt-listen",
+            metavar="ADDR[:PORT]",
+            help="the one address BitTorrent listens on (default: the address this host "
+            "uses to reach the cache, any free port; never a wildcard)",
+        )
+        g.add_argument(
+            "--bt-allow",
+            metavar="CIDR,...",
+            help="peers allowed (default: loopback and private ranges: "
+            "10/8, 172.16/12, 192.168/16, 100.64/10, link-local, fc00::/7)",
+        )
+        g.add_argument(
+            "--lsd",
+            action="store_true",
+            help="local service discovery (multicast on the listen interface; off by default)",
+        )
+        if client:
+            g.add_argument(
+                "--seed-linger",
+                type=_seconds_or_zero,
+                default=0.0,
+                metavar="SECONDS",
+                help="keep seeding what was fetched this long after the pull (default 0)",
+            )
+
     sp = sub.add_parser("pull", help="fetch images into the store")
     sp.add_argument("refs", nargs="+", metavar="REF")
     fetch_options(sp)
+    bt_options(sp, client=True)
     sp.add_argument("--digest", help="for https:// URLs: the sha256 the bytes must have")
     sp.add_argument(
         "--mirror",
@@ -220,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("refs", nargs="*", metavar="REF")
     sp.add_argument("--from", dest="from_file", type=Path, help="a file with one REF per line")
     fetch_options(sp)
+    bt_options(sp, client=True)
 
     sp = sub.add_parser("images", help="list what the store holds")
     sp.add_argument("--json", action="store_true", help="print one JSON document")
@@ -297,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="client connections at once (default 16384; never more than RLIMIT_NOFILE "
         "leaves after a reserve); at the limit the longest idle one is closed",
     )
+    bt_options(sp, client=False)
 
     sp = sub.add_parser(
         "export",
@@ -330,7 +379,53 @@ def _config(args: argparse.Namespace, store: Path, progress: bool) -> Config:
         progress=progress,
         max_connections=args.max_connections,
         deadline=args.deadline,
+        **_bt_config(args),
     )
+
+
+def _bt_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The BitTorrent fields of Config from the options bt_options() added."""
+    allow = BT_ALLOW_DEFAULT
+    if args.bt_allow:
+        allow = tuple(n.strip() for n in args.bt_allow.split(",") if n.strip())
+        for net in allow:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise UsageError(f"--bt-allow {net!r} is not a network (CIDR)") from None
+    if args.bt_listen:
+        host, _ = _split_listen(args.bt_listen)
+        if ipaddress.ip_address(host).is_unspecified:
+            raise UsageError(
+                f"--bt-listen {args.bt_listen!r} is a wildcard: name the one address to "
+                "listen on (peers on other interfaces are not meant to reach it)"
+            )
+    return {
+        "torrent": args.torrent,
+        "torrent_min_size": args.torrent_min_size,
+        "seed_linger": getattr(args, "seed_linger", 0.0),
+        "bt_listen": args.bt_listen,
+        "bt_allow": allow,
+        "lsd": args.lsd,
+    }
+
+
+def _split_listen(text: str) -> tuple[str, int]:
+    """``ADDR[:PORT]`` (IPv6 in brackets when a port follows) → (address, port or 0)."""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.removeprefix(":") or "0"
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    else:
+        host, port = text, "0"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise UsageError(f"--bt-listen {text!r}: {host!r} is not an IP address") from None
+    if not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise UsageError(f"--bt-listen {text!r}: the port must be 0 to 65535")
+    return host, int(port)
 
 
 async def _pull_all(
@@ -531,6 +626,7 @@ def cmd_serve(args: argparse.Namespace, store: Store) -> int:
         store=store.root,
         insecure=parse_insecure(args.insecure_options),
         stall_timeout=args.stall_timeout,
+        **_bt_config(args),
     )
     token = read_token(args.token_file)
     cache = Cache(store, config, upstreams, args.tag_ttl)
