@@ -134,53 +134,83 @@ async def _fill(
     on_connections: Callable[[int], None],
 ) -> list[Fetcher]:
     """Every missing byte of ``ingest`` from ``live`` (in order); returns the fetchers
-    that placed bytes in it now."""
-    ranged = [f for f in live if isinstance(f, RangeFetcher)]
-    if isinstance(ingest, SegmentedIngest) and len(ranged) == len(live):
-        from fetchd.sources.segments import RangeSource, SegmentedDownload
+    that placed bytes in it now.
 
-        def locator(f: RangeFetcher) -> Callable[[], Awaitable[Location]]:
-            return lambda: f.locate(desc)
+    Into a segmented ingest, fetchers that cannot serve ranges (the swarm) are asked
+    first, each in turn, and the range fetchers after them share the gaps they leave
+    over several connections (each a tier of its own unless ``sources.peers``)."""
+    lead = 0
+    while lead < len(live) and not isinstance(live[lead], RangeFetcher):
+        lead += 1
+    ranged = [f for f in live[lead:] if isinstance(f, RangeFetcher)]
+    if not isinstance(ingest, SegmentedIngest) or not ranged or len(ranged) != len(live) - lead:
+        return await _in_order(desc, ingest, sources, live, None, on_bytes)
+    placed = (
+        await _in_order(desc, ingest, sources, live[:lead], ranged[0], on_bytes) if lead else []
+    )
+    if not ingest.gaps():
+        return placed
+    from fetchd.sources.segments import RangeSource, SegmentedDownload
 
-        ranges = [
-            RangeSource(f.label, locator(f), tier=0 if sources.peers else i)
-            for i, f in enumerate(ranged)
-        ]
+    def locator(f: RangeFetcher) -> Callable[[], Awaitable[Location]]:
+        return lambda: f.locate(desc)
+
+    ranges = [
+        RangeSource(f.label, locator(f), tier=0 if sources.peers else i)
+        for i, f in enumerate(ranged)
+    ]
+    try:
         await SegmentedDownload(ingest, ranges, config, on_bytes, on_connections).run()
-        return [f for f, r in zip(ranged, ranges, strict=True) if r.wrote]
+    finally:
+        placed += [f for f, r in zip(ranged, ranges, strict=True) if r.wrote]
+    return placed
+
+
+async def _in_order(
+    desc: Descriptor,
+    ingest: Ingest,
+    sources: Sources,
+    fetchers: list[Fetcher],
+    then: Fetcher | None,
+    on_bytes: Callable[[int], None],
+) -> list[Fetcher]:
+    """Ask ``fetchers`` in order until one fills the ingest; ``then``: the fetcher that
+    takes over after them (so the last of them is not the last resort, and its failure
+    returns instead of raising)."""
     placed: list[Fetcher] = []
-    for i, fetcher in enumerate(live):
-        last = i == len(live) - 1
+    for i, fetcher in enumerate(fetchers):
+        nxt = fetchers[i + 1] if i + 1 < len(fetchers) else then
+        last = nxt is None
         before = ingest.offset
         try:
             await fetcher.fetch(desc, ingest, on_bytes, last=last)
         except BlobNotFound as exc:
-            if last:
+            if nxt is None:
                 raise
             log.info(
                 "%s: %s has no copy (%s); asking %s",
                 desc.digest.short,
                 fetcher.label,
                 exc,
-                live[i + 1].label,
+                nxt.label,
             )
             continue
         except SizeMismatch as exc:
             # Not this blob (a captive portal's page, the wrong blob, an endless body):
             # the ingest dropped it; the fetcher is not asked again in this pull.
-            if last or fetcher is sources.trusted:
+            if nxt is None or fetcher is sources.trusted:
                 raise
             sources.drop(fetcher, f"it sent blob {desc.digest.short} at the wrong size ({exc})")
             continue
         except SourceError as exc:
-            if last:
+            if nxt is None:
                 raise
             log.warning(
                 "%s: %s failed (%s); continuing from %s at %d bytes",
                 desc.digest.short,
                 fetcher.label,
                 exc,
-                live[i + 1].label,
+                nxt.label,
                 ingest.offset,
             )
             continue
@@ -188,7 +218,7 @@ async def _fill(
             if ingest.offset != before:
                 placed.append(fetcher)
         return placed
-    raise AssertionError("unreachable: the last fetcher returns or raises")
+    return placed
 
 
 class UrlFetcher:

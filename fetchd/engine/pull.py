@@ -47,6 +47,7 @@ from fetchd.progress import Progress, blob_kind
 from fetchd.sources.base import Fetcher, Resolver
 from fetchd.sources.http import cache_max_age, new_session, redact, translate
 from fetchd.sources.retry import retryable
+from fetchd.sources.swarm import SwarmFetcher, Swarms
 from fetchd.store import layout
 from fetchd.store.cas import Ingest, SegmentedIngest, Store
 from fetchd.store.leases import Lease
@@ -58,6 +59,7 @@ from fetchd.store.space import ensure_room
 if TYPE_CHECKING:
     import aiohttp
 
+    from fetchd.bt.session import Swarm
     from fetchd.sources.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -185,7 +187,13 @@ class Engine:
     on parallel blob transfers, and single flight (one transfer per digest).
     """
 
-    def __init__(self, store: Store, config: Config, progress: Progress | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        config: Config,
+        progress: Progress | None = None,
+        swarm: Swarm | None = None,
+    ) -> None:
         self.store = store
         self.config = config
         self.progress = progress or Progress()
@@ -197,14 +205,24 @@ class Engine:
         self._single = SingleFlight()
         #: blobs being transferred right now, for readers that stream them as they come
         self.flights: dict[Digest, Flight] = {}
+        #: the process's one BitTorrent session (``swarm``: the server's; else started
+        #: on first use by a swarm fetcher, and closed with the engine)
+        self.swarms = Swarms(config, swarm)
 
     async def __aenter__(self) -> Engine:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        try:
+            swarm = self.swarms.started
+            if exc[0] is None and swarm is not None and swarm.seeding() and self.config.seed_linger:
+                log.info("seeding for %.0f s more (--seed-linger)", self.config.seed_linger)
+                await asyncio.sleep(self.config.seed_linger)
+        finally:
+            await self.swarms.close()
+            if self._session is not None:
+                await self._session.close()
+                self._session = None
 
     def _registry(self, host: str) -> Registry:
         reg = self._registries.get(host)
@@ -336,6 +354,17 @@ class Engine:
         fetchers: list[Fetcher] = [
             c.blobs(ref.name, mirror=True) for u, c in caches if u not in bad
         ]
+        good = [u for u, _ in caches if u not in bad]
+        if self.config.torrent and good:
+            # The swarm of the first cache that answered; its HTTP and the origin follow.
+            fetchers.insert(
+                0,
+                SwarmFetcher(
+                    good[0], ref.name, self.session(), self.config, self.swarms, self.meta
+                ),
+            )
+        elif self.config.torrent:
+            log.info("%s: --torrent needs a --mirror (a fetchd serve) to get torrents from", name)
         trusted = None
         if not mirror_only:
             trusted = origin.blobs(ref.name)
@@ -586,6 +615,8 @@ class Engine:
         the image (``missing``: the bytes of its blobs not in the store): when several
         big blobs come at once they already fill the connections, and segmenting them
         only costs requests and a re-read to hash."""
+        if self.config.torrent and desc.size >= self.config.torrent_min_size:
+            return True  # a swarm writes pieces anywhere
         return desc.size >= self.config.segmented_threshold and 2 * desc.size >= missing
 
     async def ensure_blob(
@@ -640,6 +671,9 @@ class Engine:
                 del self.flights[desc.digest]
             flight.finish(None)
             self.progress.finish(key)
+        for f in sources.live():
+            if isinstance(f, SwarmFetcher):
+                await f.committed(desc, self.store.blob_path(desc.digest).parent)
 
     # --- plain URLs ----------------------------------------------------------------------
 

@@ -1,0 +1,299 @@
+"""The BitTorrent swarm as one more :class:`~fetchd.sources.base.Fetcher` (issue 12).
+
+For a layer blob of at least ``--torrent-min-size``, :class:`SwarmFetcher` asks a
+``fetchd serve`` cache for the blob's torrent (``/fetchd/v1/torrents/sha256:HEX``),
+refuses it unless it is exactly fetchd's canonical torrent for that digest and size
+(:func:`fetchd.bt.metainfo.canonical`), and lets the process's one libtorrent session
+(:class:`fetchd.bt.session.Swarm`) download it, announcing to that cache's tracker.
+
+libtorrent never writes the ingest's data file. It downloads into a file of its own
+beside it (``ingest/…/swarm``), and each piece it verified (SHA-1, from the torrent) is
+copied into the sink, **only into the sink's gaps**. The data file is then written by the
+sink alone, once per range: a peer's stray or hostile block can never change bytes the
+store's hash follower already read. (libtorrent writes unrequested blocks it receives:
+BITTORRENT.md §2.3.) The swarm file also lets a killed pull resume: libtorrent rechecks
+it, and what verifies is copied in.
+
+On a stall or repeated hash failures the session gives up (SwarmFailed) and the engine
+hands the sink's gaps to the cache or the origin over HTTP ranges; the pieces already
+copied stay and count. The torrent (from a plain-HTTP cache) is never trusted: the
+engine's commit checks the sha256 of the whole file. Its announce URL is ignored; the
+tracker asked is the cache's own ``/announce``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+
+from fetchd.config import Config
+from fetchd.errors import BadTorrent, BlobNotFound, FetchdError, SwarmFailed
+from fetchd.model import Descriptor
+from fetchd.sources.base import OnBytes, Sink
+from fetchd.sources.http import redact
+from fetchd.store.cas import SegmentedIngest
+from fetchd.threads import finish, run_in
+
+if TYPE_CHECKING:
+    from fetchd.bt.metainfo import Torrent
+    from fetchd.bt.session import Swarm
+    from fetchd.store.meta import Meta
+
+log = logging.getLogger(__name__)
+
+#: media types whose blobs may come through the swarm (layers: the big ones)
+_NOT_LAYERS = ("config", "manifest", "index")
+#: the state of a sink is saved at most this often while pieces are copied in
+SAVE_EVERY = 2.0
+#: bound on a torrent's size (a canonical one is ~41 KB; a 1 TiB blob's ~1.3 MB)
+MAX_TORRENT_BYTES = 8 << 20
+
+
+class Swarms:
+    """The process's one libtorrent session, started on first use (an engine owns it,
+    or ``fetchd serve`` hands its own in). Its listen address is ``--bt-listen``, else
+    the address this host uses to reach the first cache asked (never a wildcard)."""
+
+    def __init__(self, config: Config, swarm: Swarm | None = None) -> None:
+        self.config = config
+        self._swarm = swarm
+        self._own = swarm is None
+        self._lock = asyncio.Lock()
+
+    async def get(self, towards: str) -> Swarm:
+        async with self._lock:
+            if self._swarm is None:
+                from fetchd.bt.session import Swarm
+
+                swarm = Swarm(self.config, self.config.bt_listen or _local_address(towards))
+                await swarm.start()
+                self._swarm = swarm
+            return self._swarm
+
+    @property
+    def started(self) -> Swarm | None:
+        return self._swarm
+
+    async def close(self) -> None:
+        if self._own and self._swarm is not None:
+            swarm, self._swarm = self._swarm, None
+            await swarm.close()
+
+
+def _local_address(url: str) -> str:
+    """The local address a connection to ``url``'s host leaves from (a UDP connect
+    sends nothing): the LAN address peers of that cache can reach, any free port."""
+    parts = urlsplit(url)
+    host = parts.hostname or "127.0.0.1"
+    try:
+        info = socket.getaddrinfo(host, parts.port or 80, type=socket.SOCK_DGRAM)
+        family, _, _, _, addr = info[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            local = str(s.getsockname()[0])
+    except OSError as exc:
+        raise SwarmFailed(
+            f"cannot tell which address reaches {parts.netloc} ({exc}); pass --bt-listen ADDR"
+        ) from exc
+    return f"[{local}]:0" if ":" in local else f"{local}:0"
+
+
+class SwarmFetcher:
+    """A blob's bytes from the swarm of a ``fetchd serve`` cache (``mirror``: its base
+    URL); see the module's docstring. Not a RangeFetcher: the engine asks it first, and
+    the range fetchers after it fill what it left. Calls may overlap (other blobs)."""
+
+    def __init__(
+        self,
+        mirror: str,
+        repository: str,
+        session: aiohttp.ClientSession,
+        config: Config,
+        swarms: Swarms,
+        meta: Meta,
+    ) -> None:
+        self.mirror = mirror.rstrip("/")
+        self.repository = repository
+        self.session = session
+        self.config = config
+        self.swarms = swarms
+        self.meta = meta
+        self.label = f"swarm of {redact(self.mirror)}"
+        #: hex digests this fetcher downloaded: seeded once committed
+        self.fetched: set[str] = set()
+
+    def wants(self, desc: Descriptor) -> bool:
+        """Whether ``desc`` is one for the swarm: a layer of at least the minimum size."""
+        kind = (desc.media_type or "").lower()
+        return desc.size >= self.config.torrent_min_size and not any(k in kind for k in _NOT_LAYERS)
+
+    async def fetch(
+        self, desc: Descriptor, sink: Sink, on_bytes: OnBytes, *, last: bool = True
+    ) -> None:
+        if not self.wants(desc) or not isinstance(sink, SegmentedIngest):
+            raise BlobNotFound(f"{desc.digest.short} is not for the swarm (small or not a layer)")
+        torrent = await self._torrent(desc)
+        swarm = await self.swarms.get(self.mirror)
+        work = sink.data_path.parent / "swarm"
+        copier = _Copier(sink, torrent, work, on_bytes)
+        skip = torrent.pieces_within(list(sink.ranges))
+        log.info(
+            "%s: from the swarm of %s (%d of %d pieces missing)",
+            desc.digest.short,
+            redact(self.mirror),
+            torrent.num_pieces - len(skip),
+            torrent.num_pieces,
+        )
+        ok = False
+        try:
+            await swarm.download(
+                torrent,
+                work.parent,
+                work.name,
+                trackers=[f"{self.mirror}/announce"],
+                skip=skip,
+                on_piece=copier.piece,
+                stall_timeout=self.config.bt_stall_timeout,
+                max_hash_failures=self.config.bt_max_hash_failures,
+            )
+            ok = True
+        finally:
+            await copier.close()
+            if ok or not sink.gaps():
+                with contextlib.suppress(OSError):
+                    work.unlink()
+        if sink.gaps():
+            raise SwarmFailed(
+                f"the swarm finished {desc.digest.short} with {len(sink.gaps())} ranges missing"
+            )
+        self.fetched.add(desc.digest.hex)
+
+    async def committed(self, desc: Descriptor, blob_dir: Path) -> None:
+        """The engine committed ``desc``: seed it from the store (if this fetcher had it)."""
+        if desc.digest.hex not in self.fetched:
+            return
+        swarm = self.swarms.started
+        raw = await asyncio.to_thread(self.meta.torrent, str(desc.digest))
+        if swarm is None or raw is None:
+            return
+        from fetchd.bt.metainfo import canonical
+
+        try:
+            await swarm.seed(
+                canonical(raw, desc.digest.hex, desc.size),
+                blob_dir,
+                trackers=[f"{self.mirror}/announce"],
+            )
+        except FetchdError as exc:
+            log.warning("%s: not seeded: %s", desc.digest.short, exc)
+
+    async def _torrent(self, desc: Descriptor) -> Torrent:
+        """The blob's torrent: the one this store validated before, else the cache's,
+        accepted only in fetchd's canonical form (else: SwarmFailed, HTTP follows)."""
+        from fetchd.bt.metainfo import canonical
+
+        key = str(desc.digest)
+        raw = await asyncio.to_thread(self.meta.torrent, key)
+        if raw is not None:
+            with contextlib.suppress(BadTorrent):
+                return canonical(raw, desc.digest.hex, desc.size)
+        url = (
+            f"{self.mirror}/fetchd/v1/torrents/{quote(key, safe=':')}"
+            f"?name={quote(self.repository, safe='/')}"
+        )
+        try:
+            async with asyncio.timeout(self.config.request_budget):
+                async with self.session.get(url, allow_redirects=False) as resp:
+                    if resp.status == 404:
+                        raise BlobNotFound(
+                            f"{redact(self.mirror)} has no torrent for {desc.digest.short}"
+                        )
+                    if resp.status != 200:
+                        raise SwarmFailed(
+                            f"{redact(self.mirror)} answered {resp.status} for the torrent of "
+                            f"{desc.digest.short}"
+                        )
+                    if (resp.content_length or 0) > MAX_TORRENT_BYTES:
+                        raise SwarmFailed(f"the torrent of {desc.digest.short} is too big")
+                    body = await resp.content.read(MAX_TORRENT_BYTES + 1)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise SwarmFailed(
+                f"cannot get the torrent of {desc.digest.short} from {redact(self.mirror)}: "
+                f"{exc or type(exc).__name__}"
+            ) from exc
+        if len(body) > MAX_TORRENT_BYTES:
+            raise SwarmFailed(f"the torrent of {desc.digest.short} is too big")
+        try:
+            torrent = canonical(body, desc.digest.hex, desc.size)
+        except BadTorrent as exc:
+            log.warning(
+                "%s: refused the torrent from %s: %s; the blob comes over HTTP",
+                desc.digest.short,
+                redact(self.mirror),
+                exc,
+            )
+            raise SwarmFailed(f"refused the torrent of {desc.digest.short}: {exc}") from exc
+        await asyncio.to_thread(self.meta.put_torrent, key, torrent.raw)
+        return torrent
+
+
+class _Copier:
+    """Copies the pieces libtorrent verified from its swarm file into the sink's gaps,
+    one at a time, in the order they finished (on the store pool)."""
+
+    def __init__(
+        self, sink: SegmentedIngest, torrent: Torrent, work: Path, on_bytes: OnBytes
+    ) -> None:
+        self.sink = sink
+        self.torrent = torrent
+        self.work = work
+        self.on_bytes = on_bytes
+        self._queue: asyncio.Queue[int | None] = asyncio.Queue()
+        self._task = asyncio.ensure_future(self._run())
+        self._fd = -1
+        self._saved = time.monotonic()
+        self.error: BaseException | None = None
+
+    def piece(self, index: int) -> None:
+        self._queue.put_nowait(index)
+
+    async def _run(self) -> None:
+        while (index := await self._queue.get()) is not None:
+            start, end = self.torrent.span(index)
+            for a, b in self.sink.gaps():
+                lo, hi = max(a, start), min(b, end)
+                if lo < hi:
+                    data = await finish(run_in("store", self._read, lo, hi - lo))
+                    await self.sink.write_at(lo, [data])
+                    self.on_bytes(len(data))
+            if time.monotonic() - self._saved > SAVE_EVERY:
+                self._saved = time.monotonic()
+                await finish(run_in("store", self.sink.save_state))
+
+    def _read(self, at: int, n: int) -> bytes:
+        if self._fd < 0:
+            self._fd = os.open(self.work, os.O_RDONLY | os.O_CLOEXEC)
+        data = os.pread(self._fd, n, at)
+        if len(data) != n:
+            raise SwarmFailed(f"the swarm file ends before piece data at {at}")
+        return data
+
+    async def close(self) -> None:
+        self._queue.put_nowait(None)
+        try:
+            await asyncio.shield(self._task)
+        finally:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+            with contextlib.suppress(OSError):
+                await finish(run_in("store", self.sink.save_state))
