@@ -206,10 +206,9 @@ class SwarmFetcher:
         if raw is not None:
             with contextlib.suppress(BadTorrent):
                 return canonical(raw, desc.digest.hex, desc.size)
-        url = (
-            f"{self.mirror}/fetchd/v1/torrents/{quote(key, safe=':')}"
-            f"?name={quote(self.repository, safe='/')}"
-        )
+        # No ?name=: it only names the web seed in the url-list, which fetchd does not use
+        # (its HTTP fallback is the engine's); the cache's default name always routes.
+        url = f"{self.mirror}/fetchd/v1/torrents/{quote(key, safe=':')}"
         try:
             async with asyncio.timeout(self.config.request_budget):
                 async with self.session.get(url, allow_redirects=False) as resp:
