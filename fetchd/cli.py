@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fetchd import __version__
 from fetchd.config import (
@@ -39,6 +39,9 @@ from fetchd.store import Store, layout
 from fetchd.store import maintenance as mt
 from fetchd.store.diskfull import is_full, is_read_only
 from fetchd.units import format_size, parse_size
+
+if TYPE_CHECKING:
+    from fetchd.bt.session import Swarm
 
 log = logging.getLogger("fetchd")
 
@@ -629,8 +632,9 @@ def cmd_serve(args: argparse.Namespace, store: Store) -> int:
         **_bt_config(args),
     )
     token = read_token(args.token_file)
-    cache = Cache(store, config, upstreams, args.tag_ttl)
-    server = Server(cache, token, args.max_size, args.grace, args.public_status)
+    swarm = _serve_swarm(config, host.strip("[]"), lambda hex: server.torrents.corrupt(hex))
+    cache = Cache(store, config, upstreams, args.tag_ttl, swarm)
+    server = Server(cache, token, args.max_size, args.grace, args.public_status, swarm=swarm)
 
     def ready(url: str) -> None:
         print(f"fetchd serve: listening on {url}", flush=True)
@@ -646,6 +650,37 @@ def cmd_serve(args: argparse.Namespace, store: Store) -> int:
 
     asyncio.run(main())
     return 0
+
+
+def _serve_swarm(config: Config, http_host: str, on_corrupt: Callable[[str], None]) -> Swarm | None:
+    """serve's seeding session (a fetchd.bt.session.Swarm), or None when libtorrent does
+    not import (torrents and the tracker still work, peers trade among themselves). It
+    listens on --bt-listen, else on --listen's address with a free port: never on a
+    wildcard, so a --listen of 0.0.0.0 or :: needs --bt-listen (UsageError)."""
+    if config.bt_listen:
+        addr, port = _split_listen(config.bt_listen)
+    else:
+        addr, port = http_host, 0
+        try:
+            wildcard = ipaddress.ip_address(addr).is_unspecified
+        except ValueError:
+            raise UsageError(
+                f"--listen {http_host!r} is not an IP address: give the address to seed "
+                "blobs on with --bt-listen ADDR[:PORT]"
+            ) from None
+        if wildcard:
+            raise UsageError(
+                f"--listen {http_host or '*'} listens on every address, BitTorrent listens "
+                "on one: name it with --bt-listen ADDR[:PORT] (an address of the LAN the "
+                "peers are on)"
+            )
+    try:
+        from fetchd.bt.session import Swarm
+    except ImportError as exc:
+        log.warning("libtorrent does not import (%s): serve will not seed", exc)
+        return None
+    listen = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+    return Swarm(config, listen, on_corrupt=on_corrupt)
 
 
 def run(argv: Sequence[str]) -> int:

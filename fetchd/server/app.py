@@ -35,7 +35,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -59,8 +59,14 @@ from fetchd.errors import (
 from fetchd.model import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Digest, Platform
 from fetchd.server.cache import Cache
 from fetchd.server.request import ByteRange, accepts, parse_path, parse_range
+from fetchd.server.torrents import Torrents
 from fetchd.server.upstreams import Route
 from fetchd.store import maintenance as mt
+from fetchd.store.cas import Store
+from fetchd.store.leases import live_digests
+
+if TYPE_CHECKING:
+    from fetchd.bt.session import Swarm
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +139,12 @@ class Server:
         max_size: int | None,
         grace: float = 600.0,
         public_status: bool | None = None,
+        swarm: Swarm | None = None,
     ) -> None:
         self.cache = cache
+        #: torrents, the tracker and the seeding session (``swarm``: None without libtorrent)
+        self.torrents = Torrents(cache, swarm)
+        cache.on_commit = self.torrents.committed
         self.token = token
         self.max_size = max_size
         self.grace = grace
@@ -157,13 +167,15 @@ class Server:
         r.add_post("/fetchd/v1/prefetch", self.prefetch)
         r.add_get("/fetchd/v1/jobs/{id}", self.job)
         r.add_post("/fetchd/v1/gc", self.gc)
+        r.add_get("/fetchd/v1/torrents/{digest}", self.torrents.handle_torrent)
+        r.add_get("/announce", self.torrents.handle_announce)
         r.add_get("/v2/", self.base)
         r.add_route("*", "/v2/{tail:.*}", self.v2)
         app.cleanup_ctx.append(self._lifetime)
         return app
 
     async def _lifetime(self, app: web.Application) -> AsyncIterator[None]:
-        async with self.cache.running(), asyncio.TaskGroup() as tg:
+        async with self.cache.running(), self.torrents.running(), asyncio.TaskGroup() as tg:
             self._tasks = tg
             evictor = tg.create_task(self._evict_now_and_then()) if self.max_size else None
             yield
@@ -379,6 +391,7 @@ class Server:
             ("fetchd_store_size_bytes", "gauge", size, "Bytes of blobs in the store."),
         ):
             lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+        lines += self.torrents.metrics()
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
     def _status(self, full: bool) -> dict[str, Any]:
@@ -409,7 +422,8 @@ class Server:
 
     async def status_json(self, request: web.Request) -> web.Response:
         full = self._details_for(request)
-        return web.json_response(await asyncio.to_thread(self._status, full))
+        bt = self.torrents.status(full)
+        return web.json_response(await asyncio.to_thread(self._status, full) | bt)
 
     async def status_page(self, request: web.Request) -> web.Response:
         if self._details_for(request):
@@ -508,7 +522,13 @@ class Server:
     async def _evict(self, collect: bool = False) -> dict[str, Any]:
         """LRU down to --max-size, sparing blobs being served and manifests used lately."""
         return await asyncio.to_thread(
-            evict, self.cache, self.max_size, set(self.cache.serving), collect, self.grace
+            evict,
+            self.cache,
+            self.max_size,
+            set(self.cache.serving),
+            collect,
+            self.grace,
+            self.torrents,
         )
 
 
@@ -521,6 +541,7 @@ def evict(
     serving: set[Digest],
     collect: bool,
     grace: float,
+    torrents: Torrents | None = None,
 ) -> dict[str, Any]:
     store = cache.store
     evicted: list[str] = []
@@ -535,16 +556,39 @@ def evict(
                 break  # the rest are newer still
             cache.meta.forget_cached([digest])
             evicted.append(digest)
-            gone = mt.remove_unreferenced(store, spare=serving)
+            gone = _remove_unreferenced(store, serving, torrents)
             size -= sum(gone.values())
             freed |= gone
     if collect:
-        freed |= mt.remove_unreferenced(store, spare=serving)
+        freed |= _remove_unreferenced(store, serving, torrents)
     return {
         "evicted_manifests": evicted,
         "removed_blobs": len(freed),
         "freed_bytes": sum(freed.values()),
     }
+
+
+def _remove_unreferenced(
+    store: Store, spare: set[Digest], torrents: Torrents | None
+) -> dict[Digest, int]:
+    """mt.remove_unreferenced, with the blobs it may delete unseeded first (libtorrent
+    would go on serving a deleted blob from its open descriptor, and its space would
+    stay taken). The candidates are decided before the unseeding, and only they may be
+    deleted: a blob committed meanwhile is not among them; one referenced again
+    meanwhile is kept and seeded again."""
+    if torrents is None or torrents.swarm is None:
+        return mt.remove_unreferenced(store, spare=spare)
+    doomed = {d for d, _ in store.iter_blobs()} - mt.referenced(store) - live_digests(store)
+    doomed -= spare
+    if not doomed:
+        return {}
+    torrents.before_delete(doomed)
+    removed: dict[Digest, int] = {}
+    try:
+        removed = mt.remove_unreferenced(store, doomed, spare)
+    finally:
+        torrents.after_delete(doomed, removed)
+    return removed
 
 
 STATUS_PAGE = """<!doctype html>
@@ -564,6 +608,10 @@ or the admin token.</p>
 <span class="num" id="served">–</span> served &nbsp;
 <span class="num" id="upstream">–</span> from upstream</p>
 <h2>Live fetches</h2><table id="fetches"><tr><th>blob</th><th>progress</th></tr></table>
+<h2>Swarms</h2><p><span class="num" id="torrents">–</span> torrents seeded &nbsp;
+<span class="num" id="btup">–</span> sent over BitTorrent &nbsp;
+<span class="num" id="tpeers">–</span> tracker peers</p>
+<table id="swarms"><tr><th>blob</th><th>peers</th><th>sent</th></tr></table>
 <h2>Recent pulls</h2><table id="recent"><tr><th>name</th><th>digest</th></tr></table>
 <h2>Cached manifests</h2>
 <table id="cached"><tr><th>repository</th><th>digest</th><th>type</th></tr></table>
@@ -583,6 +631,11 @@ async function refresh(){
   for(const x of s.fetches||[]){const b=document.createElement("div");b.className="bar";
     const i=document.createElement("div");i.style.width=(100*x.done/x.size)+"%";b.appendChild(i);
     row(f,[x.digest.slice(0,19),b])}
+  document.getElementById("torrents").textContent=s.torrents;
+  document.getElementById("btup").textContent=mib(s.bt_uploaded);
+  document.getElementById("tpeers").textContent=s.tracker_peers;
+  const w=document.getElementById("swarms");clear(w);
+  for(const x of s.swarms||[]){row(w,[x.hex,x.peers,mib(x.uploaded)])}
   const r=document.getElementById("recent");clear(r);
   for(const x of s.recent||[]){row(r,[x.name,x.digest.slice(0,19)])}
   const c=document.getElementById("cached");clear(c);

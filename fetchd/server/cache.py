@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from fetchd.config import Config
 from fetchd.engine.pull import Engine, Flight
@@ -43,6 +43,9 @@ from fetchd.server.upstreams import Route, Upstream, Upstreams
 from fetchd.sources.registry import Registry
 from fetchd.store.cas import Store
 from fetchd.store.meta import Meta
+
+if TYPE_CHECKING:
+    from fetchd.bt.session import Swarm
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +99,23 @@ class Manifest:
 class Cache:
     """Use as ``async with Cache(...)``: it owns the background fetches."""
 
-    def __init__(self, store: Store, config: Config, upstreams: Upstreams, tag_ttl: float) -> None:
+    def __init__(
+        self,
+        store: Store,
+        config: Config,
+        upstreams: Upstreams,
+        tag_ttl: float,
+        swarm: Swarm | None = None,
+    ) -> None:
         self.store = store
         self.config = config
         self.upstreams = upstreams
         self.tag_ttl = tag_ttl
         self.stats = Stats()
         self.meta = Meta(store.db_path)
-        self.engine = Engine(store, config, _CountingProgress(self.stats))
+        # The server's seeding session is the engine's too (one per process): a blob
+        # pulled through with --torrent comes from the upstream cache's swarm into it.
+        self.engine = Engine(store, config, _CountingProgress(self.stats), swarm)
         #: blob sizes learnt from manifests served (so a blob GET needs no HEAD upstream)
         self.sizes: dict[Digest, int] = {}
         #: how many responses are reading each blob now (LRU eviction spares them)
@@ -118,6 +130,9 @@ class Cache:
         #: when each upstream last failed to revalidate a tag (monotonic)
         self._dark_since: dict[Upstream, float] = {}
         self.job_slots = asyncio.Semaphore(JOB_CONCURRENCY)
+        #: called (on the loop) with each blob a pull-through fetch committed: the server
+        #: builds and seeds its torrent; must not raise
+        self.on_commit: Callable[[Descriptor], None] | None = None
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Cache]:
@@ -358,6 +373,8 @@ class Cache:
             upstream = self.registry(route.upstream).blobs(route.repository)
             await self.engine.ensure_blob(desc, [upstream])
             outcome.set_result(None)
+            if self.on_commit is not None:
+                self.on_commit(desc)
         except asyncio.CancelledError:
             outcome.cancel()
             raise
