@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import secrets
 import socket
 import subprocess
@@ -80,12 +81,17 @@ class Cache:
         assert hashlib.sha256(reply.body).hexdigest() == digest.split(":", 1)[1]
 
     def torrent(self, digest: str, query: str = "") -> dict[bytes, Any]:
-        reply = self.serve.get(f"/fetchd/v1/torrents/{digest}{query}")
-        assert reply.status == 200, reply
-        assert reply.headers["Content-Type"] == "application/x-bittorrent"
-        doc = bdecode(reply.body)
-        assert isinstance(doc, dict)
-        return doc
+        return get_torrent(self.serve, digest, query)
+
+
+def get_torrent(serve: ServeProcess, digest: str, query: str = "") -> dict[bytes, Any]:
+    """GET /fetchd/v1/torrents/DIGEST[QUERY], which must answer a torrent: decoded."""
+    reply = serve.get(f"/fetchd/v1/torrents/{digest}{query}")
+    assert reply.status == 200, reply
+    assert reply.headers["Content-Type"] == "application/x-bittorrent"
+    doc = bdecode(reply.body)
+    assert isinstance(doc, dict)
+    return doc
 
 
 @pytest.fixture(scope="module")
@@ -568,6 +574,39 @@ def test_a_corrupt_seeded_blob_is_quarantined_never_rewritten(
         reply = serve.get(f"/fetchd/v1/torrents/{digest}")
         assert reply.status == 404, reply
         assert b"unknown info_hash" in announce(serve, ih, free_port())[b"failure reason"]
+
+
+def test_serve_seeding_200_blobs_stays_small_and_serves_the_150th(
+    tmp_path: Path, fetchd: Fetchd, registry: Registry
+) -> None:
+    """Issue 12 acceptance 5: 200 blobs seeded by one serve, peak RSS <= 64 MiB, and a
+    leecher of the 150th gets it (libtorrent's auto-manage would queue all but 5)."""
+    blobs = fetchd.store / "layout" / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    rng = random.Random(7401)
+    hexes = []
+    for i in range(200):  # committed blobs as the store holds them: named by their sha256
+        data = rng.randbytes(MIB + i)
+        hex = hashlib.sha256(data).hexdigest()
+        (blobs / hex).write_bytes(data)
+        os.chmod(blobs / hex, 0o444)
+        hexes.append(hex)
+    ok(fetchd("fsck"))
+    with start_serve(fetchd, [registry.url], extra=BT) as serve:
+
+        def all_seeded() -> bool:
+            return serve.metrics()["fetchd_torrents"] == 200
+
+        wait_until(all_seeded, 60, "serve to seed 200 blobs", serve.log_path)
+        target = hexes[149]
+        doc = get_torrent(serve, f"sha256:{target}")
+        del doc[b"url-list"]
+        got = aria2c(doc, tmp_path / "aria2")
+        assert hashlib.sha256(got.read_bytes()).hexdigest() == target
+        status = Path(f"/proc/{serve.proc.pid}/status").read_text()
+        hwm = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
+        print(f"serve seeding 200 blobs: VmHWM {hwm} KiB")
+        assert hwm <= 64 * 1024, f"peak RSS {hwm} KiB"
 
 
 def test_the_status_lists_swarms(cache: Cache) -> None:

@@ -74,7 +74,7 @@ MAX_PARAMS = 32  # parameters of an announce
 CHECK_INTERVAL = 10.0  # seconds between two looks for seeded blobs that vanished
 BUILD_CONCURRENCY = 2  # torrents built at once (each reads its blob whole)
 DELETE_WAIT = 60.0  # seconds gc waits for the unseeding of the blobs it will delete
-HASH_CHUNK = 4 << 20
+HASH_CHUNK = 1 << 20  # read into one buffer per build: 200 blobs at start cost 2 MiB of RSS
 BITTORRENT = "application/x-bittorrent"
 
 
@@ -613,10 +613,11 @@ def build_checked(path: Path, digest: Digest, size: int) -> Torrent:
     torrent that every peer would download in vain. Raises _Corrupt, or OSError."""
     builder = TorrentBuilder(digest.hex, size)
     h = hashlib.new(digest.algorithm)
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            builder.feed(chunk)
-            h.update(chunk)
+    buf = memoryview(bytearray(HASH_CHUNK))
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            builder.feed(buf[:n])
+            h.update(buf[:n])
     if h.hexdigest() != digest.hex:
         raise _Corrupt(str(digest))
     return builder.finish()
@@ -627,10 +628,11 @@ def quarantine_if_corrupt(store: Store, digest: Digest) -> bool:
     under the name ``fetchd fsck`` gives it. True if it was moved."""
     path = store.blob_path(digest)
     h = hashlib.new(digest.algorithm)
+    buf = memoryview(bytearray(HASH_CHUNK))
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(HASH_CHUNK):
-                h.update(chunk)
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                h.update(buf[:n])
     except FileNotFoundError:
         return False
     if h.hexdigest() == digest.hex:
