@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import sqlite3
 import tarfile
 import time
 from collections.abc import Iterator, Set
@@ -292,6 +293,12 @@ def remove_unreferenced(
     the same lock after checking its blobs are present (:func:`layout.set_platforms`), so
     no name can ever point at a blob deleted here. It holds the gc lock too, under
     which leases add digests (leases.py). Returns digest → bytes freed.
+
+    The torrent rows (meta.py) of the blobs it deleted are forgotten afterwards, outside
+    the locks. Either way a stray outcome costs nothing: a row that stays (the write
+    failed) names a blob that is gone, and who seeds from the rows checks the blob first;
+    a row dropped just after the same blob came back is built again from it. It stops
+    no seeding: whoever seeds a blob unseeds it before it can be removed here.
     """
     freed: dict[Digest, int] = {}
     with locked(store.index_lock), locked(store.gc_lock):
@@ -305,6 +312,11 @@ def remove_unreferenced(
                 size = path.stat().st_size
                 path.unlink()
                 freed[digest] = size
+    if freed:
+        try:
+            Meta(store.db_path).forget_torrents([str(d) for d in freed])
+        except (FetchdError, OSError, sqlite3.Error) as exc:
+            log.warning("kept the torrent rows of %d removed blobs: %s", len(freed), exc)
     return freed
 
 

@@ -5,10 +5,11 @@ name, and every URL pulled (an index.json entry with ``io.fetchd.url``, layout.p
 This database is an index that can be rebuilt from it (``fetchd fsck --rebuild-db``,
 and on its own when a write finds the database missing or corrupt); it adds only what
 saves time: *when* each name was pulled and used (``images``, LRU gc), a URL's
-validators (ETag, Last-Modified, max-age), the cache server's tags and manifests.
-Losing it loses no content and no name: LRU times restart from the rebuild, a URL
-without validators is used as stored under ``--pull-policy new`` and fetched again
-under ``update``, and a cache server asks its upstream again.
+validators (ETag, Last-Modified, max-age), the cache server's tags and manifests, and
+the canonical torrent of a blob (fetchd/bt/metainfo.py). Losing it loses no content and
+no name: LRU times restart from the rebuild, a URL without validators is used as stored
+under ``--pull-policy new`` and fetched again under ``update``, a cache server asks its
+upstream again, and a torrent is built again from its blob (one SHA-1 pass).
 
 Connections are short-lived and use WAL with a busy timeout, so CLI pulls and a
 server can share it. Calls block briefly: call them from a thread on hot paths.
@@ -30,10 +31,13 @@ import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fetchd.errors import StoreError
+from fetchd.errors import DigestInvalid, StoreError
 from fetchd.store.diskfull import is_full, is_read_only, writing
+
+if TYPE_CHECKING:
+    from fetchd.store.cas import Store
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,10 @@ CREATE TABLE IF NOT EXISTS urls (
     checked_at    REAL NOT NULL,
     last_used     REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS torrents (
+    digest TEXT PRIMARY KEY,
+    raw    BLOB NOT NULL
+);
 """
 
 
@@ -88,6 +96,16 @@ class UrlRecord:
 
     def fresh(self, now: float) -> bool:
         return self.max_age is not None and now - self.checked_at < self.max_age
+
+
+def _holds(store: Store, digest_text: str) -> bool:
+    """Whether the store holds the blob a torrent row names (a malformed name: no)."""
+    from fetchd.model import Digest
+
+    try:
+        return store.has(Digest.parse(digest_text))
+    except DigestInvalid:
+        return False
 
 
 class Meta:
@@ -177,9 +195,10 @@ class Meta:
 
     def _fill(self, conn: sqlite3.Connection, *, prune: bool, why: str) -> tuple[int, int]:
         """Make the index agree with the layout: a row for every name and URL it holds
-        (new rows used now); with ``prune``, no row for what it does not hold. A row
-        whose digest the layout contradicts takes the layout's (and loses a URL's
-        validators, which were another content's). Returns (names, URLs) added."""
+        (new rows used now); with ``prune``, no row for what it does not hold, nor a
+        torrent row for a blob it does not hold. A row whose digest the layout
+        contradicts takes the layout's (and loses a URL's validators, which were another
+        content's). Returns (names, URLs) added."""
         from fetchd.store import layout
         from fetchd.store.cas import Store
 
@@ -195,6 +214,7 @@ class Meta:
         try:
             had_names = {r[0] for r in conn.execute("SELECT name FROM images")}
             had_urls = {r[0] for r in conn.execute("SELECT url FROM urls")}
+            had_torrents = [r[0] for r in conn.execute("SELECT digest FROM torrents")]
             for name, digest in names.items():
                 conn.execute(
                     "INSERT INTO images VALUES (?,?,?,?) ON CONFLICT(name) DO UPDATE SET "
@@ -214,6 +234,10 @@ class Meta:
                 )
                 conn.executemany(
                     "DELETE FROM urls WHERE url=?", [(u,) for u in had_urls - urls.keys()]
+                )
+                conn.executemany(
+                    "DELETE FROM torrents WHERE digest=?",
+                    [(d,) for d in had_torrents if not _holds(store, d)],
                 )
             conn.execute("COMMIT")
         except BaseException:
@@ -373,3 +397,31 @@ class Meta:
         with self._db() as db:
             db.executemany("DELETE FROM cached WHERE digest=?", [(d,) for d in digests])
             db.executemany("DELETE FROM tags WHERE digest=?", [(d,) for d in digests])
+
+    # --- torrents (fetchd/bt/metainfo.py) ----------------------------------------------
+
+    def put_torrent(self, digest: str, raw: bytes) -> None:
+        """Keep the canonical torrent (``Torrent.raw``) of blob ``digest`` ("sha256:HEX").
+
+        Derived data: a torrent is a pure function of its blob's bytes, so a lost table
+        (or row) only costs building it again. The caller has it from
+        ``metainfo.build_from_file`` or ``metainfo.canonical``; nothing is checked here.
+        A second call for the same digest replaces the row.
+        """
+        with self._db() as db:
+            db.execute("INSERT OR REPLACE INTO torrents VALUES (?,?)", (digest, bytes(raw)))
+
+    def torrent(self, digest: str) -> bytes | None:
+        """The canonical torrent kept for ``digest``, or None (never kept, or forgotten)."""
+        rows = self._select("SELECT raw FROM torrents WHERE digest=?", (digest,))
+        return bytes(rows[0][0]) if rows else None
+
+    def torrents(self) -> list[str]:
+        """The digests that have a torrent row, sorted. A row may outlive its blob (a blob
+        removed by something other than gc): check the blob before seeding it."""
+        return [r[0] for r in self._select("SELECT digest FROM torrents ORDER BY digest")]
+
+    def forget_torrents(self, digests: list[str]) -> None:
+        """Drop the torrent rows of ``digests`` (gc does, for the blobs it removes)."""
+        with self._db() as db:
+            db.executemany("DELETE FROM torrents WHERE digest=?", [(d,) for d in digests])
