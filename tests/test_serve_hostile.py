@@ -490,6 +490,9 @@ class NetnsServe:
             upstream,
             "--token-file",
             str(token_file),
+            # BitTorrent listens on one address, never a wildcard (issue 12)
+            "--bt-listen",
+            "127.0.0.1",
             *args,
         )
         script = 'ip link set lo up && exec "$@"'

@@ -76,6 +76,42 @@ BUILD_CONCURRENCY = 2  # torrents built at once (each reads its blob whole)
 DELETE_WAIT = 60.0  # seconds gc waits for the unseeding of the blobs it will delete
 HASH_CHUNK = 1 << 20  # read into one buffer per build: 200 blobs at start cost 2 MiB of RSS
 BITTORRENT = "application/x-bittorrent"
+#: fetchd's own peers (their peer id starts with this): they take slices over HTTP
+FETCHD_PEER_ID = b"-FD"
+#: pieces in one slice at most (4 MiB at 256 KiB pieces), and slices per blob at least
+SLICE_PIECES = 16
+SLICES_PER_BLOB = 32
+#: seconds after its last slice was handed out that a blob's slicing starts over (the
+#: hosts that took them are done or gone; a new round of pulls gets slices again)
+SLICE_ROUND = 20.0
+
+
+class Slicer:
+    """Hands out a blob's pieces in slices, each once per round, to the fetchd hosts
+    pulling it (``GET /fetchd/v1/slices/``): they take their slices over HTTP and trade
+    the rest among themselves, so the cache sends about one copy of the blob however
+    many hosts pull it. The tracker does not list the cache's own seed to them (see
+    :meth:`Tracker._announce`); third-party clients still get it."""
+
+    def __init__(self, num_pieces: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.num_pieces = num_pieces
+        self.size = max(1, min(SLICE_PIECES, -(-num_pieces // SLICES_PER_BLOB)))
+        self.clock = clock
+        self.next = 0
+        self.last = 0.0
+        self.handed = 0  # slices handed out in all (metrics)
+
+    def take(self) -> tuple[int, int] | None:
+        now = self.clock()
+        if self.next >= self.num_pieces and now - self.last > SLICE_ROUND:
+            self.next = 0  # a new round
+        if self.next >= self.num_pieces:
+            return None
+        first = self.next
+        self.next = min(self.num_pieces, first + self.size)
+        self.last = now
+        self.handed += 1
+        return first, self.next
 
 
 @dataclass(slots=True)
@@ -178,8 +214,11 @@ class Tracker:
         want = min(want, NUMWANT_MAX)
         own = self.seeds.get(ih)
         chosen: list[tuple[str, int]] = []
-        if own is not None and own != me and not seed and want > 0:
-            chosen.append(own)  # the one peer that surely has every piece
+        fetchd_peer = q.get("peer_id", b"").startswith(FETCHD_PEER_ID)
+        if own is not None and own != me and not seed and want > 0 and not fetchd_peer:
+            # The one peer that surely has every piece. fetchd hosts take their slices
+            # over HTTP instead (Slicer): seeding to them too would send more copies.
+            chosen.append(own)
         # A seed has nothing to get from other seeds: it is given leechers only.
         others = [k for k, p in swarm.items() if k != me and k != own and not (seed and p.seed)]
         chosen += random.sample(others, min(max(0, want - len(chosen)), len(others)))
@@ -257,6 +296,7 @@ class Torrents:
         self.swarm = swarm
         self.tracker = Tracker(cache.config.bt_allow)
         self._hashes: dict[str, bytes] = {}  # hex → info-hash of every torrent known
+        self._slicers: dict[str, Slicer] = {}  # hex → its slices (handle_slice)
         self._building: dict[str, asyncio.Future[Torrent]] = {}
         self._build_slots = asyncio.Semaphore(BUILD_CONCURRENCY)
         self._doomed: set[str] = set()  # blobs gc is deleting: never seeded again meanwhile
@@ -526,6 +566,26 @@ class Torrents:
         base = _base(request)
         body = t.served(f"{base}/announce", [f"{base}/v2/{name}/blobs/{digest}"])
         return web.Response(body=body, content_type=BITTORRENT)
+
+    async def handle_slice(self, request: web.Request) -> web.Response:
+        """``GET /fetchd/v1/slices/sha256:HEX``: the next pieces of the blob nobody took in
+        this round, as ``{"first": i, "end": j}`` (piece indices of its canonical torrent),
+        or 204 when every piece was handed out; 404 when the blob is not committed."""
+        digest = Digest.parse(request.match_info["digest"])
+        if digest.algorithm != "sha256":
+            raise DigestInvalid("slices are made for sha256 blobs only")
+        if not self.store.has(digest):
+            raise BlobNotFound(f"blob {digest.short} is not in this cache")
+        slicer = self._slicers.get(digest.hex)
+        if slicer is None:
+            t = await self.torrent(digest)
+            if len(self._slicers) >= MAX_SWARMS:
+                self._slicers.clear()
+            slicer = self._slicers.setdefault(digest.hex, Slicer(t.num_pieces))
+        got = slicer.take()
+        if got is None:
+            return web.Response(status=204)
+        return web.json_response({"first": got[0], "end": got[1]})
 
     def default_name(self) -> str:
         """A repository name the /v2/ blob route answers for any committed blob: one the
