@@ -330,6 +330,7 @@ class TorrentBuilder:
     piece as its last byte arrives and copies nothing (a SHA-1 object per piece). It does
     not verify the blob: the store's sha256 at commit does; a torrent built from bytes
     that then fail that check must be dropped. One caller at a time (calls must not overlap).
+    ValueError for a ``hex`` that is not a hex digest; BadTorrent for ``size`` < 1.
     """
 
     def __init__(self, hex: str, size: int) -> None:
@@ -395,7 +396,8 @@ def canonical(raw: bytes, hex: str, size: int) -> Torrent:
     this blob; keys outside ``info`` (announce, url-list, comment…) are ignored and dropped
     (the returned Torrent's ``raw`` is the canonical file). The piece hashes cannot be
     checked before the download: wrong ones only waste it (the sha256 at commit refuses
-    the blob). Raises BadTorrent("torrent for sha256:… refused: <reason>").
+    the blob). Raises BadTorrent("torrent for sha256:… refused: <reason>"); ValueError if
+    ``hex`` is not a sha256/sha512 hex digest (the caller's own value: a bug).
     """
     _check_hex(hex)
     try:
