@@ -1,7 +1,9 @@
 """fetchd.bt.session.Swarm against real libtorrent peers on 127.0.0.x (issue 12,
 acceptance 2, 4 in part, 5 and 6): seeding from the store without a write, as an
 unprivileged uid, a corrupt stored blob, liars, a killed peer, kill -9 and resume, 200
-seeds in one process, and the sockets the session opens.
+seeds in one process, and the sockets the session opens; foreign torrents (mktorrent's,
+their own trackers and web seeds never used, web seeds given to download()) and
+add_piece (checked, written, announced at once, never a peer's hash failure).
 
 Peers: other fetchd Swarms (in this process or in subprocesses, tests/support/btpeers.py),
 a stock libtorrent seeder (btpeers.LtSeeder, upload-limited so a test can act half-way),
@@ -15,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -32,12 +35,16 @@ from fetchd.config import Config
 from fetchd.errors import SwarmFailed, UsageError
 from tests.support.btpeers import (
     Liar,
+    Listener,
     LtSeeder,
+    foreign_of,
     make_blob,
+    mktorrent,
     sockets_of,
     torrent_of,
     vm_hwm_kib,
 )
+from tests.support.nginx import start_nginx
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -547,3 +554,248 @@ def test_sockets_only_on_the_configured_address(tmp_path: Path) -> None:
     # interface only, BITTORRENT.md §5). Nothing else changes.
     extra = [line for line in seen["lsd"] if not local_address(line).startswith("127.0.0.6:")]
     assert [local_address(line) for line in extra] == ["0.0.0.0:6771"], seen["lsd"]
+
+
+# --------------------------------------------------------------------------- foreign torrents
+def foreign_file(directory: Path, size: int, seed: int) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "x.bin"
+    path.write_bytes(random.Random(seed).randbytes(size))
+    return path
+
+
+def test_a_foreign_torrent_from_mktorrent(tmp_path: Path) -> None:
+    # mktorrent's torrent: 128 KiB pieces (fetchd's rule says 256 KiB), name "x.bin",
+    # "created by", and a tracker and a web seed that must not be contacted (only what
+    # download() is given is used)
+    src = foreign_file(tmp_path / "src", 4 * MiB + 5, seed=20)
+    decoy = Listener("127.0.0.9")
+    base = f"http://{decoy.address[0]}:{decoy.address[1]}"
+    t = foreign_of(mktorrent(src, "x.bin", 17, announce=f"{base}/announce", web_seed=base))
+    assert t.piece_length == 128 << 10 and len(t.hex) == 40
+    seeder = LtSeeder(t.info_only, src.parent, "127.0.0.4", rate=2 * MiB)
+    got: list[int] = []
+    seen: list[dict[str, Any]] = []
+
+    async def main() -> str:
+        leecher = Swarm(config(tmp_path), "127.0.0.3:0")
+        await leecher.start()
+
+        async def watch() -> None:
+            for _ in range(600):
+                seen.extend(s for s in leecher.stats()["swarms"] if s["hex"] == t.hex)  # type: ignore[attr-defined]
+                await asyncio.sleep(0.1)
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await leecher.download(
+                t,
+                tmp_path / "dl",
+                "data",
+                peers=[seeder.address],
+                on_piece=got.append,
+                stall_timeout=10,
+                max_hash_failures=3,
+            )
+            return str(leecher.stats()["listen"])
+        finally:
+            watcher.cancel()
+            await leecher.close()
+
+    try:
+        listen = asyncio.run(main())
+    finally:
+        seeder.close()
+        decoy.close()
+    assert (tmp_path / "dl" / "data").read_bytes() == src.read_bytes()
+    assert os.listdir(tmp_path / "dl") == ["data"]
+    assert sorted(got) == list(range(t.num_pieces))
+    assert decoy.connections == 0  # the file's own tracker and web seed: never contacted
+    assert listen.startswith("127.0.0.3:")
+    assert seen and max(s["seeds"] for s in seen) == 1 and max(s["peers"] for s in seen) == 1
+
+
+def test_web_seeds_of_a_foreign_torrent(tmp_path: Path) -> None:
+    src = foreign_file(tmp_path / "www", 2 * MiB + 3, seed=21)
+    t = foreign_of(mktorrent(src, "x.bin", 16))
+
+    async def main(url: str) -> None:
+        leecher = Swarm(config(tmp_path), "127.0.0.3:0")
+        await leecher.start()
+        try:
+            await leecher.download(
+                t,
+                tmp_path / "dl",
+                "copy",
+                url_seeds=["ftp://127.0.0.9/x.bin", f"{url}/x.bin"],  # ftp: dropped
+                on_piece=lambda i: None,
+                stall_timeout=10,
+                max_hash_failures=3,
+            )
+        finally:
+            await leecher.close()
+
+    with start_nginx(tmp_path / "nginx", src.parent) as web:
+        asyncio.run(main(web.url))
+        web.settle()
+        asked = web.requests("/x.bin")
+    assert (tmp_path / "dl" / "copy").read_bytes() == src.read_bytes()
+    assert asked and all(r.status == 206 and r.range for r in asked), asked
+    assert all(r.user_agent.startswith("fetchd/") for r in asked)
+
+
+def test_a_stalled_foreign_download_names_its_info_hash(tmp_path: Path) -> None:
+    src = foreign_file(tmp_path / "src", 1 * MiB, seed=22)
+    t = foreign_of(mktorrent(src, "x.bin", 18))
+
+    async def main() -> str:
+        leecher = Swarm(config(tmp_path), "127.0.0.3:0")
+        await leecher.start()
+        try:
+            with pytest.raises(SwarmFailed) as err:
+                await leecher.download(
+                    t,
+                    tmp_path / "dl",
+                    "data",
+                    on_piece=lambda i: None,
+                    stall_timeout=1,
+                    max_hash_failures=3,
+                )
+            with pytest.raises(SwarmFailed) as late:
+                await leecher.add_piece(t.hex, 0, src.read_bytes()[: t.piece_length])
+            return f"{err.value}\n{late.value}"
+        finally:
+            await leecher.close()
+
+    message = asyncio.run(main())
+    assert f"torrent {t.hex} stalled" in message, message
+    assert f"torrent {t.hex}: it is not being downloaded" in message, message
+    assert "sha256:" not in message
+
+
+# --------------------------------------------------------------------------- add_piece
+def test_add_piece_is_checked_written_and_seeded_at_once(tmp_path: Path) -> None:
+    blobs = tmp_path / "blobs"
+    path, hex = make_blob(blobs, 4 * MiB + 9, seed=23)
+    t = torrent_of(path, hex)
+    data = path.read_bytes()
+    k = 5
+    a, b = t.span(k)
+    piece = data[a:b]
+    got1: list[int] = []
+    got2: list[int] = []
+    events: list[str] = []
+
+    async def main() -> None:
+        first = Swarm(config(tmp_path), "127.0.0.2:0")
+        second = Swarm(config(tmp_path), "127.0.0.3:0")
+        await first.start()
+        await second.start()
+        try:
+            # the first download has no peer at all; it gets its pieces by add_piece.
+            # max_hash_failures=1: one failure counted would end it
+            one = asyncio.ensure_future(
+                first.download(
+                    t,
+                    tmp_path / "one",
+                    "data",
+                    on_piece=got1.append,
+                    stall_timeout=60,
+                    max_hash_failures=1,
+                )
+            )
+            # the second one wants piece k only, and knows only the first as a peer
+            two = asyncio.ensure_future(
+                second.download(
+                    t,
+                    tmp_path / "two",
+                    "data",
+                    peers=[first.address],
+                    skip=set(range(t.num_pieces)) - {k},
+                    on_piece=got2.append,
+                    stall_timeout=60,
+                    max_hash_failures=3,
+                )
+            )
+            # connected before the piece exists: it can only learn of it by a HAVE
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                swarms: Any = first.stats()["swarms"]
+                if any(s["hex"] == hex and s["peers"] >= 1 for s in swarms):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the second download never connected to the first")
+            assert not got2
+            with pytest.raises(ValueError, match="bytes, not"):
+                await first.add_piece(hex, k, piece[:-1])
+            with pytest.raises(SwarmFailed, match=f"piece {k} of sha256:{hex} failed its hash"):
+                await first.add_piece(hex, k, bytes(len(piece)))
+            events.append("bad piece refused")
+            await first.add_piece(hex, k, piece)
+            events.append(f"piece {k} added, on_piece ran: {k in got1}")
+            await first.add_piece(hex, k, piece)  # had already: returns at once
+            async with asyncio.timeout(30):
+                await two
+            events.append("second download done")
+            rest = [i for i in range(t.num_pieces) if i != k]
+            await asyncio.gather(*(first.add_piece(hex, i, data[slice(*t.span(i))]) for i in rest))
+            async with asyncio.timeout(30):
+                await one
+            with pytest.raises(SwarmFailed, match="not being downloaded"):
+                await first.add_piece(hex, k, piece)
+        finally:
+            await second.close()
+            await first.close()
+
+    asyncio.run(main())
+    assert events == [
+        "bad piece refused",
+        f"piece {k} added, on_piece ran: True",
+        "second download done",
+    ]
+    assert got2 == [k]
+    with open(tmp_path / "two" / "data", "rb") as f:
+        f.seek(a)
+        assert f.read(b - a) == piece
+    assert sorted(got1) == list(range(t.num_pieces))
+    assert (tmp_path / "one" / "data").read_bytes() == data
+
+
+def test_add_piece_while_libtorrent_checks_the_file(tmp_path: Path) -> None:
+    # the engine hands pieces over as soon as the download starts: libtorrent drops a
+    # piece added while it checks the file, so add_piece must wait for the check
+    blobs = tmp_path / "blobs"
+    path, hex = make_blob(blobs, 16 * MiB, seed=24)
+    t = torrent_of(path, hex)
+    data = path.read_bytes()
+    half = t.num_pieces // 2
+    ingest = tmp_path / "ingest"
+    ingest.mkdir()
+    (ingest / "data").write_bytes(data[: t.span(half)[0]])  # the first half is there
+    got: list[int] = []
+
+    async def main() -> None:
+        s = Swarm(config(tmp_path), "127.0.0.2:0")
+        await s.start()
+        try:
+            dl = asyncio.ensure_future(
+                s.download(
+                    t,
+                    ingest,
+                    "data",
+                    on_piece=got.append,
+                    stall_timeout=5,
+                    max_hash_failures=3,
+                )
+            )
+            await asyncio.sleep(0)  # download() has registered the torrent
+            rest = range(half, t.num_pieces)
+            await asyncio.gather(*(s.add_piece(hex, i, data[slice(*t.span(i))]) for i in rest))
+            await dl
+        finally:
+            await s.close()
+
+    asyncio.run(main())
+    assert sorted(got) == list(range(t.num_pieces))
+    assert (ingest / "data").read_bytes() == data

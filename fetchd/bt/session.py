@@ -40,7 +40,8 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlsplit
 
 import libtorrent as lt
 
@@ -65,6 +66,46 @@ STATS_INTERVAL = 1.0
 ALERT_QUEUE_SIZE = 20000
 #: seconds a session close waits for trackers to take the "stopped" announce
 STOP_TRACKER_TIMEOUT = 2
+
+
+class Metainfo(Protocol):
+    """What the session needs of a torrent: fetchd's canonical
+    :class:`fetchd.bt.metainfo.Torrent`, or a torrent made by someone else.
+
+    ``raw`` is the whole .torrent file (libtorrent parses it; only its info dict matters:
+    trackers and web seeds in it are never used, see :meth:`Swarm.download`). ``hex`` is
+    the key the session files the torrent under and names it by: a canonical torrent's
+    blob digest (sha256 hex), a foreign torrent's v1 info-hash (40 hex digits).
+    ``span(i)`` is [start, end) of piece ``i`` in the file."""
+
+    @property
+    def raw(self) -> bytes: ...
+    @property
+    def hex(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def num_pieces(self) -> int: ...
+    def span(self, i: int) -> tuple[int, int]: ...
+
+
+def _name(hex: str) -> str:
+    """A torrent's key for a message: ``sha256:HEX`` for a blob's digest, ``torrent HEX``
+    for a foreign torrent's info-hash."""
+    if len(hex) == 40:
+        return f"torrent {hex}"
+    return f"{'sha512' if len(hex) == 128 else 'sha256'}:{hex}"
+
+
+def _web_seeds(urls: Sequence[str]) -> list[str]:
+    """The http(s) URLs of ``urls``; anything else is dropped (with a warning)."""
+    kept = []
+    for url in urls:
+        if urlsplit(url).scheme.lower() in ("http", "https"):
+            kept.append(url)
+        else:
+            log.warning("web seed %r dropped: only http and https web seeds are used", url)
+    return kept
 
 
 def _parse_listen(listen: str) -> tuple[str, int]:
@@ -156,6 +197,12 @@ def _settings(host: str, port: int, lsd: bool) -> dict[str, object]:
     return settings
 
 
+#: flags that make the add_torrent_params' trackers and web seeds the only ones: without
+#: them libtorrent also uses those written in the .torrent file (a foreign torrent's
+#: announce and url-list would be contacted whatever the caller passed)
+_OVERRIDE = ("override_trackers", "override_web_seeds")
+
+
 def _flags(*add: str) -> int:
     """Torrent flags: libtorrent's ``default_flags`` (which carry ``apply_ip_filter`` and
     ``update_subscribe``) without ``auto_managed`` and ``paused``, plus ``add``."""
@@ -166,11 +213,16 @@ def _flags(*add: str) -> int:
     return flags
 
 
-def _torrent_info(t: Torrent) -> Any:
+def _torrent_info(t: Metainfo) -> Any:
     try:
         return lt.torrent_info(t.raw)
     except RuntimeError as exc:  # libtorrent's parse errors
-        raise BadTorrent(f"libtorrent refused the torrent of sha256:{t.hex}: {exc}") from exc
+        raise BadTorrent(f"libtorrent refused the torrent of {_name(t.hex)}: {exc}") from exc
+
+
+def _v1(info_hashes: Any) -> str:
+    """The v1 info-hash (hex) of a libtorrent info_hash_t: the key of alerts."""
+    return str(info_hashes.v1)
 
 
 @dataclass(eq=False)
@@ -178,13 +230,18 @@ class _Entry:
     """What the session knows of one torrent (plain values only)."""
 
     hex: str
+    ih: str  # v1 info-hash hex: how alerts find the entry
     role: str  # "seed" | "download"
     added: asyncio.Future[None]
     removed: asyncio.Future[None]
     handle: Any = None
     removing: bool = False
     # --- downloads ---
+    torrent: Metainfo | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    checked: asyncio.Event = field(default_factory=asyncio.Event)
+    reported: set[int] = field(default_factory=set)  # given to on_piece
+    adding: dict[int, asyncio.Future[None]] = field(default_factory=dict)  # add_piece waiters
     finished: list[int] = field(default_factory=list)  # piece_finished, not flushed yet
     flushing: list[int] | None = None  # pieces the flush in flight covers
     ready: list[int] = field(default_factory=list)  # flushed, not yet given to on_piece
@@ -221,7 +278,8 @@ class Swarm:
         self._pipe: tuple[int, int] | None = None
         self._listening: asyncio.Future[tuple[str, int]] | None = None
         self._address: tuple[str, int] | None = None
-        self._torrents: dict[str, _Entry] = {}
+        self._torrents: dict[str, _Entry] = {}  # by hex (the caller's key)
+        self._by_ih: dict[str, _Entry] = {}  # by v1 info-hash (the alerts' key)
         self._tasks: set[asyncio.Task[None]] = set()
         self._stats_timer: asyncio.TimerHandle | None = None
         self._swarms: dict[str, dict[str, object]] = {}
@@ -300,18 +358,19 @@ class Swarm:
         return self._address
 
     # ------------------------------------------------------------------ seeding
-    async def seed(self, t: Torrent, blob_dir: Path, trackers: Sequence[str] = ()) -> None:
+    async def seed(self, t: Metainfo, blob_dir: Path, trackers: Sequence[str] = ()) -> None:
         """Seed ``blob_dir/t.hex`` (the store's layout/blobs/sha256) without a copy.
         Idempotent. The torrent is ``seed_mode | upload_mode``: libtorrent checks each
         piece the first time a peer asks for it and can never write the file. A piece
         that fails that check removes the torrent and calls ``on_corrupt(t.hex)``.
+        Only ``trackers`` are announced to, never the ones in ``t.raw``; no web seeds.
         Raises SwarmFailed when the blob is missing, has the wrong size, or is being
         downloaded by this session."""
         self._check_open()
         old = self._torrents.get(t.hex)
         if old is not None:
             if old.role != "seed":
-                raise SwarmFailed(f"cannot seed sha256:{t.hex}: this session is downloading it")
+                raise SwarmFailed(f"cannot seed {_name(t.hex)}: this session is downloading it")
             await asyncio.shield(old.added)
             return
         path = blob_dir / t.hex
@@ -324,7 +383,8 @@ class Swarm:
         atp = lt.add_torrent_params()
         atp.ti = _torrent_info(t)
         atp.save_path = str(blob_dir)
-        atp.flags = _flags("seed_mode", "upload_mode")
+        atp.renamed_files = {0: t.hex}
+        atp.flags = _flags("seed_mode", "upload_mode", *_OVERRIDE)
         atp.trackers = list(trackers)
         atp.url_seeds = []
         e = self._add(t.hex, "seed", atp)
@@ -333,7 +393,7 @@ class Swarm:
         except BaseException:
             await finish(asyncio.ensure_future(self._remove(e)))
             raise
-        log.info("seeding sha256:%s from %s", t.hex, blob_dir)
+        log.info("seeding %s from %s", _name(t.hex), blob_dir)
 
     async def unseed(self, hex: str) -> None:
         """Stop seeding ``hex`` and wait until libtorrent has let go of the file (then gc
@@ -352,12 +412,13 @@ class Swarm:
     # ------------------------------------------------------------------ downloading
     async def download(
         self,
-        t: Torrent,
+        t: Metainfo,
         save_dir: Path,
         file_name: str,
         *,
         trackers: Sequence[str] = (),
         peers: Sequence[tuple[str, int]] = (),
+        url_seeds: Sequence[str] = (),
         skip: Collection[int] = (),
         on_piece: Callable[[int], None],
         stall_timeout: float,
@@ -376,14 +437,23 @@ class Swarm:
         blob (seeding or downloading it). Whatever the outcome, also when cancelled, the
         torrent is removed and libtorrent's confirmation awaited before this returns,
         so nothing writes the file afterwards. Exceptions of ``on_piece`` propagate.
-        Calls may overlap for different blobs. No web seeds: the engine's HTTP fallback
-        does that job."""
+        Calls may overlap for different blobs.
+
+        ``t`` may be a foreign torrent (any :class:`Metainfo`: its file name, piece length
+        and extra keys do not matter). Only ``trackers``, ``peers`` and ``url_seeds`` are
+        used: the trackers and web seeds written in ``t.raw`` never are. ``url_seeds``
+        (BEP 19 web seeds; http and https only, others are dropped) are for a foreign
+        torrent's web seeds; fetchd's own downloads pass none (the engine's HTTP
+        fallback does that job). Web seeds pass the same ip_filter as peers.
+        :meth:`add_piece` hands this download pieces fetched some other way."""
         self._check_open()
-        if t.hex in self._torrents:
-            role = self._torrents[t.hex].role
+        ti = _torrent_info(t)
+        ih = _v1(ti.info_hashes())
+        old = self._torrents.get(t.hex) or self._by_ih.get(ih)
+        if old is not None:
             raise SwarmFailed(
-                f"sha256:{t.hex} is already {'seeded' if role == 'seed' else 'downloaded'} "
-                "by this BitTorrent session"
+                f"{_name(t.hex)} is already "
+                f"{'seeded' if old.role == 'seed' else 'downloaded'} by this BitTorrent session"
             )
         n = t.num_pieces
         skipped = {i for i in skip if 0 <= i < n}
@@ -391,19 +461,20 @@ class Swarm:
         if not wanted:
             return
         atp = lt.add_torrent_params()
-        atp.ti = _torrent_info(t)
+        atp.ti = ti
         atp.save_path = str(save_dir)
         atp.renamed_files = {0: file_name}
-        atp.flags = _flags()
+        atp.flags = _flags(*_OVERRIDE)
         atp.trackers = list(trackers)
-        atp.url_seeds = []
+        atp.url_seeds = _web_seeds(url_seeds)
         atp.peers = [(host, port) for host, port in peers]
         if skipped:
             atp.piece_priorities = [0 if i in skipped else 4 for i in range(n)]
-        e = self._add(t.hex, "download", atp)
+        e = self._add(t.hex, "download", atp, ih)
+        e.torrent = t
         e.max_hash_failures = max_hash_failures
         e.last_progress = time.monotonic()
-        reported: set[int] = set()
+        reported = e.reported
         try:
             await self._confirm_add(e)
             while True:
@@ -411,15 +482,18 @@ class Swarm:
                     if i not in reported:
                         reported.add(i)
                         on_piece(i)
+                    waiter = e.adding.pop(i, None)
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(None)
                 e.ready.clear()
                 if wanted <= reported:
                     return
                 if e.failure is not None:
-                    raise SwarmFailed(f"swarm download of sha256:{t.hex}: {e.failure}")
+                    raise SwarmFailed(f"swarm download of {_name(t.hex)}: {e.failure}")
                 left = e.last_progress + stall_timeout - time.monotonic()
                 if left <= 0:
                     raise SwarmFailed(
-                        f"swarm download of sha256:{t.hex} stalled: no new piece for "
+                        f"swarm download of {_name(t.hex)} stalled: no new piece for "
                         f"{stall_timeout:g} s ({len(reported & wanted)} of {len(wanted)} "
                         f"wanted pieces had, {self._peers_of(t.hex)} peers connected"
                         f"{_banned(e)})"
@@ -431,12 +505,63 @@ class Swarm:
         finally:
             await finish(asyncio.ensure_future(self._remove(e)))
 
+    async def add_piece(self, hex: str, index: int, data: bytes | bytearray | memoryview) -> None:
+        """Hand piece ``index`` of the download ``hex`` (running in :meth:`download`), got
+        some other way (over HTTP from a cache), to libtorrent.
+
+        libtorrent checks it against the torrent's SHA-1 of the piece, writes it and
+        announces it (HAVE) to the peers at once: it is seeded from then on. Returns
+        once the piece is had and flushed, after the download's ``on_piece(index)`` ran
+        (at once if it had been already). Raises SwarmFailed when ``data`` failed its
+        hash check (a hash_failed for this piece after the call: the caller's problem,
+        never counted toward the download's ``max_hash_failures``), or when ``hex`` is
+        not being downloaded by this session, or the download ends first. ValueError
+        when ``index`` is not a piece or ``data`` is not exactly its size. Calls may
+        overlap; a second call for a piece in flight waits for the first one's data."""
+        e = self._torrents.get(hex)
+        if e is None or e.role != "download" or e.torrent is None:
+            raise SwarmFailed(f"cannot add a piece to {_name(hex)}: it is not being downloaded")
+        if not 0 <= index < e.torrent.num_pieces:
+            raise ValueError(f"{_name(hex)} has no piece {index}")
+        start, end = e.torrent.span(index)
+        if len(data) != end - start:
+            raise ValueError(
+                f"piece {index} of {_name(hex)} is {end - start} bytes, not {len(data)}"
+            )
+        if index in e.reported:
+            return
+        waiter = e.adding.get(index)
+        if waiter is None:
+            await self._confirm_add(e)
+            # libtorrent silently drops a piece added while it checks the file
+            # (_forget sets ``checked`` too: a removal ends this wait)
+            await e.checked.wait()
+            if e.removing or e.failure is not None or e.handle is None:
+                raise SwarmFailed(f"cannot add a piece to {_name(hex)}: the download ended")
+            if index in e.reported:
+                return
+            waiter = e.adding.get(index)
+            if waiter is None:
+                assert self._loop is not None
+                e.adding[index] = waiter = self._loop.create_future()
+                e.handle.add_piece(index, bytes(data), 0)
+        await asyncio.shield(waiter)
+
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict[str, object]:
         """Counters for /metrics and the status page, refreshed about once a second from
-        libtorrent's state updates (never a synchronous status call)."""
+        libtorrent's state updates (never a synchronous status call)::
+
+            {"listen": "ADDR:PORT", "torrents": n, "uploaded": bytes, "downloaded": bytes,
+             "peers": n, "swarms": [{"hex", "state", "peers", "seeds", "uploaded",
+             "downloaded", "progress"}]}
+
+        ``peers`` counts the connected peers, ``seeds`` those of them that have every
+        piece; a swarm appears after its first refresh."""
         swarms = [dict(s) for h, s in sorted(self._swarms.items()) if h in self._torrents]
+        host, port = self._address or (self._host, self._port)
         return {
+            "listen": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
             "torrents": len(self._torrents),
             "uploaded": self._totals["uploaded"],
             "downloaded": self._totals["downloaded"],
@@ -453,12 +578,20 @@ class Swarm:
         s = self._swarms.get(hex)
         return int(str(s["peers"])) if s else 0
 
-    def _add(self, hex: str, role: str, atp: Any) -> _Entry:
+    def _add(self, hex: str, role: str, atp: Any, ih: str | None = None) -> _Entry:
         assert self._loop is not None
-        e = _Entry(hex, role, self._loop.create_future(), self._loop.create_future())
+        ih = ih or _v1(atp.ti.info_hashes())
+        if ih in self._by_ih:  # the same torrent under another key
+            raise SwarmFailed(f"{_name(hex)}: this session already holds its torrent")
+        e = _Entry(hex, ih, role, self._loop.create_future(), self._loop.create_future())
         self._torrents[hex] = e
+        self._by_ih[ih] = e
         self._ses.async_add_torrent(atp)
         return e
+
+    def _entry(self, a: Any) -> _Entry | None:
+        """The entry a torrent alert is about (None once it is gone)."""
+        return self._by_ih.get(_v1(a.handle.info_hashes()))
 
     async def _confirm_add(self, e: _Entry) -> None:
         try:
@@ -466,7 +599,7 @@ class Swarm:
                 await asyncio.shield(e.added)
         except TimeoutError:
             raise SwarmFailed(
-                f"libtorrent did not add the torrent of sha256:{e.hex} within {CONFIRM_TIMEOUT:g} s"
+                f"libtorrent did not add the torrent of {_name(e.hex)} within {CONFIRM_TIMEOUT:g} s"
             ) from None
 
     async def _remove(self, e: _Entry) -> None:
@@ -485,21 +618,27 @@ class Swarm:
             async with asyncio.timeout(CONFIRM_TIMEOUT):
                 await asyncio.shield(e.removed)
         except TimeoutError:
-            log.error("libtorrent did not remove sha256:%s within %g s", e.hex, CONFIRM_TIMEOUT)
+            log.error("libtorrent did not remove %s within %g s", _name(e.hex), CONFIRM_TIMEOUT)
             self._forget(e)
             raise SwarmFailed(
-                f"libtorrent did not confirm removing the torrent of sha256:{e.hex}"
+                f"libtorrent did not confirm removing the torrent of {_name(e.hex)}"
             ) from None
 
     def _forget(self, e: _Entry) -> None:
         if self._torrents.get(e.hex) is e:
             del self._torrents[e.hex]
+        if self._by_ih.get(e.ih) is e:
+            del self._by_ih[e.ih]
         self._swarms.pop(e.hex, None)
         if not e.removed.done():
             e.removed.set_result(None)
         if not e.added.done():
-            e.added.set_exception(SwarmFailed(f"sha256:{e.hex} was removed"))
+            e.added.set_exception(SwarmFailed(f"{_name(e.hex)} was removed"))
             e.added.exception()  # retrieved: the waiter gets its own error
+        for i, waiter in e.adding.items():
+            _fail(waiter, f"piece {i} of {_name(e.hex)} was added, but the download ended")
+        e.adding.clear()
+        e.checked.set()
 
     def _tick(self) -> None:
         if self._ses is None or self._closed or self._loop is None:
@@ -549,12 +688,15 @@ class Swarm:
             )
 
     def _a_add_torrent(self, a: Any) -> None:
-        e = self._torrents.get(a.torrent_name)
+        failed = bool(a.error.value())
+        ti = a.params.ti if failed else None
+        ih = _v1(ti.info_hashes()) if ti is not None else _v1(a.handle.info_hashes())
+        e = self._by_ih.get(ih)
         if e is None or e.added.done():
             return
-        if a.error.value():
+        if failed:
             e.added.set_exception(
-                SwarmFailed(f"libtorrent refused sha256:{e.hex}: {a.error.message()}")
+                SwarmFailed(f"libtorrent refused {_name(e.hex)}: {a.error.message()}")
             )
             self._forget(e)
         else:
@@ -562,12 +704,12 @@ class Swarm:
             e.added.set_result(None)
 
     def _a_torrent_removed(self, a: Any) -> None:
-        e = self._torrents.get(a.torrent_name)
+        e = self._by_ih.get(_v1(a.info_hashes))
         if e is not None and e.removing:
             self._forget(e)
 
     def _a_piece_finished(self, a: Any) -> None:
-        e = self._torrents.get(a.torrent_name)
+        e = self._entry(a)
         if e is None or e.role != "download":
             return
         e.finished.append(int(a.piece_index))
@@ -575,7 +717,7 @@ class Swarm:
         self._flush(e)
 
     def _a_cache_flushed(self, a: Any) -> None:
-        e = self._torrents.get(a.torrent_name)
+        e = self._entry(a)
         if e is None or e.role != "download" or e.flushing is None:
             return
         e.ready.extend(e.flushing)
@@ -584,59 +726,65 @@ class Swarm:
         self._flush(e)
 
     def _a_torrent_checked(self, a: Any) -> None:
-        e = self._torrents.get(a.torrent_name)
+        e = self._entry(a)
         if e is not None:
             e.last_progress = time.monotonic()  # checking a big file is progress too
+            e.checked.set()
 
     def _a_hash_failed(self, a: Any) -> None:
-        e = self._torrents.get(a.torrent_name)
+        e = self._entry(a)
         if e is None:
             return
         piece = int(a.piece_index)
         if e.role == "seed":
             if not e.removing:
                 log.error(
-                    "sha256:%s: stored piece %d fails its hash check; the blob is corrupt: "
+                    "%s: stored piece %d fails its hash check; the blob is corrupt: "
                     "no longer seeded",
-                    e.hex,
+                    _name(e.hex),
                     piece,
                 )
                 self._spawn(self._corrupt(e))
             return
+        waiter = e.adding.pop(piece, None)
+        if waiter is not None:  # add_piece's data: the caller's problem, not a peer's
+            log.warning("%s: piece %d given by add_piece fails its hash check", _name(e.hex), piece)
+            _fail(waiter, f"piece {piece} of {_name(e.hex)} failed its hash check")
+            return
         e.hash_failures += 1
-        log.warning("sha256:%s: piece %d failed its hash check (%d)", e.hex, piece, e.hash_failures)
+        log.warning("%s: piece %d failed its hash check (%d)", _name(e.hex), piece, e.hash_failures)
         if e.hash_failures >= e.max_hash_failures and e.failure is None:
             e.failure = f"{e.hash_failures} pieces failed their hash check{_banned(e)}"
             e.wake.set()
 
     def _a_file_error(self, a: Any) -> None:
-        e = self._torrents.get(a.torrent_name)
+        e = self._entry(a)
         if e is None:
             return
         msg = f"file error on {a.filename()}: {a.error.message()}"
         if e.role == "seed":
-            log.error("seeding sha256:%s: %s", e.hex, msg)
+            log.error("seeding %s: %s", _name(e.hex), msg)
         elif e.failure is None:
             e.failure = msg
             e.wake.set()
 
     def _a_torrent_error(self, a: Any) -> None:
-        e = self._torrents.get(a.torrent_name)
+        e = self._entry(a)
         if e is None:
             return
         msg = f"libtorrent error: {a.error.message()}"
         if e.role == "seed":
-            log.error("seeding sha256:%s: %s", e.hex, msg)
+            log.error("seeding %s: %s", _name(e.hex), msg)
         elif e.failure is None:
             e.failure = msg
             e.wake.set()
 
     def _a_peer_ban(self, a: Any) -> None:
         host, port = a.endpoint
-        e = self._torrents.get(a.torrent_name)
+        e = self._entry(a)
         log.info(
-            "sha256:%s: banned peer %s:%d (sent data that failed the hash check)",
-            a.torrent_name,
+            "%s: banned peer %s:%d (sent data that failed the hash check)",
+            _name(e.hex) if e is not None else a.torrent_name,
             host,
             port,
         )
@@ -645,12 +793,13 @@ class Swarm:
 
     def _a_state_update(self, a: Any) -> None:
         for st in a.status:
-            hex = str(st.name)
-            if hex in self._torrents:
-                self._swarms[hex] = {
-                    "hex": hex,
+            e = self._by_ih.get(_v1(st.info_hashes))
+            if e is not None and self._torrents.get(e.hex) is e:
+                self._swarms[e.hex] = {
+                    "hex": e.hex,
                     "state": str(st.state),
                     "peers": int(st.num_peers),
+                    "seeds": int(st.num_seeds),
                     "uploaded": int(st.total_payload_upload),
                     "downloaded": int(st.total_payload_download),
                     "progress": float(st.progress),
@@ -679,6 +828,12 @@ class Swarm:
             self._on_corrupt(e.hex)
 
 
+def _fail(waiter: asyncio.Future[None], message: str) -> None:
+    if not waiter.done():
+        waiter.set_exception(SwarmFailed(message))
+        waiter.exception()  # retrieved: the awaiting add_piece (if any) still gets it
+
+
 def _banned(e: _Entry) -> str:
     return f"; banned peers: {', '.join(e.banned)}" if e.banned else ""
 
@@ -689,6 +844,10 @@ def _destroy(holder: list[Any]) -> None:
     STOP_TRACKER_TIMEOUT). Blocks: run on a thread."""
     holder.clear()
 
+
+if TYPE_CHECKING:
+    # mypy --strict proves fetchd's canonical torrent is a Metainfo as it stands.
+    _METAINFO: tuple[type[Metainfo], ...] = (Torrent,)
 
 _HANDLERS: dict[str, Callable[[Swarm, Any], None]] = {
     name[3:]: getattr(Swarm, name) for name in dir(Swarm) if name.startswith("_a_")

@@ -139,6 +139,96 @@ class _StandIn:
         return i * self.piece_length, min(self.size, (i + 1) * self.piece_length)
 
 
+# ------------------------------------------------------------ torrents made by others
+def mktorrent(
+    path: Path,
+    name: str,
+    piece_log2: int,
+    *,
+    announce: str | None = None,
+    web_seed: str | None = None,
+) -> bytes:
+    """The .torrent mktorrent makes of the file at ``path`` (name ``name``, pieces of
+    2**piece_log2 bytes; it adds "created by" and "creation date" too)."""
+    import subprocess
+
+    out = path.parent / f"{name}.{os.getpid()}.torrent"
+    argv = ["mktorrent", "-l", str(piece_log2), "-n", name, "-o", str(out)]
+    if announce:
+        argv += ["-a", announce]
+    if web_seed:
+        argv += ["-w", web_seed]
+    subprocess.run([*argv, str(path)], check=True, capture_output=True, timeout=60)
+    try:
+        return out.read_bytes()
+    finally:
+        out.unlink()
+
+
+@dataclass(frozen=True)
+class ForeignTorrent:
+    """A foreign torrent as fetchd.bt.session.Metainfo: filed under its v1 info-hash."""
+
+    raw: bytes
+    hex: str
+    size: int
+    piece_length: int
+
+    @property
+    def num_pieces(self) -> int:
+        return -(-self.size // self.piece_length)
+
+    def span(self, i: int) -> tuple[int, int]:
+        return i * self.piece_length, min(self.size, (i + 1) * self.piece_length)
+
+    @property
+    def info_only(self) -> ForeignTorrent:
+        """The same torrent without announce, url-list or anything else outside info."""
+        from fetchd.bt import metainfo
+
+        info_raw = metainfo.parse_foreign(self.raw).info_raw
+        return ForeignTorrent(b"d4:info" + info_raw + b"e", self.hex, self.size, self.piece_length)
+
+
+def foreign_of(raw: bytes) -> ForeignTorrent:
+    from fetchd.bt import metainfo
+
+    f = metainfo.parse_foreign(raw)
+    return ForeignTorrent(raw, f.info_hash_hex, f.length, f.piece_length)
+
+
+class Listener:
+    """A TCP port on (host, 0) that accepts and closes connections, counting them: stands
+    for a tracker or web seed that must never be contacted."""
+
+    def __init__(self, host: str) -> None:
+        self.connections = 0
+        self._srv = socket.socket()
+        self._srv.bind((host, 0))
+        self._srv.listen(16)
+        self._srv.settimeout(0.2)
+        self._stop = threading.Event()
+        self.address: tuple[str, int] = self._srv.getsockname()[:2]
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                c, _ = self._srv.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            c.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._srv.close()
+
+
 # ------------------------------------------------------------ a plain libtorrent seeder
 class LtSeeder:
     """A stock libtorrent session seeding one blob (another client in the swarm), its
