@@ -270,6 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("refs", nargs="*", metavar="REF")
     sp.add_argument("--from", dest="from_file", type=Path, help="a file with one REF per line")
     fetch_options(sp)
+    sp.add_argument(
+        "--mirror",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a registry mirror (fetchd serve) to ask first (repeatable); with --torrent, "
+        "the first one's swarm",
+    )
     bt_options(sp, client=True)
 
     sp = sub.add_parser("images", help="list what the store holds")

@@ -8,10 +8,13 @@ misbehaving server). Blobs are small (a few MiB) with ``--torrent-min-size 1M``.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
+import re
 import sqlite3
 import subprocess
 import threading
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +24,7 @@ import pytest
 from fetchd.bt.metainfo import bdecode, bencode
 from tests.support.cli import Fetchd, ok
 from tests.support.images import BuiltImage, build_image, push, random_layer
-from tests.support.procs import wait_until
+from tests.support.procs import Proc, wait_until
 from tests.support.registry import Registry
 from tests.support.serve import ServeProcess, start_serve
 
@@ -30,6 +33,8 @@ TORRENT = ("--torrent", "--torrent-min-size", "1M")
 ARCH = "amd64"
 LAYER = 3 << 20
 RUN_LIMIT = 120.0
+#: seconds host A seeds after its pull (host B pulls meanwhile)
+LINGER = 20
 
 
 def publish(registry: Registry, tmp_path: Path, name: str, seed: int) -> BuiltImage:
@@ -70,8 +75,6 @@ def test_layers_come_through_the_swarm_not_over_http(
     registry: Registry, warm_cache: tuple[ServeProcess, BuiltImage, Fetchd], fetchd: Fetchd
 ) -> None:
     cache, image, _ = warm_cache
-    served_before = cache.metrics().get("fetchd_bytes_served_total", 0.0)
-
     res = run(
         fetchd,
         "-v",
@@ -86,15 +89,9 @@ def test_layers_come_through_the_swarm_not_over_http(
     assert out.strip().splitlines()[-1] == image.digest
     assert {layer.digest for layer in image.layers} <= fetchd.blobs()
     assert "ok" in ok(fetchd("fsck"))
-    # The layers left the cache through BitTorrent (its counters refresh every second);
-    # HTTP carried the manifest and config.
-    wait_until(
-        lambda: cache.metrics().get("fetchd_bt_uploaded_bytes_total", 0.0) >= _layer_bytes(image),
-        10,
-        f"the cache to count the layers it seeded ({res.stderr})",
-    )
-    metrics = cache.metrics()
-    assert metrics["fetchd_bytes_served_total"] - served_before < LAYER
+    # One host alone takes every slice of each layer over HTTP and adds it to the swarm.
+    assert "from the swarm of" in res.stderr
+    assert cache.metrics().get("fetchd_bt_slices_total", 0.0) >= len(image.layers)
     # The client keeps the torrents it validated (fetchd.db), byte for byte the cache's
     # canonical form (the served one adds only announce and url-list, outside info).
     db = sqlite3.connect(fetchd.store / "fetchd.db")
@@ -108,35 +105,93 @@ def test_layers_come_through_the_swarm_not_over_http(
         assert kept[layer.digest] == bencode({b"info": served[b"info"]})
 
 
-class _BadTorrents(http.server.ThreadingHTTPServer):
-    """A cache gone wrong: forwards everything to the real cache, but hands out torrents
-    whose info dict carries private=1 (not fetchd's canonical form)."""
+def test_a_second_host_gets_the_layers_from_the_first_not_from_the_cache(
+    registry: Registry,
+    warm_cache: tuple[ServeProcess, BuiltImage, Fetchd],
+    fetchd: Fetchd,
+    tmp_path: Path,
+) -> None:
+    """Host A pulls and lingers as a seed; host B, right after, finds every slice handed
+    out and the cache's own seed not listed to fetchd peers: its layers come from A."""
+    cache, image, _ = warm_cache
+    ref = f"docker://{registry.host}/bt/app:1"
+    first = Fetchd(tmp_path / "host-a", tmp_path / "host-a-home")
+    first.home.mkdir()
+    argv = first.argv(
+        "-v", "pull", *HTTP, *TORRENT, "--seed-linger", str(LINGER), "--mirror", cache.url, ref
+    )
+    with Proc(argv, tmp_path / "host-a.log", env=first.env()) as host_a:
+        wanted = {layer.digest for layer in image.layers}
+        wait_until(lambda: wanted <= first.blobs(), 60, "host A to commit the layers")
+        wait_until(
+            lambda: "seeding sha256:" in (tmp_path / "host-a.log").read_text(),
+            30,
+            "host A to seed",
+        )
+        served_before = cache.metrics()["fetchd_bytes_served_total"]
 
-    def __init__(self, upstream: str) -> None:
+        res = run(fetchd, "-v", "pull", *HTTP, *TORRENT, "--mirror", cache.url, ref)
+
+        served = cache.metrics()["fetchd_bytes_served_total"] - served_before
+        host_a.check_running()
+        # A stops seeding after --seed-linger and says how much it sent to peers.
+        wait_until(lambda: not host_a.running(), LINGER + 60, "host A to end its linger")
+    sent = re.search(r"BitTorrent: sent (\d+) bytes", (tmp_path / "host-a.log").read_text())
+    assert ok(res).strip() == image.digest, res.stderr
+    assert sent is not None and int(sent.group(1)) >= _layer_bytes(image)
+    assert wanted <= fetchd.blobs()
+    assert "ok" in ok(fetchd("fsck"))
+    # The manifest and config came over HTTP from the cache; the layers did not.
+    assert served < LAYER, res.stderr
+
+
+class _BadCache(http.server.ThreadingHTTPServer):
+    """A cache gone wrong, as a proxy in front of the real one: with ``private`` it hands
+    out torrents whose info dict carries private=1 (not fetchd's canonical form); with
+    ``slices`` False it answers 404 to the slice endpoint (a cache that hands none out).
+    Everything else is forwarded as it is (status, Range, Content-Range)."""
+
+    def __init__(self, upstream: str, *, private: bool = False, slices: bool = True) -> None:
         self.upstream = upstream
+        self.private = private
+        self.slices = slices
         self.torrents_served = 0
         super().__init__(("127.0.0.1", 0), _Forward)
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
 
 class _Forward(http.server.BaseHTTPRequestHandler):
-    server: _BadTorrents
+    server: _BadCache
 
     def do_GET(self) -> None:
-        with urllib.request.urlopen(self.server.upstream + self.path, timeout=30) as resp:
-            body = resp.read()
-            ctype = resp.headers.get("Content-Type", "application/octet-stream")
-            extra = {k: v for k, v in resp.headers.items() if k.startswith("Docker-")}
-        if self.path.startswith("/fetchd/v1/torrents/"):
+        if self.path.startswith("/fetchd/v1/slices/") and not self.server.slices:
+            self._answer(404, b"{}", {"Content-Type": "application/json"})
+            return
+        headers = {k: v for k, v in self.headers.items() if k in ("Range", "Accept")}
+        req = urllib.request.Request(self.server.upstream + self.path, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                status, body, got = resp.status, resp.read(), resp.headers
+        except urllib.error.HTTPError as exc:
+            status, body, got = exc.code, exc.read(), exc.headers
+        keep = ("Content-Type", "Content-Range", "Docker-Content-Digest", "Accept-Ranges")
+        out = {k: v for k, v in got.items() if k in keep}
+        if self.path.startswith("/fetchd/v1/torrents/") and status == 200 and self.server.private:
             doc = bdecode(body)
             assert isinstance(doc, dict)
             doc[b"info"][b"private"] = 1
             body = bencode(doc)
             self.server.torrents_served += 1
-        self.send_response(200)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in extra.items():
+        self._answer(status, body, out)
+
+    def _answer(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+        self.send_response(status)
+        for k, v in headers.items():
             self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
 
@@ -144,21 +199,33 @@ class _Forward(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@contextlib.contextmanager
+def bad_cache(upstream: str, **faults: bool) -> Iterator[_BadCache]:
+    proxy = _BadCache(upstream, **faults)
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield proxy
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+        thread.join(10)
+
+
 def test_a_non_canonical_torrent_is_refused_and_the_blob_comes_over_http(
     registry: Registry, warm_cache: tuple[ServeProcess, BuiltImage, Fetchd], fetchd: Fetchd
 ) -> None:
     cache, image, _ = warm_cache
-    proxy = _BadTorrents(cache.url)
-    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{proxy.server_address[1]}"
+    with bad_cache(cache.url, private=True) as proxy:
         res = run(
-            fetchd, "pull", *HTTP, *TORRENT, "--mirror", url, f"docker://{registry.host}/bt/app:1"
+            fetchd,
+            "pull",
+            *HTTP,
+            *TORRENT,
+            "--mirror",
+            proxy.url,
+            f"docker://{registry.host}/bt/app:1",
         )
-    finally:
-        proxy.shutdown()
-        proxy.server_close()
     out = ok(res)
     assert out.strip() == image.digest
     assert proxy.torrents_served >= 1
@@ -171,8 +238,9 @@ def test_a_non_canonical_torrent_is_refused_and_the_blob_comes_over_http(
 def test_a_swarm_that_cannot_be_reached_hands_the_blob_to_http(
     registry: Registry, tmp_path: Path, fetchd: Fetchd
 ) -> None:
-    """The cache seeds, but only to peers in 10.0.0.0/8: the loopback client's connection
-    is refused, the swarm stalls, and HTTP from the cache finishes the blob."""
+    """The cache seeds, but its tracker serves only peers in 10.0.0.0/8 and it hands out
+    no slices (through a proxy that answers 404 to them): the loopback client finds no
+    peer, the swarm stalls, and HTTP from the cache finishes the blob."""
     image = publish(registry, tmp_path, "bt/walled", seed=700)
     cache_store = Fetchd(tmp_path / "walled-store", tmp_path / "walled-home")
     cache_store.home.mkdir()
@@ -187,9 +255,14 @@ def test_a_swarm_that_cannot_be_reached_hands_the_blob_to_http(
         ok(run(warmer, "pull", *HTTP, "--mirror", cache.url, ref))
         wait_until(lambda: len(cache_store.blobs()) >= 3, 30, "the cache to hold the image")
 
-        res = run(fetchd, "pull", *HTTP, *TORRENT, "--mirror", cache.url, ref)
+        with bad_cache(cache.url, slices=False) as proxy:
+            res = run(fetchd, "pull", *HTTP, *TORRENT, "--mirror", proxy.url, ref)
 
-    assert ok(res).strip() == image.digest
-    assert "swarm" in res.stderr and "continuing from" in res.stderr
+    assert ok(res).strip() == image.digest, res.stderr
+    assert (
+        "stalled" in res.stderr
+        and "continuing from" in res.stderr
+        and "continuing from" in res.stderr
+    )
     assert {layer.digest for layer in image.layers} <= fetchd.blobs()
     assert "ok" in ok(fetchd("fsck"))

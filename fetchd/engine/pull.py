@@ -44,7 +44,7 @@ from fetchd.model import (
     platform_text,
 )
 from fetchd.progress import Progress, blob_kind
-from fetchd.sources.base import Fetcher, Resolver
+from fetchd.sources.base import Fetcher, RangeFetcher, Resolver
 from fetchd.sources.http import cache_max_age, new_session, redact, translate
 from fetchd.sources.retry import retryable
 from fetchd.sources.swarm import SwarmFetcher, Swarms
@@ -360,7 +360,13 @@ class Engine:
             fetchers.insert(
                 0,
                 SwarmFetcher(
-                    good[0], ref.name, self.session(), self.config, self.swarms, self.meta
+                    good[0],
+                    ref.name,
+                    self.session(),
+                    self.config,
+                    self.swarms,
+                    self.meta,
+                    http=fetchers[0] if isinstance(fetchers[0], RangeFetcher) else None,
                 ),
             )
         elif self.config.torrent:

@@ -297,6 +297,7 @@ class Torrents:
         self.tracker = Tracker(cache.config.bt_allow)
         self._hashes: dict[str, bytes] = {}  # hex → info-hash of every torrent known
         self._slicers: dict[str, Slicer] = {}  # hex → its slices (handle_slice)
+        self.slices_handed = 0  # by slicers cleared since
         self._building: dict[str, asyncio.Future[Torrent]] = {}
         self._build_slots = asyncio.Semaphore(BUILD_CONCURRENCY)
         self._doomed: set[str] = set()  # blobs gc is deleting: never seeded again meanwhile
@@ -580,6 +581,7 @@ class Torrents:
         if slicer is None:
             t = await self.torrent(digest)
             if len(self._slicers) >= MAX_SWARMS:
+                self.slices_handed += sum(x.handed for x in self._slicers.values())
                 self._slicers.clear()
             slicer = self._slicers.setdefault(digest.hex, Slicer(t.num_pieces))
         got = slicer.take()
@@ -630,6 +632,12 @@ class Torrents:
                 "BitTorrent payload sent.",
             ),
             ("fetchd_tracker_peers", "gauge", self.tracker.peers, "Peers the tracker lists."),
+            (
+                "fetchd_bt_slices_total",
+                "counter",
+                self.slices_handed + sum(x.handed for x in self._slicers.values()),
+                "Slices of blobs handed to fetchd hosts to take over HTTP.",
+            ),
         ):
             lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {value}"]
         lines += [

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -38,7 +39,7 @@ import aiohttp
 from fetchd.config import Config
 from fetchd.errors import BadTorrent, BlobNotFound, FetchdError, SwarmFailed
 from fetchd.model import Descriptor
-from fetchd.sources.base import OnBytes, Sink
+from fetchd.sources.base import OnBytes, RangeFetcher, Sink
 from fetchd.sources.http import redact
 from fetchd.store.cas import SegmentedIngest
 from fetchd.threads import finish, run_in
@@ -56,6 +57,8 @@ _NOT_LAYERS = ("config", "manifest", "index")
 SAVE_EVERY = 2.0
 #: bound on a torrent's size (a canonical one is ~41 KB; a 1 TiB blob's ~1.3 MB)
 MAX_TORRENT_BYTES = 8 << 20
+#: pieces one slice may hold (the cache hands out a few MiB at a time)
+MAX_SLICE = 256
 
 
 class Swarms:
@@ -86,6 +89,12 @@ class Swarms:
     async def close(self) -> None:
         if self._own and self._swarm is not None:
             swarm, self._swarm = self._swarm, None
+            stats = swarm.stats()
+            log.info(
+                "BitTorrent: sent %s bytes to peers, received %s",
+                stats.get("uploaded", 0),
+                stats.get("downloaded", 0),
+            )
             await swarm.close()
 
 
@@ -120,8 +129,11 @@ class SwarmFetcher:
         config: Config,
         swarms: Swarms,
         meta: Meta,
+        http: RangeFetcher | None = None,
     ) -> None:
         self.mirror = mirror.rstrip("/")
+        #: the cache's own blob endpoint, for the slices it hands this host (see _take)
+        self.http = http
         self.repository = repository
         self.session = session
         self.config = config
@@ -154,6 +166,9 @@ class SwarmFetcher:
             torrent.num_pieces,
         )
         ok = False
+        taker: asyncio.Task[None] | None = None
+        if self.http is not None and len(skip) < torrent.num_pieces:
+            taker = asyncio.ensure_future(self._take(desc, torrent, swarm, copier, self.http))
         try:
             await swarm.download(
                 torrent,
@@ -167,6 +182,9 @@ class SwarmFetcher:
             )
             ok = True
         finally:
+            if taker is not None:
+                taker.cancel()
+                await asyncio.wait({taker})
             await copier.close()
             if ok or not sink.gaps():
                 with contextlib.suppress(OSError):
@@ -176,6 +194,59 @@ class SwarmFetcher:
                 f"the swarm finished {desc.digest.short} with {len(sink.gaps())} ranges missing"
             )
         self.fetched.add(desc.digest.hex)
+
+    async def _take(
+        self, desc: Descriptor, torrent: Torrent, swarm: Swarm, copier: _Copier, http: RangeFetcher
+    ) -> None:
+        """While the swarm downloads, take the slices the cache hands this host: pieces
+        nobody has taken yet (``/fetchd/v1/slices/``), fetched over HTTP ranges from the
+        cache and given to libtorrent (``add_piece``: it checks them and announces them
+        to the other hosts). So the cache sends each piece about once, and the hosts trade
+        the rest among themselves. Anything going wrong here only ends the taking: the
+        swarm and the engine's HTTP fallback still finish the blob."""
+        url = f"{self.mirror}/fetchd/v1/slices/{quote(str(desc.digest), safe=':')}"
+        try:
+            for _ in range(torrent.num_pieces + 1):
+                async with asyncio.timeout(self.config.request_budget):
+                    async with self.session.get(url, allow_redirects=False) as resp:
+                        if resp.status != 200:
+                            return  # 204: every piece was handed out; 404: no slices here
+                        doc = json.loads(await resp.content.read(4096))
+                first, end = int(doc["first"]), int(doc["end"])
+                if not 0 <= first < end <= torrent.num_pieces or end - first > MAX_SLICE:
+                    log.warning("%s: the cache handed out a bad slice %r", desc.digest.short, doc)
+                    return
+                await self._fetch_slice(desc, torrent, swarm, copier, http, first, end)
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError, KeyError, TypeError) as exc:
+            log.info("%s: stopped taking slices from the cache: %s", desc.digest.short, exc)
+        except FetchdError as exc:
+            log.info("%s: stopped taking slices from the cache: %s", desc.digest.short, exc)
+
+    async def _fetch_slice(
+        self,
+        desc: Descriptor,
+        torrent: Torrent,
+        swarm: Swarm,
+        copier: _Copier,
+        http: RangeFetcher,
+        first: int,
+        end: int,
+    ) -> None:
+        wanted = [i for i in range(first, end) if i not in copier.had]
+        if not wanted:
+            return
+        start, stop = torrent.span(wanted[0])[0], torrent.span(wanted[-1])[1]
+        where = await http.locate(desc)
+        headers = {**where.headers, "Range": f"bytes={start}-{stop - 1}"}
+        async with asyncio.timeout(self.config.request_budget + (stop - start) / (64 << 10)):
+            async with self.session.get(where.url, headers=headers) as resp:
+                if resp.status != 206:
+                    raise SwarmFailed(f"the cache answered {resp.status} to a slice's range")
+                for i in range(wanted[0], wanted[-1] + 1):
+                    a, b = torrent.span(i)
+                    data = await resp.content.readexactly(b - a)
+                    if i not in copier.had:
+                        await swarm.add_piece(torrent.hex, i, data)
 
     async def committed(self, desc: Descriptor, blob_dir: Path) -> None:
         """The engine committed ``desc``: seed it from the store (if this fetcher had it)."""
@@ -259,10 +330,13 @@ class _Copier:
         self._queue: asyncio.Queue[int | None] = asyncio.Queue()
         self._task = asyncio.ensure_future(self._run())
         self._fd = -1
+        #: pieces libtorrent reported (verified and in the swarm file)
+        self.had: set[int] = set()
         self._saved = time.monotonic()
         self.error: BaseException | None = None
 
     def piece(self, index: int) -> None:
+        self.had.add(index)
         self._queue.put_nowait(index)
 
     async def _run(self) -> None:
