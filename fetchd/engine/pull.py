@@ -255,6 +255,10 @@ class Engine:
         first, in order, before the origin — unless ``mirror_only``.
         """
         async with asyncio.timeout(self.config.deadline):
+            from fetchd.engine import foreign  # it imports this module
+
+            if foreign.wanted(text, self.config):
+                return await foreign.pull_torrent(self, text, digest, mirrors)
             if is_url(text):
                 return await self.pull_url(text, digest, mirrors)
             if digest is not None:
