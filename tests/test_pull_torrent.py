@@ -266,3 +266,34 @@ def test_a_swarm_that_cannot_be_reached_hands_the_blob_to_http(
     )
     assert {layer.digest for layer in image.layers} <= fetchd.blobs()
     assert "ok" in ok(fetchd("fsck"))
+
+
+def test_serve_pulls_through_another_serves_swarm(
+    registry: Registry, tmp_path: Path, fetchd: Fetchd
+) -> None:
+    """A node agent: `serve --upstream http://CENTRAL --torrent` fetches the layers it is
+    asked for through the central cache's swarm (taking its slices), not by plain GETs."""
+    image = publish(registry, tmp_path, "bt/chain", seed=900)
+    central_store = Fetchd(tmp_path / "central", tmp_path / "central-home")
+    central_store.home.mkdir()
+    agent_store = Fetchd(tmp_path / "agent", tmp_path / "agent-home")
+    agent_store.home.mkdir()
+    ref = f"docker://{registry.host}/bt/chain:1"
+    small = ["--torrent-min-size", "1M"]
+    with start_serve(central_store, [registry.url], extra=small) as central:
+        ok(run(fetchd, "pull", *HTTP, "--mirror", central.url, ref))  # warms the central one
+        wanted = {layer.digest for layer in image.layers}
+        wait_until(lambda: wanted <= central_store.blobs(), 30, "the central cache to hold it")
+        agent_up = [f"{registry.host}={central.url}"]
+        with start_serve(agent_store, agent_up, extra=["-v", "--torrent", *small]) as agent:
+            client = Fetchd(tmp_path / "client", tmp_path / "client-home")
+            client.home.mkdir()
+
+            res = run(client, "-v", "pull", *HTTP, "--mirror", agent.url, ref)
+
+            wait_until(lambda: wanted <= agent_store.blobs(), 30, "the agent to commit")
+            slices = central.metrics().get("fetchd_bt_slices_total", 0.0)
+    assert ok(res).strip() == image.digest, res.stderr
+    assert wanted <= client.blobs()
+    assert "ok" in ok(agent_store("fsck"))
+    assert slices >= len(image.layers)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from fetchd.config import Config
+from fetchd.engine.fetching import Sources
 from fetchd.engine.pull import Engine, Flight
 from fetchd.errors import (
     BlobNotFound,
@@ -40,7 +41,9 @@ from fetchd.manifest import ImageIndex, ImageManifest, parse_manifest
 from fetchd.model import MAX_MANIFEST_SIZE, Descriptor, Digest, Platform, Reference
 from fetchd.progress import Progress
 from fetchd.server.upstreams import Route, Upstream, Upstreams
+from fetchd.sources.base import Fetcher
 from fetchd.sources.registry import Registry
+from fetchd.sources.swarm import SwarmFetcher
 from fetchd.store.cas import Store
 from fetchd.store.meta import Meta
 
@@ -371,7 +374,24 @@ class Cache:
         group (a failed fetch must not stop the server): the outcome goes to ``outcome``."""
         try:
             upstream = self.registry(route.upstream).blobs(route.repository)
-            await self.engine.ensure_blob(desc, [upstream])
+            fetchers: list[Fetcher] = [upstream]
+            swarm = self.config.torrent and desc.size >= self.config.torrent_min_size
+            if swarm:
+                # serve --torrent: the upstream is another fetchd serve; its swarm first
+                # (the hosts that hold the blob), its HTTP after (issue 12).
+                fetchers.insert(
+                    0,
+                    SwarmFetcher(
+                        route.upstream.url,
+                        route.repository,
+                        self.engine.session(),
+                        self.config,
+                        self.engine.swarms,
+                        self.engine.meta,
+                        http=upstream,
+                    ),
+                )
+            await self.engine.ensure_blob(desc, Sources(fetchers, upstream), segmented=swarm)
             outcome.set_result(None)
             if self.on_commit is not None:
                 self.on_commit(desc)
