@@ -31,6 +31,17 @@ The machine's load average is printed before and after: other work shares these 
     sudo .venv/bin/python benchmarks/lan_swarm.py [--hosts 8] [--rate 200mbit] [--rounds 3]
         [--size-mib 256 | --image] [--arms http,aria2,fetchd] [--json]
 
+--wan (issue 12 item 8, after ../shared/peers/lan/lan_cache.sh): host 0 is the origin (a
+docker-registry on its eth0 address) behind a --wan-rate (100mbit) link, host 1 the cache,
+hosts 2..N+1 the clients, every other link --rate (1gbit here). Arms: direct (8 `skopeo copy
+--preserve-digests` straight from the origin), proxy (docker-registry in proxy mode on the
+cache host), fetchd (`fetchd serve --upstream ORIGIN`, cold: a new empty store every round),
+fetchd-warm (after one untimed pull through it), fetchd-torrent-warm (clients run `fetchd
+pull --torrent --mirror CACHE --mirror-only` against the warm cache). Time until all clients
+hold the image (skopeo's layouts: manifest digest and every layer's sha256 checked after),
+origin egress and cache-host egress over the image's size, the cache process's CPU; ratios
+to direct.
+
 Needs root, docker-registry, skopeo, curl, aria2c, opentracker, mktorrent. Everything it
 starts runs inside the rig's namespaces (named fd-*) and is stopped by PID; the rig is torn
 down on every exit path.
@@ -46,6 +57,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -94,6 +106,7 @@ class Run:
     egress: int  # bytes out of the cache host
     cpu: float  # cache-side processes, user + system seconds
     verify_s: float
+    cache_egress: int | None = None  # --wan: bytes out of the cache host (host 1)
 
 
 @dataclass
@@ -104,6 +117,11 @@ class Rig:
     env: dict[str, str]
     serve: subprocess.Popen[Any] | None = None
     skips: dict[str, str] = field(default_factory=dict)
+    first_client: int = 1  # --wan: host 0 is the origin, 1 the cache, the clients from 2
+
+    @property
+    def clients(self) -> range:
+        return range(self.first_client, self.lan.hosts + 1)
 
     @property
     def cache(self) -> str:
@@ -180,9 +198,9 @@ def sha256(path: Path) -> str:
 
 
 def verify(rig: Rig, where: Callable[[int, str], Path], arm: str) -> float:
-    """sha256 of every layer on every host; BenchmarkFailed on a mismatch. Seconds taken."""
+    """sha256 of every layer on every client; BenchmarkFailed on a mismatch. Seconds taken."""
     t0 = time.monotonic()
-    jobs = [(i, hx) for i in range(1, rig.lan.hosts + 1) for hx in rig.layers]
+    jobs = [(i, hx) for i in rig.clients for hx in rig.layers]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as ex:
         got = list(ex.map(lambda j: sha256(where(*j)), jobs))
     for (i, hx), g in zip(jobs, got, strict=True):
@@ -193,7 +211,7 @@ def verify(rig: Rig, where: Callable[[int, str], Path], arm: str) -> float:
 
 def fresh_hosts(rig: Rig) -> None:
     shutil.rmtree(rig.work / "hosts", ignore_errors=True)
-    for i in range(1, rig.lan.hosts + 1):
+    for i in rig.clients:
         rig.host_dir(i).mkdir(parents=True)
     subprocess.run(["sync"], check=False)
 
@@ -213,7 +231,7 @@ def timed(
     A client that exits nonzero (or exits before it is done) fails the run."""
     egress0, cpu0 = rig.lan.egress_bytes(0), cpu_seconds(cache_pids)
     t0 = time.monotonic()
-    procs = {i: start(i) for i in range(1, rig.lan.hosts + 1)}
+    procs = {i: start(i) for i in rig.clients}
     left = set(procs)
     deadline = t0 + ROUND_TIMEOUT
     while left:
@@ -485,6 +503,121 @@ def setup(lan: Lan, work: Path, image_layout: Path, image: BuiltImage, rate: str
     return rig
 
 
+# --- --wan: the cache where it matters (issue 12 item 8; ../shared/peers/lan/lan_cache.sh) ----
+
+WAN_ARMS = ("direct", "proxy", "fetchd", "fetchd-warm", "fetchd-torrent-warm")
+ORIGIN_PORT = 5000
+
+
+def registry_config(path: Path, addr: str, data: Path, remote: str | None = None) -> Path:
+    path.write_text(
+        "version: 0.1\nlog: {level: warn}\n"
+        f"storage:\n  filesystem: {{rootdirectory: {data}}}\n  delete: {{enabled: true}}\n"
+        f'http: {{addr: "{addr}"}}\n' + (f"proxy: {{remoteurl: {remote}}}\n" if remote else "")
+    )
+    return path
+
+
+def wan_setup(lan: Lan, work: Path, image_layout: Path, image: BuiltImage) -> Rig:
+    """The origin registry on host 0 (behind the WAN link), the image pushed to it over the
+    host's own loopback (its own address: not on the wire)."""
+    env = child_env(work / "home")
+    (work / "home").mkdir(exist_ok=True)
+    (work / "logs").mkdir(exist_ok=True)
+    rig = Rig(lan, work, image, env, first_client=2)
+    origin = f"{lan.addr(0)}:{ORIGIN_PORT}"
+    data = work / "wan-origin"
+    shutil.rmtree(data, ignore_errors=True)
+    data.mkdir()
+    conf = registry_config(data / "config.yml", origin, data / "data")
+    rig.serve = lan.popen(0, ["docker-registry", "serve", str(conf)],
+                          stdout=rig.log("origin.log"), stderr=subprocess.STDOUT)  # fmt: skip
+    poll(lambda: lan.run(0, ["curl", "-sf", f"http://{origin}/v2/"]).returncode == 0, 30,
+         "the origin registry")  # fmt: skip
+    must(
+        lan.run(0, ["skopeo", "copy", "--quiet", "--dest-tls-verify=false", "--preserve-digests",
+                    f"oci:{image_layout}:{TAG}", f"docker://{origin}/{NAME}:{TAG}"], 600),
+        "skopeo push to the origin",
+    )  # fmt: skip
+    return rig
+
+
+def wan_arm(rig: Rig, arm: str, round_: int) -> Run:
+    """8 clients pull the image at once: straight from the origin, through the registry's
+    proxy mode, or through `fetchd serve` (cold: a new empty store; -warm: after one untimed
+    pull through it). Clients are `skopeo copy --preserve-digests` into oci: layouts, or with
+    fetchd-torrent-warm `fetchd pull --torrent --mirror CACHE --mirror-only`."""
+    lan, fresh = rig.lan, rig.work / "wan-cache"
+    assert rig.serve is not None
+    origin, cache = f"{lan.addr(0)}:{ORIGIN_PORT}", lan.addr(1)
+    shutil.rmtree(fresh, ignore_errors=True)
+    fresh.mkdir()
+    fresh_hosts(rig)
+    torrent = arm.startswith("fetchd-torrent")
+    cache_proc: subprocess.Popen[Any] | None = None
+    if arm == "direct":
+        host = origin
+    elif arm == "proxy":
+        host = f"{cache}:{ORIGIN_PORT}"
+        conf = registry_config(fresh / "config.yml", host, fresh / "data", f"http://{origin}")
+        cache_proc = lan.popen(1, ["docker-registry", "serve", str(conf)],
+                               stdout=rig.log("proxy.log"), stderr=subprocess.STDOUT)  # fmt: skip
+    else:
+        host = f"{cache}:{SERVE_PORT}"
+        cache_proc = lan.popen(
+            1,
+            fetchd_argv(fresh / "store", "serve", "--listen", host, "--insecure-options", "http",
+                        "--upstream", f"http://{origin}", "--bt-listen", f"{cache}:{BT_PORT}"),
+            env=rig.env, stdout=rig.log("wan-serve.log"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    poll(lambda: lan.run(2, ["curl", "-sf", f"http://{host}/v2/"]).returncode == 0, 60, host)
+
+    def skopeo(i: int, dest: Path) -> list[str]:
+        return ["skopeo", "copy", "--quiet", "--src-tls-verify=false", "--preserve-digests",
+                f"docker://{host}/{NAME}:{TAG}", f"oci:{dest}:{TAG}"]  # fmt: skip
+
+    if arm.endswith("-warm"):
+        must(lan.run(2, skopeo(2, fresh / "warm"), 900), "the warming pull")
+        shutil.rmtree(fresh / "warm")
+
+    def start(i: int) -> subprocess.Popen[Any]:
+        if torrent:
+            argv = fetchd_argv(
+                rig.host_dir(i) / "store", "pull", "--insecure-options", "http", "--torrent",
+                "--mirror", f"http://{host}", "--mirror-only", "--bt-listen",
+                f"{lan.addr(i)}:{BT_PORT}", "--seed-linger", "600", f"docker://{origin}/{NAME}:{TAG}",
+            )  # fmt: skip
+        else:
+            argv = skopeo(i, rig.host_dir(i) / "oci")
+        return lan.popen(i, argv, env=rig.env, stdout=rig.log(f"wan-{arm}-h{i}.log"),
+                         stderr=subprocess.STDOUT)  # fmt: skip
+
+    def blob(i: int, hx: str) -> Path:
+        top = rig.host_dir(i) / ("store/layout" if torrent else "oci")
+        return top / "blobs" / "sha256" / hx
+
+    def done(i: int, p: subprocess.Popen[Any]) -> bool:
+        if torrent:
+            return all(blob(i, hx).exists() for hx in rig.layers)
+        return p.poll() == 0
+
+    pids = [cache_proc.pid] if cache_proc else [rig.serve.pid]
+    cache0 = lan.egress_bytes(1)
+    wall, egress, cpu, procs = timed(rig, arm, round_, start, done, pids)
+    cache_egress = lan.egress_bytes(1) - cache0
+    for p in procs:
+        lan.stop(p)
+    if not torrent:
+        for i in rig.clients:
+            index = json.loads((rig.host_dir(i) / "oci" / "index.json").read_text())
+            if [m["digest"] for m in index["manifests"]] != [rig.image.digest]:
+                raise BenchmarkFailed(f"{arm}: host {i} wrote another manifest")
+    v = verify(rig, blob, arm)
+    if cache_proc is not None:
+        lan.stop(cache_proc)
+    return Run(arm, round_, wall, egress, cpu, v, cache_egress)
+
+
 # --- report ---------------------------------------------------------------------------------
 
 
@@ -492,9 +625,12 @@ def med(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
-def summary(runs: Sequence[Run], rig: Rig, args: argparse.Namespace) -> dict[str, Any]:
+def summary(
+    runs: Sequence[Run], rig: Rig, args: argparse.Namespace, base_arm: str = "aria2"
+) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "benchmark": "lan_swarm",
+        "benchmark": "lan_swarm" + (" --wan" if args.wan else ""),
+        "base": base_arm,
         "hosts": args.hosts,
         "rate": args.rate,
         "layers": len(rig.layers),
@@ -506,7 +642,7 @@ def summary(runs: Sequence[Run], rig: Rig, args: argparse.Namespace) -> dict[str
     per: dict[str, dict[int, Run]] = {}
     for r in runs:
         per.setdefault(r.arm, {})[r.round] = r
-    base = per.get("aria2", {})
+    base = per.get(base_arm, {})
     for arm, rs in per.items():
         a: dict[str, Any] = {
             "wall_s": [round(r.wall, 2) for r in rs.values()],
@@ -517,30 +653,43 @@ def summary(runs: Sequence[Run], rig: Rig, args: argparse.Namespace) -> dict[str
         a["median_wall_s"] = round(med([r.wall for r in rs.values()]), 2)
         a["median_egress_x"] = round(med([r.egress / rig.payload for r in rs.values()]), 3)
         a["median_cpu_s"] = round(med([r.cpu for r in rs.values()]), 2)
+        ce = [r.cache_egress / rig.payload for r in rs.values() if r.cache_egress is not None]
+        if ce:
+            a["median_cache_egress_x"] = round(med(ce), 3)
         both = [k for k in rs if k in base]
-        if both and arm != "aria2":
-            a["time_vs_aria2"] = round(med([rs[k].wall / base[k].wall for k in both]), 2)
-            a["egress_vs_aria2"] = round(med([rs[k].egress / base[k].egress for k in both]), 2)
+        if both and arm != base_arm:
+            a["time_vs_base"] = round(med([rs[k].wall / base[k].wall for k in both]), 2)
+            a["egress_vs_base"] = round(med([rs[k].egress / base[k].egress for k in both]), 2)
         out["arms"][arm] = a
     return out
 
 
 def report(s: dict[str, Any]) -> None:
+    where = (
+        f"WAN: origin behind {s['wan']}, cache + {s['hosts']} clients at {s['rate']}"
+        if "wan" in s
+        else f"LAN swarm: 1 cache + {s['hosts']} hosts, every link {s['rate']} both ways"
+    )
     print(
-        f"\nLAN swarm: 1 cache + {s['hosts']} hosts, every link {s['rate']} both ways; "
+        f"\n{where}; "
         f"{s['layers']} layer(s), {s['payload_bytes'] / MIB:.1f} MiB; line-rate bound "
         f"{s['floor_s']} s (one copy at the nominal rate)"
     )
-    print(f"{'arm':<8} {'time s':>8} {'egress ×':>9} {'cache CPU s':>12} {'t/aria2':>8} "
-          f"{'e/aria2':>8}   rounds (s)")  # fmt: skip
+    b = s["base"][:5]
+    egress = "origin ×" if "wan" in s else "egress ×"
+    cache_x = "cache ×" if "wan" in s else ""
+    print(f"{'arm':<20} {'time s':>8} {egress:>9} {cache_x:>8} {'cache CPU s':>12} "
+          f"{'t/' + b:>8} {'e/' + b:>8}   rounds (s)")  # fmt: skip
     for arm, a in s["arms"].items():
+        cx = a.get("median_cache_egress_x")
         print(
-            f"{arm:<8} {a['median_wall_s']:>8.2f} {a['median_egress_x']:>9.3f} "
-            f"{a['median_cpu_s']:>12.2f} {a.get('time_vs_aria2', '-'):>8} "
-            f"{a.get('egress_vs_aria2', '-'):>8}   {a['wall_s']}"
+            f"{arm:<20} {a['median_wall_s']:>8.2f} {a['median_egress_x']:>9.3f} "
+            f"{'' if cx is None else f'{cx:.3f}':>8} "
+            f"{a['median_cpu_s']:>12.2f} {a.get('time_vs_base', '-'):>8} "
+            f"{a.get('egress_vs_base', '-'):>8}   {a['wall_s']}"
         )
     for arm, why in s["skipped"].items():
-        print(f"{arm:<8} skipped: {why}")
+        print(f"{arm:<20} skipped: {why}")
 
 
 def rate_bps(rate: str) -> int:
@@ -552,19 +701,31 @@ def rate_bps(rate: str) -> int:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--hosts", type=int, default=8, help="client hosts (default 8)")
-    p.add_argument("--rate", default="200mbit", help="every link, each way (default 200mbit)")
+    p.add_argument("--rate", help="every link, each way (default 200mbit; --wan: 1gbit)")
     p.add_argument("--rounds", type=int, default=3, help="rounds per arm (default 3)")
     p.add_argument("--size-mib", type=int, default=256, help="the one layer's MiB (default 256)")
     p.add_argument("--image", action="store_true", help="a 4 × 64 MiB image instead")
-    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated: http,aria2,fetchd")
+    p.add_argument(
+        "--arms",
+        help=f"comma-separated: {','.join(ARMS)} (default), or with "
+        f"--wan {','.join(WAN_ARMS)} (default)",
+    )
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp/fetchd-lan-bench"),
                    help="images (kept for the next run), stores, logs")  # fmt: skip
+    p.add_argument(
+        "--wan",
+        action="store_true",
+        help="item 8: origin behind --wan-rate, cache + clients at --rate (1gbit)",
+    )
+    p.add_argument("--wan-rate", default="100mbit", help="the origin's link (default 100mbit)")
     p.add_argument("--json", action="store_true", help="also print a JSON summary line")
     args = p.parse_args(argv)
-    args.arm_list = [a for a in args.arms.split(",") if a]
-    bad = [a for a in args.arm_list if a not in ARMS]
+    known = WAN_ARMS if args.wan else ARMS
+    args.rate = args.rate or ("1gbit" if args.wan else "200mbit")
+    args.arm_list = [a for a in (args.arms or ",".join(known)).split(",") if a]
+    bad = [a for a in args.arm_list if a not in known]
     if bad:
-        p.error(f"unknown arms {bad} (known: {', '.join(ARMS)})")
+        p.error(f"unknown arms {bad} (known: {', '.join(known)})")
     if args.hosts < 1 or args.rounds < 1 or args.size_mib < 1:
         p.error("--hosts, --rounds and --size-mib must be at least 1")
     return args
@@ -572,6 +733,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM unwinds like ^C: the rig's teardown runs (namespaces deleted, PIDs stopped)
+    signal.signal(signal.SIGTERM, lambda _n, _f: sys.exit(143))
     why = unavailable()
     missing = [t for t in ("docker-registry", "skopeo", "curl", "aria2c", "opentracker",
                            "mktorrent") if shutil.which(t) is None]  # fmt: skip
@@ -588,28 +751,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     image = build(work, layers, mib)
     print(f"load average before: {os.getloadavg()}", flush=True)
     runs: list[Run] = []
-    with Lan(args.hosts, args.rate) as lan:
-        rig = setup(lan, work, layout, image, args.rate)
+    hosts = args.hosts + 1 if args.wan else args.hosts
+    with Lan(hosts, args.rate, cache_uplink=args.wan_rate if args.wan else None) as lan:
+        if args.wan:
+            rig = wan_setup(lan, work, layout, image)
+        else:
+            rig = setup(lan, work, layout, image, args.rate)
         arms = list(args.arm_list)
-        if "fetchd" in arms:
-            skip = fetchd_torrent_missing(rig)
+        for arm in [a for a in arms if a.startswith("fetchd-torrent") or a == "fetchd"]:
+            if args.wan and arm == "fetchd":
+                continue
+            skip = fetchd_torrent_missing(rig) if not args.wan else None
             if skip:
-                rig.skips["fetchd"] = skip
-                arms.remove("fetchd")
-                print(f"arm fetchd: skipped — {skip}", flush=True)
+                rig.skips[arm] = skip
+                arms.remove(arm)
+                print(f"arm {arm}: skipped — {skip}", flush=True)
         for r in range(1, args.rounds + 1):
             k = (r - 1) % len(arms) if arms else 0
             for arm in arms[k:] + arms[:k]:
-                run = ARM_FUNCS[arm](rig, r)
+                run = wan_arm(rig, arm, r) if args.wan else ARM_FUNCS[arm](rig, r)
                 runs.append(run)
                 print(
-                    f"round {r}  {arm:<6} {run.wall:7.2f} s  "
-                    f"egress {run.egress / rig.payload:6.3f}×"
+                    f"round {r}  {arm:<20} {run.wall:7.2f} s  "
+                    f"{'origin' if args.wan else 'egress'} {run.egress / rig.payload:6.3f}×"
                     f"  cache cpu {run.cpu:6.2f} s  (verify {run.verify_s:.1f} s, "
                     f"load {os.getloadavg()[0]:.2f})",
                     flush=True,
                 )
-        s = summary(runs, rig, args)
+        s = summary(runs, rig, args, "direct" if args.wan else "aria2")
+        if args.wan:
+            s["wan"] = args.wan_rate
+            s["floor_s"] = round(rig.payload * 8 / rate_bps(args.wan_rate), 2)
     print(f"load average after: {os.getloadavg()}")
     shutil.rmtree(work / "hosts", ignore_errors=True)
     report(s)
