@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--bt-allow",
             metavar="CIDR,...",
             help="peers allowed (default: loopback and private ranges: "
-            "10/8, 172.16/12, 192.168/16, 100.64/10, link-local, fc00::/7)",
+            "10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7, fe80::/10)",
         )
         g.add_argument(
             "--lsd",
@@ -661,10 +661,11 @@ def cmd_serve(args: argparse.Namespace, store: Store) -> int:
 
 
 def _serve_swarm(config: Config, http_host: str, on_corrupt: Callable[[str], None]) -> Swarm | None:
-    """serve's seeding session (a fetchd.bt.session.Swarm), or None when libtorrent does
-    not import (torrents and the tracker still work, peers trade among themselves). It
-    listens on --bt-listen, else on --listen's address with a free port: never on a
-    wildcard, so a --listen of 0.0.0.0 or :: needs --bt-listen (UsageError)."""
+    """serve's seeding session (a fetchd.bt.session.Swarm), or None when it cannot have
+    one (torrents, slices and the tracker still work: fetchd hosts take the blob over
+    HTTP in slices and trade it among themselves). It listens on --bt-listen, else on
+    --listen's address with a free port, never on a wildcard: a --listen of 0.0.0.0, ::
+    or a host name without --bt-listen runs without a seed, with a warning."""
     if config.bt_listen:
         addr, port = _split_listen(config.bt_listen)
     else:
@@ -672,16 +673,15 @@ def _serve_swarm(config: Config, http_host: str, on_corrupt: Callable[[str], Non
         try:
             wildcard = ipaddress.ip_address(addr).is_unspecified
         except ValueError:
-            raise UsageError(
-                f"--listen {http_host!r} is not an IP address: give the address to seed "
-                "blobs on with --bt-listen ADDR[:PORT]"
-            ) from None
+            wildcard = True
         if wildcard:
-            raise UsageError(
-                f"--listen {http_host or '*'} listens on every address, BitTorrent listens "
-                "on one: name it with --bt-listen ADDR[:PORT] (an address of the LAN the "
-                "peers are on)"
+            log.warning(
+                "serve does not seed over BitTorrent: --listen %s is not one address, and "
+                "BitTorrent listens on one; name it with --bt-listen ADDR[:PORT] (an address "
+                "of the LAN the peers are on)",
+                http_host or "*",
             )
+            return None
     try:
         from fetchd.bt.session import Swarm
     except ImportError as exc:

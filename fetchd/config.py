@@ -21,15 +21,15 @@ MIN_REQUEST_BUDGET = 5.0
 #: waits for a response head that time out (a server that accepts, then says nothing)
 #: before a request fails: one retry, not config.attempts of them
 SILENT_ATTEMPTS = 2
-#: peers a BitTorrent session accepts by default: loopback, RFC 1918, CGNAT, link-local,
-#: IPv6 unique-local and link-local (a LAN's addresses; never the internet)
+#: peers a BitTorrent session accepts by default: loopback, RFC 1918, CGNAT, IPv6
+#: unique-local and link-local (a LAN's addresses; never the internet). Not IPv4
+#: link-local: 169.254.169.254 is a cloud's metadata service.
 BT_ALLOW_DEFAULT = (
     "127.0.0.0/8",
     "10.0.0.0/8",
     "172.16.0.0/12",
     "192.168.0.0/16",
     "100.64.0.0/10",
-    "169.254.0.0/16",
     "::1/128",
     "fc00::/7",
     "fe80::/10",

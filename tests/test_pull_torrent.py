@@ -71,7 +71,7 @@ def _layer_bytes(image: BuiltImage) -> int:
     return sum(layer.size for layer in image.layers)
 
 
-def test_layers_come_through_the_swarm_not_over_http(
+def test_a_lone_host_takes_every_slice_over_http_through_the_swarm(
     registry: Registry, warm_cache: tuple[ServeProcess, BuiltImage, Fetchd], fetchd: Fetchd
 ) -> None:
     cache, image, _ = warm_cache

@@ -28,7 +28,7 @@ import pytest
 from fetchd.bt.metainfo import bdecode, bencode, build_from_file
 from tests.support.cli import Fetchd, ok
 from tests.support.images import BuiltImage, build_image, push, random_layer
-from tests.support.procs import Proc, free_port, wait_until
+from tests.support.procs import Proc, free_port, http_status, wait_until
 from tests.support.registry import Registry
 from tests.support.serve import ServeProcess, start_serve
 
@@ -126,14 +126,17 @@ def canonical_hash(path: Path) -> bytes:
 # --- the tracker, from the outside -----------------------------------------------------------
 
 
-def announce(serve: ServeProcess, ih: bytes, port: int, extra: str = "") -> dict[bytes, Any]:
-    """One announce as a client sends it (info_hash and peer_id percent-encoded bytes)."""
+def announce(
+    serve: ServeProcess, ih: bytes, port: int, extra: str = "", source: str | None = None
+) -> dict[bytes, Any]:
+    """One announce as a client sends it (info_hash and peer_id percent-encoded bytes),
+    from ``source`` (a 127.0.0.x address) if given."""
     peer_id = b"-TS0001-" + port.to_bytes(4, "big") + os.urandom(8)
     query = (
         f"info_hash={quote_from_bytes(ih)}&peer_id={quote_from_bytes(peer_id)}&port={port}"
         f"&uploaded=0&downloaded=0&left=1000&compact=1{extra}"
     )
-    reply = serve.get(f"/announce?{query}")
+    reply = serve.get(f"/announce?{query}", source=source)
     assert reply.status == 200, reply
     doc = bdecode(reply.body)
     assert isinstance(doc, dict)
@@ -181,12 +184,27 @@ def _answers(peer: tuple[str, int], ih: bytes) -> bool:
         return False
 
 
-def test_serve_on_a_wildcard_needs_bt_listen(fetchd: Fetchd) -> None:
-    """BitTorrent listens on one address, never on every one (checked before anything
-    listens: the process exits with a usage error)."""
-    result = fetchd("serve", "--listen", "0.0.0.0:1", "--upstream", "http://127.0.0.1:1")
-    assert result.returncode == 2, result
-    assert "--bt-listen" in result.stderr, result.stderr
+def test_serve_on_a_host_name_does_not_seed_and_opens_no_bittorrent_socket(
+    fetchd: Fetchd, tmp_path: Path
+) -> None:
+    """BitTorrent listens on one address, never on every one: `--listen localhost:P` (a
+    name, maybe several addresses) without --bt-listen serves HTTP, warns, and seeds
+    nothing: the process listens on P alone."""
+    port = free_port()
+    argv = fetchd.argv("serve", "--listen", f"localhost:{port}", "--upstream", "http://127.0.0.1:1")
+    log_path = tmp_path / "serve-localhost.log"
+    with Proc(argv, log_path, env=fetchd.env()) as proc:
+        wait_until(
+            lambda: http_status(f"http://127.0.0.1:{port}/healthz") == 200, 30, "serve to answer"
+        )
+        out = subprocess.run(
+            ["ss", "-H", "-tulnp"], capture_output=True, text=True, check=True
+        ).stdout
+        mine = [line for line in out.splitlines() if f"pid={proc.pid}," in line]
+    ports = {line.split()[4].rsplit(":", 1)[1] for line in mine}
+    assert ports == {str(port)}, mine
+    assert "does not seed over BitTorrent" in log_path.read_text()
+    assert "--bt-listen" in log_path.read_text()
 
 
 # --- the torrent endpoint --------------------------------------------------------------------
@@ -285,13 +303,19 @@ def test_the_tracker_bounds_numwant_and_the_query(cache: Cache) -> None:
     digest = cache.layer(0)
     cache.pull_through(digest)
     ih = info_hash(cache.torrent(digest))
-    ports = list(range(20000, 20210))  # 210 announcers: more than a reply may list
-    for port in ports:
-        announce(cache.serve, ih, port, "&numwant=0")
+    ports = list(range(20000, 20210))  # 210 announcers (hosts): more than a reply may list
+    for i, port in enumerate(ports):
+        announce(cache.serve, ih, port, "&numwant=0", source=f"127.0.{1 + i // 200}.{1 + i % 200}")
     me = 30001
     assert len(peers(announce(cache.serve, ih, me, "&numwant=3"))) == 3
     assert len(peers(announce(cache.serve, ih, me))) == 50  # no numwant: 50
     assert len(peers(announce(cache.serve, ih, me, "&numwant=100000"))) == 200
+    # One address may list a few ports in a swarm, not crowd out the others with many.
+    crowd = "127.0.9.9"
+    for port in range(21000, 21020):
+        announce(cache.serve, ih, port, "&numwant=0", source=crowd)
+    listed = peers(announce(cache.serve, ih, me, "&numwant=200"))
+    assert sum(1 for addr, _ in listed if addr == crowd) <= 8
     too_long = announce(cache.serve, ih, me, "&key=" + "x" * 3000)
     assert b"too long" in too_long[b"failure reason"] or b"over" in too_long[b"failure reason"]
     metrics = cache.serve.metrics()

@@ -60,11 +60,12 @@ from fetchd.model import Descriptor, Digest
 from fetchd.sources.base import OnBytes, Sink
 from fetchd.sources.http import redact, translate
 from fetchd.sources.retry import retryable, status_error
-from fetchd.sources.swarm import Swarms, _Copier
+from fetchd.sources.swarm import Swarms, _Copier, read_body
 from fetchd.store import layout
 from fetchd.store.cas import SegmentedIngest
 from fetchd.store.maintenance import record_url
 from fetchd.store.meta import UrlRecord
+from fetchd.store.space import ensure_room
 
 if TYPE_CHECKING:
     from fetchd.bt.metainfo import Torrent
@@ -265,6 +266,8 @@ async def _download(
             got = ingest.digest
         else:
             label = f"torrent {t.hex[:12]}"
+            # A torrent may claim up to ~50 TiB: refuse what this disk cannot hold first.
+            ensure_room(store.ingests, t.size - ingest.offset, label, store.root)
             engine.progress.start(label, t.foreign.name[:22], t.size, ingest.offset)
             desc = Descriptor(MEDIA_TYPE, ingest.digest, t.size)
             try:
@@ -335,7 +338,7 @@ async def _read(engine: Engine, ref: str) -> bytes:
                         raise status_error(resp.status, f"torrent {redact(url)}")
                     if (resp.content_length or 0) > MAX_TORRENT_BYTES:
                         raise BadTorrent(_too_big(redact(url)))
-                    body = await resp.content.read(MAX_TORRENT_BYTES + 1)
+                    body = await read_body(resp, MAX_TORRENT_BYTES)
                 if len(body) > MAX_TORRENT_BYTES:
                     raise BadTorrent(_too_big(redact(url)))
                 return body

@@ -129,8 +129,8 @@ def parse_registry_ref(text: str) -> Reference:
         return Reference.parse(text)
     if "://" in text or text.startswith("magnet:") or text.endswith((".torrent", ".aci")):
         raise ReferenceInvalid(
-            f"{text[:80]!r}: this fetchd pulls docker:// references and https:// URLs; "
-            "appc and BitTorrent sources are not implemented yet"
+            f"{text[:80]!r}: this fetchd pulls docker:// references, https:// URLs and, "
+            "with --torrent, .torrent files; appc images are not implemented yet"
         )
     raise ReferenceInvalid(
         f"{text[:80]!r}: write registry images as docker://HOST/NAME:TAG "

@@ -34,6 +34,7 @@ import logging
 import os
 import random
 import re
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass
@@ -44,7 +45,14 @@ from urllib.parse import unquote, unquote_to_bytes
 from aiohttp import web
 
 from fetchd.bt.metainfo import Torrent, TorrentBuilder, bencode, canonical
-from fetchd.errors import BadTorrent, BlobNotFound, DigestInvalid, FetchdError, ReferenceInvalid
+from fetchd.errors import (
+    BadTorrent,
+    BlobNotFound,
+    DigestInvalid,
+    FetchdError,
+    ReferenceInvalid,
+    StoreError,
+)
 from fetchd.model import Descriptor, Digest, is_valid_repository_name
 from fetchd.store.cas import Store
 
@@ -67,6 +75,9 @@ EXPIRY = 2 * INTERVAL  # a peer that stopped announcing is forgotten after this 
 NUMWANT_DEFAULT = 50
 NUMWANT_MAX = 200
 MAX_PEERS = 1000  # peers listed per swarm; a new one beyond this is answered, not listed
+#: ports one address may list in one swarm (several fetchd on one host are fine; a host
+#: announcing 1000 fake ports to crowd out the real peers is not)
+MAX_PORTS_PER_ADDRESS = 8
 MAX_SWARMS = 10_000  # swarms with peers at once
 MAX_QUERY = 2048  # bytes of an announce's query string (clients send about 300)
 MAX_PARAMS = 32  # parameters of an announce
@@ -83,7 +94,7 @@ SLICE_PIECES = 16
 SLICES_PER_BLOB = 32
 #: seconds after its last slice was handed out that a blob's slicing starts over (the
 #: hosts that took them are done or gone; a new round of pulls gets slices again)
-SLICE_ROUND = 20.0
+SLICE_ROUND = 8.0
 
 
 class Slicer:
@@ -207,7 +218,8 @@ class Tracker:
             if not swarm:
                 del self.swarms[ih]
             return {b"interval": INTERVAL, b"min interval": MIN_INTERVAL, b"peers": b""}
-        if me in swarm or len(swarm) < MAX_PEERS:
+        same_host = sum(1 for a, _ in swarm if a == me[0])
+        if me in swarm or (len(swarm) < MAX_PEERS and same_host < MAX_PORTS_PER_ADDRESS):
             swarm[me] = _Peer(now + EXPIRY, seed)
         want_text = q.get("numwant", b"")
         want = int(want_text) if want_text.isdigit() and len(want_text) <= 6 else NUMWANT_DEFAULT
@@ -332,7 +344,7 @@ class Torrents:
         if self._tg is None:
             coro.close()
             return
-        task = self._tg.create_task(coro, name=f"fetchd-torrent-{name}")
+        task = self._tg.create_task(_logged(coro, name), name=f"fetchd-torrent-{name}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -432,6 +444,13 @@ class Torrents:
                 del self._building[digest.hex]
 
     def _load_or_build(self, digest: Digest) -> Torrent:
+        """:meth:`_build` with the store's failures (a disk error, fetchd.db) as StoreError."""
+        try:
+            return self._build(digest)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot make the torrent of blob {digest.short}: {exc}") from exc
+
+    def _build(self, digest: Digest) -> Torrent:
         path = self.store.blob_path(digest)
         try:
             size = path.stat().st_size
@@ -459,7 +478,10 @@ class Torrents:
         self.tracker.allow(t.info_hash, t.hex)
 
     async def _seed(self, t: Torrent) -> None:
-        if self.swarm is None or t.hex in self._doomed:
+        """Seed ``t`` unless it is below min_size: anyone may ask for any blob's torrent
+        (its web seed works for every client), but only the big ones cost a seed's
+        memory and a read of the whole blob."""
+        if self.swarm is None or t.hex in self._doomed or t.size < self.min_size:
             return
         try:
             await self.swarm.seed(t, self.store.blob_path(Digest("sha256", t.hex)).parent)
@@ -732,3 +754,14 @@ def _retrieve(fut: asyncio.Future[Torrent]) -> None:
     """A build nobody waits for any more must not log "exception never retrieved"."""
     if not fut.cancelled():
         fut.exception()
+
+
+async def _logged(coro: Coroutine[Any, Any, None], name: str) -> None:
+    """A background task of the server's: whatever it raises (a disk error, a bug) is
+    logged, never allowed to stop the server (its task group would cancel everything)."""
+    try:
+        await coro
+    except Exception as exc:
+        why = str(exc) if isinstance(exc, FetchdError) else f"{type(exc).__name__}: {exc}"
+        log.warning("BitTorrent: %s failed: %s", name, why)
+        log.debug("BitTorrent: %s failed", name, exc_info=True)

@@ -59,6 +59,27 @@ SAVE_EVERY = 2.0
 MAX_TORRENT_BYTES = 8 << 20
 #: pieces one slice may hold (the cache hands out a few MiB at a time)
 MAX_SLICE = 256
+#: seconds between two asks for a slice once the cache has none left in this round, and
+#: how many such asks at most (the download's end stops them first)
+SLICE_POLL = 2.0
+MAX_SLICE_POLLS = 3600
+#: bytes/s below which a swarm download is handed to HTTP (as segments.py's floor), and
+#: the windows it is measured over at most
+SWARM_FLOOR = 64 << 10
+MAX_WINDOWS = 100_000
+
+
+async def read_body(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body, at most ``limit`` bytes (SwarmFailed beyond): aiohttp's read(n)
+    returns what is buffered, which on a real network is a part of it."""
+    chunks: list[bytes] = []
+    total = 0
+    while chunk := await resp.content.read(64 << 10):
+        total += len(chunk)
+        if total > limit:
+            raise SwarmFailed(f"{redact(str(resp.url))} sent more than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class Swarms:
@@ -77,7 +98,10 @@ class Swarms:
             if self._swarm is None:
                 from fetchd.bt.session import Swarm
 
-                swarm = Swarm(self.config, self.config.bt_listen or _local_address(towards))
+                listen = self.config.bt_listen
+                if not listen:
+                    listen = await asyncio.to_thread(_local_address, towards)
+                swarm = Swarm(self.config, listen)
                 await swarm.start()
                 self._swarm = swarm
             return self._swarm
@@ -169,8 +193,8 @@ class SwarmFetcher:
         taker: asyncio.Task[None] | None = None
         if self.http is not None and len(skip) < torrent.num_pieces:
             taker = asyncio.ensure_future(self._take(desc, torrent, swarm, copier, self.http))
-        try:
-            await swarm.download(
+        download = asyncio.ensure_future(
+            swarm.download(
                 torrent,
                 work.parent,
                 work.name,
@@ -180,11 +204,25 @@ class SwarmFetcher:
                 stall_timeout=self.config.bt_stall_timeout,
                 max_hash_failures=self.config.bt_max_hash_failures,
             )
+        )
+        floor = asyncio.ensure_future(self._floor(desc, copier))
+        try:
+            await asyncio.wait({download, floor}, return_when=asyncio.FIRST_COMPLETED)
+            if not download.done():
+                floor.result()  # raises: the swarm runs below the floor
+            try:
+                download.result()
+            except BadTorrent as exc:  # libtorrent refused what metainfo accepted
+                raise SwarmFailed(
+                    f"libtorrent refused the torrent of {desc.digest.short}: {exc}"
+                ) from exc
             ok = True
         finally:
-            if taker is not None:
-                taker.cancel()
-                await asyncio.wait({taker})
+            for task in (taker, floor, download):
+                if task is not None:
+                    task.cancel()
+            # The download removes its torrent before it ends (shielded): wait for that.
+            await asyncio.wait({t for t in (taker, floor, download) if t is not None})
             await copier.close()
             if ok or not sink.gaps():
                 with contextlib.suppress(OSError):
@@ -194,6 +232,25 @@ class SwarmFetcher:
                 f"the swarm finished {desc.digest.short} with {len(sink.gaps())} ranges missing"
             )
         self.fetched.add(desc.digest.hex)
+        # Every piece came from the swarm and the cache's piece hashes held for all of them:
+        # the torrent is proven (the commit will check the blob's sha256 too).
+        await asyncio.to_thread(self.meta.put_torrent, str(desc.digest), torrent.raw)
+
+    async def _floor(self, desc: Descriptor, copier: _Copier) -> None:
+        """Raise SwarmFailed once the swarm delivers less than SWARM_FLOOR bytes/s over a
+        window of 2 × the stall timeout: a peer that drips one piece just within every
+        stall timeout would otherwise hold the blob for hours, HTTP never asked."""
+        window = 2 * self.config.bt_stall_timeout
+        for _ in range(MAX_WINDOWS):
+            before = copier.copied
+            await asyncio.sleep(window)
+            rate = (copier.copied - before) / window
+            if rate < SWARM_FLOOR:
+                raise SwarmFailed(
+                    f"the swarm delivered {desc.digest.short} at {rate / 1024:.0f} KiB/s over "
+                    f"{window:.0f} s, below {SWARM_FLOOR >> 10} KiB/s"
+                )
+        raise SwarmFailed(f"the swarm download of {desc.digest.short} took too long")
 
     async def _take(
         self, desc: Descriptor, torrent: Torrent, swarm: Swarm, copier: _Copier, http: RangeFetcher
@@ -206,12 +263,21 @@ class SwarmFetcher:
         swarm and the engine's HTTP fallback still finish the blob."""
         url = f"{self.mirror}/fetchd/v1/slices/{quote(str(desc.digest), safe=':')}"
         try:
-            for _ in range(torrent.num_pieces + 1):
+            for _ in range(torrent.num_pieces + MAX_SLICE_POLLS):
                 async with asyncio.timeout(self.config.request_budget):
                     async with self.session.get(url, allow_redirects=False) as resp:
-                        if resp.status != 200:
-                            return  # 204: every piece was handed out; 404: no slices here
-                        doc = json.loads(await resp.content.read(4096))
+                        if resp.status == 204:
+                            doc = None  # every piece handed out in this round, for now
+                        elif resp.status == 200:
+                            doc = json.loads(await read_body(resp, 4096))
+                        else:
+                            return  # 404: this cache hands out no slices
+                if doc is None:
+                    # A round starts over when nobody took a slice for a while: what the
+                    # swarm still lacks then (a host that took slices and died) comes
+                    # from the cache, pieces this host has are skipped.
+                    await asyncio.sleep(SLICE_POLL)
+                    continue
                 first, end = int(doc["first"]), int(doc["end"])
                 if not 0 <= first < end <= torrent.num_pieces or end - first > MAX_SLICE:
                     log.warning("%s: the cache handed out a bad slice %r", desc.digest.short, doc)
@@ -294,14 +360,12 @@ class SwarmFetcher:
                         )
                     if (resp.content_length or 0) > MAX_TORRENT_BYTES:
                         raise SwarmFailed(f"the torrent of {desc.digest.short} is too big")
-                    body = await resp.content.read(MAX_TORRENT_BYTES + 1)
+                    body = await read_body(resp, MAX_TORRENT_BYTES)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise SwarmFailed(
                 f"cannot get the torrent of {desc.digest.short} from {redact(self.mirror)}: "
                 f"{exc or type(exc).__name__}"
             ) from exc
-        if len(body) > MAX_TORRENT_BYTES:
-            raise SwarmFailed(f"the torrent of {desc.digest.short} is too big")
         try:
             torrent = canonical(body, desc.digest.hex, desc.size)
         except BadTorrent as exc:
@@ -312,8 +376,7 @@ class SwarmFetcher:
                 exc,
             )
             raise SwarmFailed(f"refused the torrent of {desc.digest.short}: {exc}") from exc
-        await asyncio.to_thread(self.meta.put_torrent, key, torrent.raw)
-        return torrent
+        return torrent  # stored once the swarm proved its piece hashes (see fetch)
 
 
 class _Copier:
@@ -332,6 +395,8 @@ class _Copier:
         self._fd = -1
         #: pieces libtorrent reported (verified and in the swarm file)
         self.had: set[int] = set()
+        #: bytes copied into the sink so far
+        self.copied = 0
         self._saved = time.monotonic()
         self.error: BaseException | None = None
 
@@ -347,6 +412,7 @@ class _Copier:
                 if lo < hi:
                     data = await finish(run_in("store", self._read, lo, hi - lo))
                     await self.sink.write_at(lo, [data])
+                    self.copied += len(data)
                     self.on_bytes(len(data))
             if time.monotonic() - self._saved > SAVE_EVERY:
                 self._saved = time.monotonic()
@@ -363,7 +429,7 @@ class _Copier:
     async def close(self) -> None:
         self._queue.put_nowait(None)
         try:
-            await asyncio.shield(self._task)
+            await finish(self._task)  # to its end, even when cancelled again meanwhile
         finally:
             if self._fd >= 0:
                 os.close(self._fd)

@@ -100,9 +100,16 @@ class ServeProcess:
         headers: Mapping[str, str] | None = None,
         body: bytes | None = None,
         timeout: float = REQUEST_TIMEOUT,
+        source: str | None = None,
     ) -> Reply:
-        """One request on a fresh connection; `path` is sent exactly as given (no quoting)."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        """One request on a fresh connection; `path` is sent exactly as given (no quoting).
+        ``source``: the local address to send from (another 127.0.0.x: another host)."""
+        conn = http.client.HTTPConnection(
+            "127.0.0.1",
+            self.port,
+            timeout=timeout,
+            source_address=None if source is None else (source, 0),
+        )
         try:
             conn.request(method, path, body=body, headers=dict(headers or {}))
             resp = conn.getresponse()
