@@ -107,6 +107,7 @@ class Run:
     cpu: float  # cache-side processes, user + system seconds
     verify_s: float
     cache_egress: int | None = None  # --wan: bytes out of the cache host (host 1)
+    hosts_cpu: float = 0.0  # the clients on every host, user + system seconds, in all
 
 
 @dataclass
@@ -226,9 +227,10 @@ def timed(
     start: Callable[[int], subprocess.Popen[Any]],
     done: Callable[[int, subprocess.Popen[Any]], bool],
     cache_pids: Sequence[int],
-) -> tuple[float, int, float, list[subprocess.Popen[Any]]]:
+) -> tuple[float, int, float, list[subprocess.Popen[Any]], float]:
     """Start one client per host at once; poll until done(i, proc) holds for every host.
-    A client that exits nonzero (or exits before it is done) fails the run."""
+    A client that exits nonzero (or exits before it is done) fails the run. Returns wall
+    time, cache egress, cache CPU, the clients, and the clients' CPU until then."""
     egress0, cpu0 = rig.lan.egress_bytes(0), cpu_seconds(cache_pids)
     t0 = time.monotonic()
     procs = {i: start(i) for i in rig.clients}
@@ -254,6 +256,7 @@ def timed(
         rig.lan.egress_bytes(0) - egress0,
         cpu_seconds(cache_pids) - cpu0,
         list(procs.values()),
+        cpu_seconds([p.pid for p in procs.values()]),
     )
 
 
@@ -268,13 +271,13 @@ def arm_http(rig: Rig, round_: int) -> Run:
             argv += ["-o", str(rig.host_dir(i) / hx), url]
         return rig.lan.popen(i, argv, stderr=rig.log(f"http-h{i}.log"))
 
-    wall, egress, cpu, procs = timed(
+    wall, egress, cpu, procs, hcpu = timed(
         rig, "http", round_, start, lambda _i, p: p.poll() == 0, [rig.serve.pid]
     )
     v = verify(rig, lambda i, hx: rig.host_dir(i) / hx, "http")
     for p in procs:
         rig.lan.stop(p)
-    return Run("http", round_, wall, egress, cpu, v)
+    return Run("http", round_, wall, egress, cpu, v, hosts_cpu=hcpu)
 
 
 def aria2_rpc(rig: Rig, method: str, params: Sequence[Any]) -> Any:
@@ -378,14 +381,16 @@ def arm_aria2(rig: Rig, round_: int) -> Run:
         except FileNotFoundError:
             return False
 
-    wall, egress, cpu, procs = timed(rig, "aria2", round_, start, done, [seeder.pid, tracker.pid])
+    wall, egress, cpu, procs, hcpu = timed(
+        rig, "aria2", round_, start, done, [seeder.pid, tracker.pid]
+    )
     for p in procs:  # they seed until every host is done; then they go
         lan.stop(p)
     lan.stop(seeder)
     lan.stop(tracker)
     v = verify(rig, lambda i, hx: rig.host_dir(i) / hx, "aria2")
     shutil.rmtree(seed, ignore_errors=True)
-    return Run("aria2", round_, wall, egress, cpu, v)
+    return Run("aria2", round_, wall, egress, cpu, v, hosts_cpu=hcpu)
 
 
 def fetchd_torrent_missing(rig: Rig) -> str | None:
@@ -423,11 +428,11 @@ def arm_fetchd(rig: Rig, round_: int) -> Run:
     def done(i: int, p: subprocess.Popen[Any]) -> bool:
         return all(blob(i, hx).exists() for hx in rig.layers)
 
-    wall, egress, cpu, procs = timed(rig, "fetchd", round_, start, done, [rig.serve.pid])
+    wall, egress, cpu, procs, hcpu = timed(rig, "fetchd", round_, start, done, [rig.serve.pid])
     for p in procs:
         rig.lan.stop(p)
     v = verify(rig, blob, "fetchd")
-    return Run("fetchd", round_, wall, egress, cpu, v)
+    return Run("fetchd", round_, wall, egress, cpu, v, hosts_cpu=hcpu)
 
 
 ARM_FUNCS: dict[str, Callable[[Rig, int], Run]] = {
@@ -603,7 +608,7 @@ def wan_arm(rig: Rig, arm: str, round_: int) -> Run:
 
     pids = [cache_proc.pid] if cache_proc else [rig.serve.pid]
     cache0 = lan.egress_bytes(1)
-    wall, egress, cpu, procs = timed(rig, arm, round_, start, done, pids)
+    wall, egress, cpu, procs, hcpu = timed(rig, arm, round_, start, done, pids)
     cache_egress = lan.egress_bytes(1) - cache0
     for p in procs:
         lan.stop(p)
@@ -615,7 +620,7 @@ def wan_arm(rig: Rig, arm: str, round_: int) -> Run:
     v = verify(rig, blob, arm)
     if cache_proc is not None:
         lan.stop(cache_proc)
-    return Run(arm, round_, wall, egress, cpu, v, cache_egress)
+    return Run(arm, round_, wall, egress, cpu, v, cache_egress, hosts_cpu=hcpu)
 
 
 # --- report ---------------------------------------------------------------------------------
@@ -648,11 +653,13 @@ def summary(
             "wall_s": [round(r.wall, 2) for r in rs.values()],
             "egress_x": [round(r.egress / rig.payload, 3) for r in rs.values()],
             "cpu_s": [round(r.cpu, 2) for r in rs.values()],
+            "hosts_cpu_s": [round(r.hosts_cpu, 2) for r in rs.values()],
             "verify_s": [round(r.verify_s, 2) for r in rs.values()],
         }
         a["median_wall_s"] = round(med([r.wall for r in rs.values()]), 2)
         a["median_egress_x"] = round(med([r.egress / rig.payload for r in rs.values()]), 3)
         a["median_cpu_s"] = round(med([r.cpu for r in rs.values()]), 2)
+        a["median_hosts_cpu_s"] = round(med([r.hosts_cpu for r in rs.values()]), 2)
         ce = [r.cache_egress / rig.payload for r in rs.values() if r.cache_egress is not None]
         if ce:
             a["median_cache_egress_x"] = round(med(ce), 3)
@@ -679,13 +686,14 @@ def report(s: dict[str, Any]) -> None:
     egress = "origin ×" if "wan" in s else "egress ×"
     cache_x = "cache ×" if "wan" in s else ""
     print(f"{'arm':<20} {'time s':>8} {egress:>9} {cache_x:>8} {'cache CPU s':>12} "
-          f"{'t/' + b:>8} {'e/' + b:>8}   rounds (s)")  # fmt: skip
+          f"{'hosts CPU s':>12} {'t/' + b:>8} {'e/' + b:>8}   rounds (s)")  # fmt: skip
     for arm, a in s["arms"].items():
         cx = a.get("median_cache_egress_x")
         print(
             f"{arm:<20} {a['median_wall_s']:>8.2f} {a['median_egress_x']:>9.3f} "
             f"{'' if cx is None else f'{cx:.3f}':>8} "
-            f"{a['median_cpu_s']:>12.2f} {a.get('time_vs_base', '-'):>8} "
+            f"{a['median_cpu_s']:>12.2f} {a['median_hosts_cpu_s']:>12.2f} "
+            f"{a.get('time_vs_base', '-'):>8} "
             f"{a.get('egress_vs_base', '-'):>8}   {a['wall_s']}"
         )
     for arm, why in s["skipped"].items():
@@ -774,7 +782,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(
                     f"round {r}  {arm:<20} {run.wall:7.2f} s  "
                     f"{'origin' if args.wan else 'egress'} {run.egress / rig.payload:6.3f}×"
-                    f"  cache cpu {run.cpu:6.2f} s  (verify {run.verify_s:.1f} s, "
+                    f"  cache cpu {run.cpu:6.2f} s  hosts cpu {run.hosts_cpu:6.2f} s"
+                    f"  (verify {run.verify_s:.1f} s, "
                     f"load {os.getloadavg()[0]:.2f})",
                     flush=True,
                 )

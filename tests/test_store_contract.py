@@ -650,6 +650,36 @@ def test_a_segmented_ingest_counts_bytes_another_writer_placed(tmp_path: Path) -
     assert store.blob_path(digest).read_bytes() == data
 
 
+def test_a_segmented_ingest_copies_from_another_file_and_refuses_past_its_size(
+    tmp_path: Path,
+) -> None:
+    """copy_at (the swarm's verified pieces, copied in the kernel): the bytes count as
+    written; a copy that would run past the size drops everything (SizeMismatch)."""
+    store = Store.open(tmp_path / "store")
+    data = content(19)
+    digest = Digest.of(data)
+    other = tmp_path / "swarm"
+    other.write_bytes(data + b"past the end")
+
+    async def go() -> None:
+        async with store.ingest(digest, SIZE, segmented=True) as ing:
+            assert isinstance(ing, SegmentedIngest)
+            fd = os.open(other, os.O_RDONLY)
+            try:
+                await ing.copy_at(fd, Q, SIZE - Q)
+                assert ing.gaps() == [(0, Q)]
+                with pytest.raises(SizeMismatch):
+                    await ing.copy_at(fd, Q, SIZE - Q + 1)
+                assert ing.gaps() == [(0, SIZE)]
+                await ing.copy_at(fd, 0, SIZE)
+            finally:
+                os.close(fd)
+            await ing.commit()
+
+    run(go)
+    assert store.blob_path(digest).read_bytes() == data
+
+
 @pytest.mark.parametrize("segmented", KINDS)
 def test_the_gaps_of_an_ingest_of_unknown_size_run_to_2_62(tmp_path: Path, segmented: bool) -> None:
     store = Store.open(tmp_path / "store")

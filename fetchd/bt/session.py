@@ -182,6 +182,10 @@ def _settings(host: str, port: int, lsd: bool) -> dict[str, object]:
         "user_agent": f"fetchd/{__version__.rsplit('.', 1)[0]}",
         "stop_tracker_timeout": STOP_TRACKER_TIMEOUT,
         "alert_queue_size": ALERT_QUEUE_SIZE,
+        # LAN swarms (BITTORRENT.md §8, benchmarks/lan_swarm.py): ask for what a peer can
+        # send in 1 s, not 3, and unchoke the peers that send fastest
+        "request_queue_time": 1,
+        "choking_algorithm": 2,
         "alert_mask": int(
             cat.error_notification
             | cat.status_notification

@@ -410,21 +410,14 @@ class _Copier:
             for a, b in self.sink.gaps():
                 lo, hi = max(a, start), min(b, end)
                 if lo < hi:
-                    data = await finish(run_in("store", self._read, lo, hi - lo))
-                    await self.sink.write_at(lo, [data])
-                    self.copied += len(data)
-                    self.on_bytes(len(data))
+                    if self._fd < 0:
+                        self._fd = os.open(self.work, os.O_RDONLY | os.O_CLOEXEC)
+                    await self.sink.copy_at(self._fd, lo, hi - lo)
+                    self.copied += hi - lo
+                    self.on_bytes(hi - lo)
             if time.monotonic() - self._saved > SAVE_EVERY:
                 self._saved = time.monotonic()
                 await finish(run_in("store", self.sink.save_state))
-
-    def _read(self, at: int, n: int) -> bytes:
-        if self._fd < 0:
-            self._fd = os.open(self.work, os.O_RDONLY | os.O_CLOEXEC)
-        data = os.pread(self._fd, n, at)
-        if len(data) != n:
-            raise SwarmFailed(f"the swarm file ends before piece data at {at}")
-        return data
 
     async def close(self) -> None:
         self._queue.put_nowait(None)

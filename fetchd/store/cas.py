@@ -576,6 +576,27 @@ class SegmentedIngest(Ingest):
         with writing(self._what, self.store.root):
             await finish(run_in("store", self.write_at_sync, offset, pieces))
 
+    async def copy_at(self, src: int, offset: int, n: int) -> None:
+        """Copy ``n`` bytes at ``offset`` of the file open as ``src`` to the same offset of
+        the data file, in the kernel (copy_file_range: no pass through user space), on
+        the ``store`` pool; then as :meth:`write_at` (SizeMismatch past ``size``)."""
+        if self._done:
+            raise StoreError(f"{self._what}: the ingest is already finished")
+        if self.size is not None and offset + n > self.size:
+            await self.discard()
+            raise SizeMismatch(self._what, self.size, offset + n)
+        with writing(self._what, self.store.root):
+            await finish(run_in("store", self._copy_sync, src, offset, n))
+
+    def _copy_sync(self, src: int, offset: int, n: int) -> None:
+        done = 0
+        while done < n:
+            got = os.copy_file_range(src, self._fd, n - done, offset + done, offset + done)
+            if got == 0:
+                raise StoreError(f"{self._what}: the source file ends at {offset + done}")
+            done += got
+        self.record(offset, n)
+
     def write_at_sync(self, offset: int, pieces: Sequence[bytes | memoryview]) -> None:
         """:meth:`write_at` for a worker thread (callers check the room themselves)."""
         pwrite_all(self._fd, pieces, offset)
