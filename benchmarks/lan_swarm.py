@@ -56,6 +56,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -232,6 +233,7 @@ def timed(
     A client that exits nonzero (or exits before it is done) fails the run. Returns wall
     time, cache egress, cache CPU, the clients, and the clients' CPU until then."""
     egress0, cpu0 = rig.lan.egress_bytes(0), cpu_seconds(cache_pids)
+    reaped0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     procs = {i: start(i) for i in rig.clients}
     left = set(procs)
@@ -256,8 +258,15 @@ def timed(
         rig.lan.egress_bytes(0) - egress0,
         cpu_seconds(cache_pids) - cpu0,
         list(procs.values()),
-        cpu_seconds([p.pid for p in procs.values()]),
+        # the clients still running (lingering seeds), from /proc, and those that ended
+        # and were reaped meanwhile (curl), from this process's children's rusage
+        cpu_seconds([p.pid for p in procs.values() if p.poll() is None]) + _reaped_cpu(reaped0),
     )
+
+
+def _reaped_cpu(before: resource.struct_rusage) -> float:
+    now = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (now.ru_utime - before.ru_utime) + (now.ru_stime - before.ru_stime)
 
 
 def arm_http(rig: Rig, round_: int) -> Run:

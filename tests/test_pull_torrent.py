@@ -8,20 +8,16 @@ misbehaving server). Blobs are small (a few MiB) with ``--torrent-min-size 1M``.
 
 from __future__ import annotations
 
-import contextlib
-import http.server
 import re
 import sqlite3
 import subprocess
-import threading
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fetchd.bt.metainfo import bdecode, bencode
+from tests.support.badcache import bad_cache
 from tests.support.cli import Fetchd, ok
 from tests.support.images import BuiltImage, build_image, push, random_layer
 from tests.support.procs import Proc, wait_until
@@ -145,73 +141,6 @@ def test_a_second_host_gets_the_layers_from_the_first_not_from_the_cache(
     assert served < LAYER, res.stderr
 
 
-class _BadCache(http.server.ThreadingHTTPServer):
-    """A cache gone wrong, as a proxy in front of the real one: with ``private`` it hands
-    out torrents whose info dict carries private=1 (not fetchd's canonical form); with
-    ``slices`` False it answers 404 to the slice endpoint (a cache that hands none out).
-    Everything else is forwarded as it is (status, Range, Content-Range)."""
-
-    def __init__(self, upstream: str, *, private: bool = False, slices: bool = True) -> None:
-        self.upstream = upstream
-        self.private = private
-        self.slices = slices
-        self.torrents_served = 0
-        super().__init__(("127.0.0.1", 0), _Forward)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class _Forward(http.server.BaseHTTPRequestHandler):
-    server: _BadCache
-
-    def do_GET(self) -> None:
-        if self.path.startswith("/fetchd/v1/slices/") and not self.server.slices:
-            self._answer(404, b"{}", {"Content-Type": "application/json"})
-            return
-        headers = {k: v for k, v in self.headers.items() if k in ("Range", "Accept")}
-        req = urllib.request.Request(self.server.upstream + self.path, headers=headers)
-        try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
-                status, body, got = resp.status, resp.read(), resp.headers
-        except urllib.error.HTTPError as exc:
-            status, body, got = exc.code, exc.read(), exc.headers
-        keep = ("Content-Type", "Content-Range", "Docker-Content-Digest", "Accept-Ranges")
-        out = {k: v for k, v in got.items() if k in keep}
-        if self.path.startswith("/fetchd/v1/torrents/") and status == 200 and self.server.private:
-            doc = bdecode(body)
-            assert isinstance(doc, dict)
-            doc[b"info"][b"private"] = 1
-            body = bencode(doc)
-            self.server.torrents_served += 1
-        self._answer(status, body, out)
-
-    def _answer(self, status: int, body: bytes, headers: dict[str, str]) -> None:
-        self.send_response(status)
-        for k, v in headers.items():
-            self.send_header(k, v)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def bad_cache(upstream: str, **faults: bool) -> Iterator[_BadCache]:
-    proxy = _BadCache(upstream, **faults)
-    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield proxy
-    finally:
-        proxy.shutdown()
-        proxy.server_close()
-        thread.join(10)
-
-
 def test_a_non_canonical_torrent_is_refused_and_the_blob_comes_over_http(
     registry: Registry, warm_cache: tuple[ServeProcess, BuiltImage, Fetchd], fetchd: Fetchd
 ) -> None:
@@ -297,3 +226,17 @@ def test_serve_pulls_through_another_serves_swarm(
     assert wanted <= client.blobs()
     assert "ok" in ok(agent_store("fsck"))
     assert slices >= len(image.layers)
+
+
+def test_prefetch_takes_the_same_path(
+    registry: Registry, warm_cache: tuple[ServeProcess, BuiltImage, Fetchd], fetchd: Fetchd
+) -> None:
+    """`fetchd prefetch --torrent --mirror CACHE` (the pre-launch hook) pulls through the
+    swarm as `pull` does."""
+    cache, image, _ = warm_cache
+    ref = f"docker://{registry.host}/bt/app:1"
+    res = run(fetchd, "-v", "prefetch", *HTTP, *TORRENT, "--mirror", cache.url, ref)
+    ok(res)
+    assert "from the swarm of" in res.stderr
+    assert {layer.digest for layer in image.layers} <= fetchd.blobs()
+    assert fetchd.entry(f"{registry.host}/bt/app:1")["digest"] == image.digest

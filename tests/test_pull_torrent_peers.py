@@ -9,7 +9,7 @@ swarm by announcing them to the cache's tracker from their own address (the trac
 the address from the connection). On loopback everything listens on its own 127.0.0.x;
 the namespace tests build a tests/support/lan.py rig (fd-*) and tear it down.
 
-The proxy of tests/test_pull_torrent.py (``bad_cache(slices=False)``) stands for a cache
+The proxy of tests/support/badcache.py (``bad_cache(slices=False)``) stands for a cache
 that hands out no slices, so the swarm's peers are the only source of a layer's bytes.
 """
 
@@ -33,13 +33,13 @@ import pytest
 from fetchd.bt import metainfo
 from fetchd.bt.metainfo import Torrent, bdecode, bencode
 from tests.support import lan as lanmod
+from tests.support.badcache import bad_cache
 from tests.support.btpeers import Liar, LtSeeder, sockets_of
 from tests.support.cli import Fetchd, blob_file, ok
 from tests.support.images import BuiltImage, build_image, push, random_layer
 from tests.support.procs import Proc, wait_until
 from tests.support.registry import Registry
 from tests.support.serve import ServeProcess, start_serve
-from tests.test_pull_torrent import bad_cache
 
 HTTP = ("--insecure-options", "http")
 TORRENT = ("--torrent", "--torrent-min-size", "1M")
