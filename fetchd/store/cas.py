@@ -34,6 +34,7 @@ import errno
 import hashlib
 import json
 import logging
+import mmap
 import os
 import threading
 import time
@@ -517,7 +518,9 @@ class SegmentedIngest(Ingest):
         self.hashed = 0
         self._lock = threading.Lock()
         self._follower = ThreadPoolExecutor(1, thread_name_prefix="fetchd-hash")
-        self._hash_buffer = bytearray(_REHASH_CHUNK)  # reused: no 4 MiB allocation a read
+        #: held by the follower while it maps and hashes a window, and by _reset around
+        #: its truncation: a mapped page past the end of the file would be a SIGBUS
+        self._mapping = threading.Lock()
         self._last_follow: Future[None] | None = None
         self._following = False
 
@@ -623,7 +626,9 @@ class SegmentedIngest(Ingest):
         return not self._done and (self.size is None or offset + n <= self.size)
 
     def _hash_prefix(self) -> None:
-        view = memoryview(self._hash_buffer)
+        """The follower's job: hash the prefix in order up to the frontier, in windows of
+        :data:`_REHASH_CHUNK` mapped from the page cache (hashed where they are: a read
+        into a buffer copied every byte once more, 0.1-0.15 s of system time per GiB)."""
         try:
             while True:
                 with self._lock:
@@ -631,17 +636,33 @@ class SegmentedIngest(Ingest):
                     if frontier <= self.hashed:
                         self._following = False  # the next record() starts a new job
                         return
-                want = min(len(view), frontier - self.hashed)
-                n = os.preadv(self._fd, [view[:want]], self.hashed)
-                if not n:
-                    raise StoreError(f"{self._what}: the data file ends before its ranges")
-                self._hasher.update(view[:n])
-                start_writeback(self._fd, self.hashed, n)
-                self.hashed += n
+                    generation = self.generation
+                at = self.hashed
+                n = min(_REHASH_CHUNK, frontier - at)
+                with self._mapping:
+                    if generation != self.generation:
+                        continue  # reset meanwhile: look at the ranges again
+                    self._hash_window(at, n)
+                    start_writeback(self._fd, at, n)
+                    self.hashed = at + n
         except BaseException:
             with self._lock:
                 self._following = False
             raise
+
+    def _hash_window(self, at: int, n: int) -> None:
+        """Hash ``n`` bytes at ``at`` of the data file (called with ``_mapping`` held:
+        nothing truncates the file meanwhile). StoreError if the file is shorter."""
+        if os.fstat(self._fd).st_size < at + n:
+            raise StoreError(f"{self._what}: the data file ends before its ranges")
+        skip = at % mmap.ALLOCATIONGRANULARITY
+        flags = mmap.MAP_SHARED | mmap.MAP_POPULATE
+        window = mmap.mmap(self._fd, skip + n, flags, mmap.PROT_READ, offset=at - skip)
+        try:
+            with memoryview(window) as view, view[skip:] as data:
+                self._hasher.update(data)
+        finally:
+            window.close()
 
     async def flush(self) -> None:
         with self._lock:
@@ -667,7 +688,7 @@ class SegmentedIngest(Ingest):
             await finish(asyncio.ensure_future(asyncio.to_thread(self._commit)))
 
     def _reset(self) -> None:
-        with self._lock:
+        with self._mapping, self._lock:
             self.generation += 1
             os.ftruncate(self._fd, 0)
             self._hasher = self._new_hasher()
