@@ -31,6 +31,7 @@ import pytest
 
 from tests.support.cli import REPO, Fetchd, ok
 from tests.support.images import BuiltImage, File, Layer, Raw, build_image, push
+from tests.support.nginx import make_file, start_nginx
 from tests.support.procs import free_port, wait_until
 from tests.support.rangefaults import RangeServer
 from tests.support.registry import Registry
@@ -620,3 +621,30 @@ def test_progress_rows_name_the_image_and_what_each_row_is(pushed: Pushed, fetch
     labels = {" ".join(r.split()[:2]) for r in rows if r.startswith("one:1 ")}
     assert labels == {"one:1 manifest", "one:1 config", "one:1 layer"}, rows
     assert any(r.startswith("total ") for r in rows), rows
+
+
+def test_a_url_pull_never_loads_aiohttp_or_libtorrent(fetchd: Fetchd, tmp_path: Path) -> None:
+    """A plain URL pull runs on fetchd's own transport: aiohttp (0.14-0.24 s of CPU at
+    import, its SSL contexts) and libtorrent are never imported (PYTHONPROFILEIMPORTTIME
+    lists every module a process imports, on stderr)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    digest = make_file(root / "blob", 3 << 20, seed=7)
+    with start_nginx(tmp_path / "nginx", root) as server:
+        res = fetchd(
+            "pull",
+            "--insecure-options",
+            "http",
+            "--digest",
+            digest,
+            f"{server.url}/blob",
+            env={"PYTHONPROFILEIMPORTTIME": "1"},
+        )
+    assert ok(res).strip().splitlines()[-1] == digest
+    imported = {
+        line.rsplit("|", 1)[1].strip()
+        for line in res.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+    assert "fetchd.engine.pull" in imported and "fetchd.sources.transport" in imported
+    assert not {m for m in imported if m.split(".")[0] in ("aiohttp", "libtorrent")}
