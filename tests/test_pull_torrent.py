@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fetchd.bt.metainfo import bdecode, bencode
+from fetchd.bt.metainfo import bdecode, bencode, build_from_file
 from tests.support.badcache import bad_cache
 from tests.support.cli import Fetchd, ok
 from tests.support.images import BuiltImage, build_image, push, random_layer
@@ -240,3 +240,38 @@ def test_prefetch_takes_the_same_path(
     assert "from the swarm of" in res.stderr
     assert {layer.digest for layer in image.layers} <= fetchd.blobs()
     assert fetchd.entry(f"{registry.host}/bt/app:1")["digest"] == image.digest
+
+
+def test_serve_builds_a_torrent_while_the_blob_streams_in(
+    registry: Registry, tmp_path: Path, fetchd: Fetchd
+) -> None:
+    """A pull-through of a blob serve will seed: its torrent's pieces are hashed in the
+    pass that checks the blob's digest, so serve never reads the stored blob again to
+    build it; the torrent is fetchd's canonical one for the committed bytes."""
+    image = publish(registry, tmp_path, "bt/stream", seed=1100)
+    store = Fetchd(tmp_path / "stream-store", tmp_path / "stream-home")
+    store.home.mkdir()
+    extra = ["-v", "--torrent-min-size", "1M"]
+    with start_serve(store, [f"{registry.host}={registry.url}"], extra=extra) as cache:
+        ok(
+            run(
+                fetchd,
+                "pull",
+                *HTTP,
+                "--mirror",
+                cache.url,
+                f"docker://{registry.host}/bt/stream:1",
+            )
+        )
+        wanted = {layer.digest for layer in image.layers}
+        wait_until(lambda: wanted <= store.blobs(), 30, "the cache to commit the layers")
+        for layer in image.layers:
+            reply = cache.get(f"/fetchd/v1/torrents/{layer.digest}")
+            assert reply.status == 200, reply
+            got = bdecode(reply.body)
+            assert isinstance(got, dict)
+            hexd = layer.digest.split(":", 1)[1]
+            blob = store.store / "layout" / "blobs" / "sha256" / hexd
+            assert bencode({b"info": got[b"info"]}) == build_from_file(blob, hexd, layer.size).raw
+        log = cache.log()
+    assert "from the stored blob" not in log, log

@@ -650,6 +650,35 @@ def test_a_segmented_ingest_counts_bytes_another_writer_placed(tmp_path: Path) -
     assert store.blob_path(digest).read_bytes() == data
 
 
+@pytest.mark.parametrize("segmented", KINDS)
+def test_also_is_fed_every_byte_in_order_across_a_resume(tmp_path: Path, segmented: bool) -> None:
+    """``Store.ingest(also=)``: a reader (serve's torrent builder) sees the blob's bytes in
+    order as they are hashed, and a new one sees them all again when an ingest resumes
+    (the bytes already there are hashed again)."""
+    store = Store.open(tmp_path / "store")
+    data = content(20)
+    digest = Digest.of(data)
+    fed: list[bytearray] = []
+
+    class Collect:
+        def __init__(self) -> None:
+            fed.append(bytearray())
+
+        def feed(self, chunk: bytes | memoryview) -> None:
+            fed[-1] += chunk
+
+    async def go() -> None:
+        async with store.ingest(digest, SIZE, segmented=segmented, also=Collect) as ing:
+            await put(ing, data, [(0, Q)])
+        async with store.ingest(digest, SIZE, segmented=segmented, also=Collect) as ing:
+            await fill_gaps(ing, data)
+            await ing.commit()
+
+    run(go)
+    assert store.blob_path(digest).read_bytes() == data
+    assert bytes(fed[-1]) == data
+
+
 def test_a_segmented_ingest_copies_from_another_file_and_refuses_past_its_size(
     tmp_path: Path,
 ) -> None:

@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +49,7 @@ from fetchd.sources.http import cache_max_age, new_session, redact, translate
 from fetchd.sources.retry import retryable
 from fetchd.sources.swarm import SwarmFetcher, Swarms
 from fetchd.store import layout
-from fetchd.store.cas import Ingest, SegmentedIngest, Store
+from fetchd.store.cas import Feeder, Ingest, SegmentedIngest, Store
 from fetchd.store.leases import Lease
 from fetchd.store.leases import current as current_lease
 from fetchd.store.maintenance import abandon, record_url
@@ -630,23 +630,36 @@ class Engine:
         return desc.size >= self.config.segmented_threshold and 2 * desc.size >= missing
 
     async def ensure_blob(
-        self, desc: Descriptor, sources: Sources | Sequence[Fetcher], segmented: bool = False
+        self,
+        desc: Descriptor,
+        sources: Sources | Sequence[Fetcher],
+        segmented: bool = False,
+        also: Callable[[], Feeder] | None = None,
     ) -> None:
         """Make ``desc`` present in the store from ``sources`` (asked in order, see
-        fetching.py); one transfer per digest however many ask (single flight)."""
+        fetching.py); one transfer per digest however many ask (single flight). ``also``:
+        as ``Store.ingest``'s, when this call is the one that transfers the blob."""
         if self.store.has(desc.digest):
             return
         if not isinstance(sources, Sources):
             sources = Sources(sources, sources[-1] if sources else None)
         chosen = sources
-        await self._single.run(str(desc.digest), lambda: self._transfer(desc, chosen, segmented))
+        await self._single.run(
+            str(desc.digest), lambda: self._transfer(desc, chosen, segmented, also)
+        )
 
-    async def _transfer(self, desc: Descriptor, sources: Sources, segmented: bool) -> None:
+    async def _transfer(
+        self,
+        desc: Descriptor,
+        sources: Sources,
+        segmented: bool,
+        also: Callable[[], Feeder] | None = None,
+    ) -> None:
         """Fetch and commit ``desc`` (unless another process committed it meanwhile)."""
         key = str(desc.digest)
         async with (
             self._blob_slots,
-            self.store.ingest(desc.digest, desc.size, segmented=segmented) as ingest,
+            self.store.ingest(desc.digest, desc.size, segmented=segmented, also=also) as ingest,
         ):
             if ingest.exists:
                 return  # another process committed it while we waited for the lock

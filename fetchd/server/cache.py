@@ -18,15 +18,18 @@ import asyncio
 import collections
 import contextlib
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
+from fetchd.bt.metainfo import TorrentBuilder
 from fetchd.config import Config
 from fetchd.engine.fetching import Sources
 from fetchd.engine.pull import Engine, Flight
 from fetchd.errors import (
+    BadTorrent,
     BlobNotFound,
     FetchdError,
     ManifestInvalid,
@@ -391,8 +394,26 @@ class Cache:
                         http=upstream,
                     ),
                 )
-            await self.engine.ensure_blob(desc, Sources(fetchers, upstream), segmented=swarm)
+            # A blob this server will seed gets its torrent's pieces hashed as it streams in,
+            # in the pass that checks its digest (no second read of the blob).
+            builders: list[TorrentBuilder] = []
+            also: Callable[[], TorrentBuilder] | None = None
+            if (
+                self.on_commit is not None
+                and desc.size >= self.config.torrent_min_size
+                and desc.digest.algorithm == "sha256"
+            ):
+
+                def also() -> TorrentBuilder:
+                    builders.append(TorrentBuilder(desc.digest.hex, desc.size))
+                    return builders[-1]
+
+            await self.engine.ensure_blob(
+                desc, Sources(fetchers, upstream), segmented=swarm, also=also
+            )
             outcome.set_result(None)
+            if builders:
+                await self._keep_torrent(desc, builders[-1])
             if self.on_commit is not None:
                 self.on_commit(desc)
         except asyncio.CancelledError:
@@ -404,6 +425,17 @@ class Cache:
         finally:
             if self._fetches.get(desc.digest) is outcome:  # not a newer fetch's
                 del self._fetches[desc.digest]
+
+    async def _keep_torrent(self, desc: Descriptor, builder: TorrentBuilder) -> None:
+        """Store the torrent built while ``desc`` streamed in (the bytes the commit checked),
+        unless this transfer did not see the whole blob (another writer committed it)."""
+        try:
+            torrent = builder.finish()
+            await asyncio.to_thread(self.engine.meta.put_torrent, str(desc.digest), torrent.raw)
+        except BadTorrent:
+            return  # not fed whole: the torrent is built from the stored blob instead
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("%s: its torrent was not kept: %s", desc.digest.short, exc)
 
     # --- prefetch (the admin API) ----------------------------------------------------------
 

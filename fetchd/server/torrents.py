@@ -462,6 +462,7 @@ class Torrents:
                 return canonical(raw, digest.hex, size)
             except BadTorrent as exc:
                 log.warning("BitTorrent: the stored torrent of %s is refused: %s", digest, exc)
+        log.info("BitTorrent: building the torrent of %s from the stored blob", digest.short)
         try:
             t = build_checked(path, digest, size)
         except FileNotFoundError:

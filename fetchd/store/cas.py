@@ -41,7 +41,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fetchd.errors import DigestMismatch, DiskFull, SizeMismatch, StoreError
 from fetchd.model import Digest
@@ -159,6 +159,7 @@ class Store:
         *,
         key: str | None = None,
         segmented: bool = False,
+        also: Callable[[], Feeder] | None = None,
     ) -> AsyncIterator[Ingest]:
         """Hold the ingest for ``digest``; resumes partial data a previous writer left.
 
@@ -168,6 +169,9 @@ class Store:
         With ``digest`` None (a URL whose digest nobody gave), ``key`` names the ingest
         and commit stores the blob under the sha256 it computed. ``segmented`` gives a
         :class:`SegmentedIngest`, written at any offset by several connections.
+        ``also`` makes a :class:`Feeder` given every byte in order, as it is hashed (one
+        pass for the digest and, say, the blob's torrent); a new one each time hashing
+        starts over (a resume rehashes what is there; bad data is dropped).
         """
         if digest is not None:
             key = f"{digest.algorithm}-{digest.hex}"
@@ -177,6 +181,7 @@ class Store:
         cls = SegmentedIngest if segmented else Ingest
         async with alocked(path / "lock"):
             ing = cls(self, digest, size, path)
+            ing.also = also
             ing.lease = leases.current.get()
             try:
                 if not ing.exists:
@@ -237,6 +242,9 @@ class Ingest:
         self.lease: leases.Lease | None = None
         #: validators of the content (a segmented ingest keeps them in its state)
         self.meta: dict[str, Any] = {}
+        #: makes a reader fed every byte in order as it is hashed (a new one whenever
+        #: hashing starts over): what ``Store.ingest(also=)`` gave, e.g. a torrent builder
+        self.also: Callable[[], Feeder] | None = None
 
     @property
     def exists(self) -> bool:
@@ -244,7 +252,8 @@ class Ingest:
         return (self.expected is not None or self._done) and self.store.has(self.digest)
 
     def _new_hasher(self) -> Any:
-        return hashlib.new(self.algorithm)
+        hasher = hashlib.new(self.algorithm)
+        return hasher if self.also is None else _Tee(hasher, self.also())
 
     def open(self) -> None:
         """Open the data file and rebuild the hash state of what is already in it."""
@@ -412,6 +421,28 @@ class Ingest:
             # We hold the lock (Store.ingest): the protocol of locks.py, never rmtree,
             # which would delete the lock file of a waiter that just re-created it.
             await asyncio.to_thread(remove_locked_dir, self.path, self.path / "lock")
+
+
+class Feeder(Protocol):
+    """Takes a blob's bytes in order (see ``Store.ingest(also=)``); must not keep the
+    buffer it is given (it may be a window mapped from the page cache)."""
+
+    def feed(self, chunk: bytes | memoryview) -> None: ...
+
+
+class _Tee:
+    """A hash object that also feeds a :class:`Feeder` (on the hashing thread)."""
+
+    def __init__(self, hasher: Any, feeder: Feeder) -> None:
+        self.hasher = hasher
+        self.feeder = feeder
+
+    def update(self, data: bytes | memoryview) -> None:
+        self.hasher.update(data)
+        self.feeder.feed(data)
+
+    def hexdigest(self) -> str:
+        return str(self.hasher.hexdigest())
 
 
 def _prefix_of_segmented(state_path: Path, length: int) -> int:
