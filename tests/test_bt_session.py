@@ -61,16 +61,21 @@ def snapshot(path: Path) -> tuple[int, int, int, bytes]:
 
 
 class Child:
-    """A btpeers role in a subprocess: JSON lines on stdout, stops when stdin closes."""
+    """A btpeers role in a subprocess: JSON lines on stdout, stops when stdin closes.
+    ``code``: a directory holding the code it runs (fetchd, tests.support, libtorrent)
+    instead of the checkout and its venv (which another uid may not be able to reach)."""
 
-    def __init__(self, argv: list[str], *, prefix: Sequence[str] = ()) -> None:
-        env = dict(os.environ, PYTHONPATH=str(REPO))
+    def __init__(
+        self, argv: list[str], *, prefix: Sequence[str] = (), code: Path | None = None
+    ) -> None:
+        env = dict(os.environ, PYTHONPATH=str(code or REPO))
+        python = os.path.realpath(sys.executable) if code else sys.executable
         self.p = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "tests.support.btpeers", *argv],
+            [*prefix, python, "-m", "tests.support.btpeers", *argv],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
-            cwd=str(REPO),
+            cwd=str(code or REPO),
             start_new_session=True,
         )
         self.lines: list[dict[str, Any]] = []
@@ -183,6 +188,22 @@ def test_seeding_leaves_the_blob_untouched(tmp_path: Path) -> None:
     assert sorted(os.listdir(blobs)) == tree
 
 
+def readable_code(dest: Path) -> Path:
+    """A copy, readable by every uid, of what a btpeers child imports: fetchd, tests'
+    support package, and libtorrent from the venv."""
+    import libtorrent
+
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(REPO / "fetchd", dest / "fetchd", ignore=ignore)
+    (dest / "tests" / "support").mkdir(parents=True)
+    for name in ("tests/__init__.py", "tests/support/__init__.py", "tests/support/btpeers.py"):
+        shutil.copy2(REPO / name, dest / name)
+    shutil.copytree(Path(libtorrent.__file__).parent, dest / "libtorrent", ignore=ignore)
+    for p in [dest, *dest.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    return dest
+
+
 def test_seeding_a_root_owned_0444_blob_as_nobody(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to switch to uid 65534")
@@ -199,7 +220,8 @@ def test_seeding_a_root_owned_0444_blob_as_nobody(tmp_path: Path) -> None:
         (top / "torrents").chmod(0o755)
         before = snapshot(path)
         argv = ["seed", "--listen", "127.0.0.2:0", "--blobs", str(blobs), str(tp)]
-        with child(argv, prefix=NOBODY) as seeder:
+        code = readable_code(top / "code")  # the checkout may sit in a 0700 directory
+        with child(argv, prefix=NOBODY, code=code) as seeder:
             host, port = seeder.read("address")["address"]
             uid = Path(f"/proc/{seeder.p.pid}/status").read_text().split("Uid:")[1].split()[0]
             assert uid == "65534"
