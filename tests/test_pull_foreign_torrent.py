@@ -22,7 +22,6 @@ import tempfile
 import threading
 import urllib.parse
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import pytest
 from fetchd.bt.metainfo import bdecode, bencode
 from tests.support.cli import Fetchd, assert_stored, failed, ok
 from tests.support.procs import Proc, free_port, wait_http, wait_until
+from tests.support.qbittorrent import QBittorrent
 
 MiB = 1 << 20
 RUN_LIMIT = 90.0
@@ -193,61 +193,6 @@ def test_a_wrong_digest_fails_and_leaves_nothing_visible(
 
 
 # ----------------------------------------------------------------------------- qBittorrent
-QBT_CONF = r"""[LegalNotice]
-Accepted=true
-
-[BitTorrent]
-Session\DHTEnabled=false
-Session\LSDEnabled=false
-Session\PeXEnabled=false
-Session\Port={port}
-Session\Interface=lo
-Session\InterfaceName=lo
-Session\InterfaceAddress=127.0.0.1
-Session\MultiConnectionsPerIp=true
-Session\BTProtocol=TCP
-Session\QueueingSystemEnabled=false
-Session\DefaultSavePath={save}
-Session\TempPathEnabled=false
-Session\AddTrackersEnabled=false
-
-[Preferences]
-Connection\UPnP=false
-Connection\ResolvePeerCountries=false
-WebUI\Address=127.0.0.1
-WebUI\Port={webui}
-WebUI\LocalHostAuth=false
-WebUI\CSRFProtection=false
-WebUI\HostHeaderValidation=false
-WebUI\UseUPnP=false
-Advanced\trackerEnabled=false
-Search\SearchEnabled=false
-RSS\AutoDownloader\EnableProcessing=false
-"""
-
-
-def post_torrent(api: str, torrent: Path, save: Path) -> None:
-    """qBittorrent's Web API: add ``torrent`` (multipart), its file already in ``save``."""
-    boundary = uuid.uuid4().hex
-    fields = {"savepath": str(save), "skip_checking": "true", "paused": "false"}
-    body = b"".join(
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
-        for k, v in fields.items()
-    )
-    body += (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="torrents"; '
-        'filename="x.torrent"\r\nContent-Type: application/x-bittorrent\r\n\r\n'
-    ).encode()
-    body += torrent.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
-    req = urllib.request.Request(
-        f"{api}/torrents/add",
-        data=body,
-        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
-    )
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        assert resp.status == 200
-
-
 def hybrid_torrent(path: Path, out: Path, announce: str) -> None:
     """A hybrid (v1 + v2) torrent, as qBittorrent 4.5 makes them (libtorrent's default)."""
     import libtorrent as lt
@@ -276,24 +221,15 @@ def test_qbittorrent_seeder_to_pull_torrent_by_url(tmp_path: Path, fetchd: Fetch
     hybrid_torrent(path, torrent, f"http://127.0.0.1:{port}/announce")
     assert b"meta version" in torrent.read_bytes() and b"pieces" in torrent.read_bytes()
     tracker, ih = start_tracker(tmp_path, torrent, port)
-    profile = tmp_path / "qbt-profile"
-    conf = profile / "qBittorrent" / "config"
-    conf.mkdir(parents=True)
-    webui = free_port()
-    text = QBT_CONF.format(port=free_port(), webui=webui, save=data_dir)
-    (conf / "qBittorrent.conf").write_text(text)
-    log = tmp_path / "qbt.log"
     handler = lambda *a: _Files(*a, directory=str(served))  # noqa: E731
     files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=files.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{files.server_address[1]}/image.torrent"
     try:
-        with Proc(["qbittorrent-nox", f"--profile={profile}"], log) as qbt:
-            api = f"http://127.0.0.1:{webui}/api/v2"
-            wait_http(f"{api}/app/version", READY, proc=qbt)
-            post_torrent(api, torrent, data_dir)
-            tracker.wait_seeded(ih, log)
-            qbt.check_running()
+        with QBittorrent(tmp_path / "qbt") as qbt:
+            qbt.seed(torrent, data_dir)
+            tracker.wait_seeded(ih, qbt.proc.log_path)
+            qbt.proc.check_running()
 
             plain = run(fetchd, "pull", "--torrent", url)
             failed(plain, "plain HTTP", "--insecure-options http")

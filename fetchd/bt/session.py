@@ -762,21 +762,15 @@ class Swarm:
             e.wake.set()
 
     def _a_file_error(self, a: Any) -> None:
-        e = self._entry(a)
-        if e is None:
-            return
-        msg = f"file error on {a.filename()}: {a.error.message()}"
-        if e.role == "seed":
-            log.error("seeding %s: %s", _name(e.hex), msg)
-        elif e.failure is None:
-            e.failure = msg
-            e.wake.set()
+        self._error(self._entry(a), f"file error on {a.filename()}: {a.error.message()}")
 
     def _a_torrent_error(self, a: Any) -> None:
-        e = self._entry(a)
+        self._error(self._entry(a), f"libtorrent error: {a.error.message()}")
+
+    def _error(self, e: _Entry | None, msg: str) -> None:
+        """A seed's error is logged; a download's ends it (its first error is the one)."""
         if e is None:
             return
-        msg = f"libtorrent error: {a.error.message()}"
         if e.role == "seed":
             log.error("seeding %s: %s", _name(e.hex), msg)
         elif e.failure is None:
