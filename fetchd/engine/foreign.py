@@ -13,7 +13,7 @@ using its web seeds (``url-list``), into a segmented ingest, by the engine's
 and commit as every blob.
 
 Who verifies: libtorrent checks every piece against the torrent's SHA-1 hashes (a peer's
-bad piece is never copied into the ingest, see :class:`~fetchd.sources.swarm._Copier`);
+bad piece is never copied into the ingest, see :class:`~fetchd.sources.swarm.PieceCopier`);
 the commit checks ``--digest`` when given, else stores the file under the sha256 it
 computes. The torrent itself is trusted as much as the place the user named: it is the
 authority for what the file is, as a URL is for a URL pull.
@@ -40,7 +40,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 from urllib.parse import urljoin, urlsplit
 
 from fetchd.bt.metainfo import MAX_TORRENT_BYTES, Foreign, parse_foreign
@@ -60,7 +60,7 @@ from fetchd.model import Descriptor, Digest
 from fetchd.sources.base import OnBytes, Sink
 from fetchd.sources.http import redact, translate
 from fetchd.sources.retry import retryable, status_error
-from fetchd.sources.swarm import Swarms, _Copier, read_body
+from fetchd.sources.swarm import PieceCopier, Swarms, read_body
 from fetchd.store import layout
 from fetchd.store.cas import SegmentedIngest
 from fetchd.store.maintenance import record_url
@@ -68,7 +68,7 @@ from fetchd.store.meta import UrlRecord
 from fetchd.store.space import ensure_room
 
 if TYPE_CHECKING:
-    from fetchd.bt.metainfo import Torrent
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +170,7 @@ class TorrentFetcher:
         t = self.torrent
         swarm = await self.swarms.get(self.towards())
         work = sink.data_path.parent / "swarm"
-        # _Copier reads only span() of its torrent, which any session Metainfo has.
-        copier = _Copier(sink, cast("Torrent", t), work, on_bytes)
+        copier = PieceCopier(sink, t, work, on_bytes)
         skip = t.held(sink.gaps())
         log.info(
             "torrent %s (%s): %d of %d pieces missing, trackers %s, web seeds %d",
@@ -235,11 +234,11 @@ async def pull_torrent(
         )
     fetcher = TorrentFetcher(t, engine.swarms, engine.config)
     flight = str(digest) if digest is not None else name
-    async with engine._leased([digest] if digest else []):
+    async with engine.leased([digest] if digest else []):
         for attempt in (1, 2):
             try:
                 download = lambda: _download(engine, t, fetcher, digest)  # noqa: E731
-                got = await engine._single.run(flight, download)
+                got = await engine.single.run(flight, download)
                 if got is None:  # the flight was an image's blob of that digest
                     got = await download()
                 break

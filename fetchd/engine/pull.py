@@ -202,7 +202,7 @@ class Engine:
         self._registries: dict[str, Registry] = {}
         self._blob_slots = asyncio.Semaphore(config.max_parallel_blobs)
         #: one transfer per digest (or URL) however it is asked for
-        self._single = SingleFlight()
+        self.single = SingleFlight()
         #: blobs being transferred right now, for readers that stream them as they come
         self.flights: dict[Digest, Flight] = {}
         #: the process's one BitTorrent session (``swarm``: the server's; else started
@@ -533,7 +533,7 @@ class Engine:
         # A lease protects every blob of the image from gc until the name is published
         # (leases.py); the store records in it what this pull commits, through the
         # context the blob tasks and threads inherit.
-        async with self._leased([*keep, *(d.digest for d in blobs)]):
+        async with self.leased([*keep, *(d.digest for d in blobs)]):
             if index_digest is None:
                 pulled[0] = await self._check_config(sources, name, images[0], pulled[0])
             # Twice at most: a gc running at the same moment may delete a blob we saw
@@ -559,7 +559,7 @@ class Engine:
         return PullResult(name, top, pulled[0], True, tuple(pulled))
 
     @contextlib.asynccontextmanager
-    async def _leased(self, digests: list[Digest]) -> AsyncIterator[Lease]:
+    async def leased(self, digests: list[Digest]) -> AsyncIterator[Lease]:
         """A lease (leases.py) on ``digests`` for the block: gc keeps them, and the store
         records in it what the block commits, through the context the blob tasks and
         threads inherit. If the block fails the store is left as it was: the lease is
@@ -644,7 +644,7 @@ class Engine:
         if not isinstance(sources, Sources):
             sources = Sources(sources, sources[-1] if sources else None)
         chosen = sources
-        await self._single.run(
+        await self.single.run(
             str(desc.digest), lambda: self._transfer(desc, chosen, segmented, also)
         )
 
@@ -749,11 +749,11 @@ class Engine:
         # One download per URL (or pinned digest) however many ask, in this process
         # (single flight) and across processes (the ingest's lock, then the record).
         flight = str(digest) if digest is not None else f"url:{url}"
-        async with self._leased([digest] if digest else []):
+        async with self.leased([digest] if digest else []):
             for attempt in (1, 2):
                 try:
                     download = lambda: self._download_url(url, digest, mirrors, rec, now)  # noqa: E731
-                    result = await self._single.run(flight, download)
+                    result = await self.single.run(flight, download)
                     if result is None:  # the flight was an image's blob of that digest
                         result = await download()
                     got, size, fetched = result

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     import aiohttp
 
     from fetchd.bt.metainfo import Torrent
-    from fetchd.bt.session import Swarm
+    from fetchd.bt.session import Metainfo, Swarm
     from fetchd.store.meta import Meta
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ class SwarmFetcher:
         torrent = await self._torrent(desc)
         swarm = await self.swarms.get(self.mirror)
         work = sink.data_path.parent / "swarm"
-        copier = _Copier(sink, torrent, work, on_bytes)
+        copier = PieceCopier(sink, torrent, work, on_bytes)
         skip = torrent.pieces_within(list(sink.ranges))
         log.info(
             "%s: from the swarm of %s (%d of %d pieces missing)",
@@ -244,7 +244,7 @@ class SwarmFetcher:
         # the torrent is proven (the commit will check the blob's sha256 too).
         await asyncio.to_thread(self.meta.put_torrent, str(desc.digest), torrent.raw)
 
-    async def _floor(self, desc: Descriptor, copier: _Copier) -> None:
+    async def _floor(self, desc: Descriptor, copier: PieceCopier) -> None:
         """Raise SwarmFailed once the swarm delivers less than SWARM_FLOOR bytes/s over a
         window of 2 × the stall timeout: a peer that drips one piece just within every
         stall timeout would otherwise hold the blob for hours, HTTP never asked."""
@@ -261,7 +261,12 @@ class SwarmFetcher:
         raise SwarmFailed(f"the swarm download of {desc.digest.short} took too long")
 
     async def _take(
-        self, desc: Descriptor, torrent: Torrent, swarm: Swarm, copier: _Copier, http: RangeFetcher
+        self,
+        desc: Descriptor,
+        torrent: Torrent,
+        swarm: Swarm,
+        copier: PieceCopier,
+        http: RangeFetcher,
     ) -> None:
         """While the swarm downloads, take the slices the cache hands this host: pieces
         nobody has taken yet (``/fetchd/v1/slices/``), fetched over HTTP ranges from the
@@ -301,7 +306,7 @@ class SwarmFetcher:
         desc: Descriptor,
         torrent: Torrent,
         swarm: Swarm,
-        copier: _Copier,
+        copier: PieceCopier,
         http: RangeFetcher,
         first: int,
         end: int,
@@ -387,12 +392,12 @@ class SwarmFetcher:
         return torrent  # stored once the swarm proved its piece hashes (see fetch)
 
 
-class _Copier:
+class PieceCopier:
     """Copies the pieces libtorrent verified from its swarm file into the sink's gaps,
     one at a time, in the order they finished (on the store pool)."""
 
     def __init__(
-        self, sink: SegmentedIngest, torrent: Torrent, work: Path, on_bytes: OnBytes
+        self, sink: SegmentedIngest, torrent: Metainfo, work: Path, on_bytes: OnBytes
     ) -> None:
         self.sink = sink
         self.torrent = torrent
