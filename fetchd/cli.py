@@ -154,6 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     _global_options(p, after=False)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
 
+    def trust_dir_option(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--trust-dir",
+            type=Path,
+            metavar="DIR",
+            help="the keystore (default /etc/fetchd for root, ~/.config/fetchd for others; "
+            "--trust-dir /etc/rkt reads rkt's as it is)",
+        )
+
     def fetch_options(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
             "--json",
@@ -193,6 +202,26 @@ def build_parser() -> argparse.ArgumentParser:
             type=_positive_seconds,
             metavar="SECONDS",
             help="fail a pull that takes longer",
+        )
+        trust_dir_option(sp)
+        g = sp.add_argument_group("signatures (appc ACIs; OCI images of trusted publishers)")
+        g.add_argument(
+            "--trust-keys-from-https",
+            action="store_true",
+            help="trust the keys an appc name's discovery publishes over https "
+            "(ac-discovery-pubkeys) when none is trusted for it yet (rkt's flag)",
+        )
+        g.add_argument(
+            "--signature",
+            type=Path,
+            metavar="FILE",
+            help="the detached signature of a local FILE.aci (default FILE.aci.asc)",
+        )
+        g.add_argument(
+            "--lookaside",
+            metavar="URL",
+            help="where simple signatures of OCI images live (registries.d's lookaside: "
+            "URL/REPO@sha256=HEX/signature-N)",
         )
 
     def bt_options(sp: argparse.ArgumentParser, *, client: bool) -> None:
@@ -359,6 +388,42 @@ def build_parser() -> argparse.ArgumentParser:
     bt_options(sp, client=False)
 
     sp = sub.add_parser(
+        "trust",
+        help="trust a publisher's key for a name prefix (rkt trust), list or remove keys",
+    )
+    who = sp.add_mutually_exclusive_group()
+    who.add_argument(
+        "--prefix",
+        metavar="PREFIX",
+        help="the names the key may sign: an appc prefix (example.com/app) or "
+        "docker://HOST/REPO for OCI images",
+    )
+    who.add_argument("--root", action="store_true", help="trust the key for every name")
+    sp.add_argument(
+        "--skip-fingerprint-review",
+        action="store_true",
+        help="accept the key without asking (scripts; check the fingerprint some other way)",
+    )
+    sp.add_argument(
+        "--insecure-allow-http", action="store_true", help="allow keys from http:// URLs"
+    )
+    sp.add_argument("--list", action="store_true", help="list the trusted keys")
+    sp.add_argument("--json", action="store_true", help="with --list: one JSON document")
+    sp.add_argument(
+        "--remove", metavar="FINGERPRINT", help="stop trusting a key (for --prefix only, if given)"
+    )
+    sp.add_argument("--insecure-options", default="none", metavar="LIST")
+    sp.add_argument("--resolve", action="append", default=[], metavar="HOST:PORT:ADDR")
+    trust_dir_option(sp)
+    sp.add_argument(
+        "keys",
+        nargs="*",
+        metavar="KEYFILE|URL",
+        help="armored OpenPGP keys (or a PEM public key for docker://); none: the keys "
+        "the prefix's meta discovery publishes",
+    )
+
+    sp = sub.add_parser(
         "export",
         help="add an image to an OCI layout directory (created if absent; the same name "
         "is replaced, others kept), or write a .tar of one",
@@ -390,6 +455,10 @@ def _config(args: argparse.Namespace, store: Path, progress: bool) -> Config:
         progress=progress,
         max_connections=args.max_connections,
         deadline=args.deadline,
+        trust_dir=args.trust_dir,
+        trust_keys_from_https=args.trust_keys_from_https,
+        signature=args.signature,
+        lookaside=args.lookaside,
         **_bt_config(args),
     )
 
@@ -622,6 +691,18 @@ def cmd_export(args: argparse.Namespace, store: Store) -> int:
     return 0
 
 
+def cmd_trust(args: argparse.Namespace, store: Store) -> int:
+    from fetchd.trust import command
+
+    config = Config(
+        store=store.root,
+        insecure=parse_insecure(args.insecure_options),
+        resolve=parse_resolve(args.resolve),
+        trust_dir=args.trust_dir,
+    )
+    return command.run(args, config)
+
+
 def cmd_serve(args: argparse.Namespace, store: Store) -> int:
     from fetchd.server.app import Server, read_token, serve
     from fetchd.server.cache import Cache
@@ -717,6 +798,7 @@ def run(argv: Sequence[str]) -> int:
         "fsck": cmd_fsck,
         "export": cmd_export,
         "serve": cmd_serve,
+        "trust": cmd_trust,
     }
     if args.command == "prefetch":
         return cmd_pull(args, store, prefetch=True)

@@ -120,6 +120,16 @@ class Config:
     bt_stall_timeout: float = 10.0
     #: hash failures in one swarm download before it is handed to HTTP
     bt_max_hash_failures: int = 3
+    #: ``--trust-dir``: the keystore's local directory (``/etc/rkt`` reads rkt's as is);
+    #: None: /etc/fetchd for root, ${XDG_CONFIG_HOME:-~/.config}/fetchd for others
+    trust_dir: Path | None = None
+    #: ``--trust-keys-from-https``: trust keys an appc name's https discovery publishes
+    #: (``ac-discovery-pubkeys``) when no key is trusted for it yet, without review
+    trust_keys_from_https: bool = False
+    #: ``--signature FILE``: the detached signature of a local ACI (default FILE.aci.asc)
+    signature: Path | None = None
+    #: ``--lookaside URL``: containers/image's simple-signing lookaside (registries.d)
+    lookaside: str | None = None
 
     @property
     def request_budget(self) -> float:

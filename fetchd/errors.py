@@ -191,6 +191,33 @@ class BadTorrent(FetchdError):
     blob's deterministic torrent, or beyond a bound. The blob then comes over HTTP."""
 
 
+class TrustError(FetchdError):
+    """The keystore or a ``fetchd trust`` request cannot be used as asked (a bad prefix,
+    an unreadable key file, a key that would need review without a terminal)."""
+
+
+class KeyRefused(TrustError):
+    """A key fails fetchd's policy: revoked (for any reason), expired, or too weak."""
+
+
+class SignatureInvalid(FetchdError):
+    """A signature that does not verify: tampered data, an unreadable signature, or one
+    made by no key given."""
+
+
+class NotTrusted(SignatureInvalid):
+    """Signed, but by a key not trusted for the image's name (or no key is trusted)."""
+
+
+class DiscoveryFailed(SourceError):
+    """appc meta discovery found no endpoint (or no key) at any level of the name."""
+
+
+class ImageInvalid(FetchdError):
+    """An ACI or its appc manifest is malformed, breaks a bound, or is not what was
+    asked for (another name, a label that differs)."""
+
+
 class SwarmFailed(SourceError):
     """A BitTorrent download that cannot go on (stalled, too many hash failures, the
     session could not start): the engine hands the missing ranges to the next fetcher."""

@@ -123,6 +123,16 @@ def is_url(text: str) -> bool:
     return text.startswith(("https://", "http://"))
 
 
+def _is_appc(text: str) -> bool:
+    """An appc reference: a bare name (rkt's; registry images are docker://), a direct
+    ``https://…/IMAGE.aci`` URL, or a local ``.aci`` file."""
+    if text.startswith("docker://") or text.startswith("magnet:"):
+        return False
+    if is_url(text):
+        return text.split("?", 1)[0].split("#", 1)[0].endswith(".aci")
+    return "://" not in text and not text.endswith(".torrent")
+
+
 def parse_registry_ref(text: str) -> Reference:
     """The registry reference in ``text``; other kinds are refused with a clear message."""
     if text.startswith("docker://"):
@@ -259,6 +269,12 @@ class Engine:
 
             if foreign.wanted(text, self.config):
                 return await foreign.pull_torrent(self, text, digest, mirrors)
+            if _is_appc(text):
+                if digest is not None or mirrors:
+                    raise UsageError("--digest and --mirror do not apply to appc images")
+                from fetchd.engine import appc  # it imports this module
+
+                return await appc.pull_appc(self, text)
             if is_url(text):
                 return await self.pull_url(text, digest, mirrors)
             if digest is not None:
