@@ -40,6 +40,11 @@ LAYER_TYPES = frozenset(
         "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
         "application/vnd.docker.image.rootfs.diff.tar.gzip",
         "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+        # appc ACIs as signed (issue 13; fetchd.appc.aci.ACI_MEDIA_TYPES): manifest + rootfs/
+        "application/vnd.fetchd.appc.aci.v1.tar",
+        "application/vnd.fetchd.appc.aci.v1.tar+gzip",
+        "application/vnd.fetchd.appc.aci.v1.tar+bzip2",
+        "application/vnd.fetchd.appc.aci.v1.tar+xz",
     }
 )
 NONDISTRIBUTABLE_TYPES = frozenset(
