@@ -78,8 +78,16 @@ async def fill_and_commit(
     config: Config,
     on_bytes: Callable[[int], None],
     on_connections: Callable[[int], None],
+    *,
+    before_commit: Callable[[Ingest], Awaitable[None]] | None = None,
 ) -> None:
     """Fill ``ingest`` from ``sources`` and commit it (verified against ``desc``).
+
+    ``before_commit`` is awaited once the ingest holds every byte, before each commit:
+    checks of the content itself (an ACI's signature and structure). If it raises, the
+    bytes are discarded (a retry must not resume them) and the error goes up — unless it
+    is a :class:`SourceError` or a cancellation (the network failed, not the bytes: they
+    stay for a resume, and are checked again then).
 
     Data an earlier run left that fails verification is fetched again once (only the
     resumed ranges, see ResumedDataBad). Bytes that fail verification after that drop
@@ -101,6 +109,14 @@ async def fill_and_commit(
         for f in await _fill(desc, ingest, sources, live, config, on_bytes, on_connections):
             if f not in contributors:
                 contributors.append(f)
+        if before_commit is not None:
+            try:
+                await before_commit(ingest)
+            except SourceError:
+                raise
+            except Exception:
+                await ingest.discard()
+                raise
         try:
             await ingest.commit()
             return

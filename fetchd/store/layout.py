@@ -12,7 +12,7 @@ too — so gc keeps both and a mirror can serve what the registry served.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -35,6 +35,32 @@ from fetchd.store.locks import locked
 
 INDEX_DIGEST_ANNOTATION = "io.fetchd.index.digest"
 SOURCE_DIGEST_ANNOTATION = "io.fetchd.source.digest"
+
+# An appc image (an ACI and its dependencies, issue 13) is an entry like any other: an OCI
+# image manifest whose layers are the ACIs as signed (dependencies first), with a config
+# synthesised from the appc manifest. The entry, the manifest and each ACI layer carry:
+APPC_NAME_ANNOTATION = "io.fetchd.appc.name"
+#: the ACI's labels, a JSON object (version, os, arch, …)
+APPC_LABELS_ANNOTATION = "io.fetchd.appc.labels"
+#: ``sha512-`` + 128 hex: the appc image ID (sha512 of the uncompressed tar)
+APPC_IMAGE_ID_ANNOTATION = "io.fetchd.appc.image-id"
+#: the blob of the appc manifest JSON (the tar's ``manifest`` member, byte-equal)
+APPC_MANIFEST_ANNOTATION = "io.fetchd.appc.manifest"
+#: the blob of the detached signature (``.aci.asc``) as fetched; absent if unsigned
+APPC_SIGNATURE_ANNOTATION = "io.fetchd.appc.signature"
+#: the fingerprint of the key that signed it (40 hex)
+APPC_SIGNER_ANNOTATION = "io.fetchd.appc.signer"
+#: where the ACI came from (its URL, or ``file://`` path)
+APPC_SOURCE_ANNOTATION = "io.fetchd.appc.source"
+
+#: annotations naming blobs an entry (or a layer) needs besides what its manifest lists:
+#: gc keeps them, ``image_blobs`` lists them
+RECORDED_ANNOTATIONS = (
+    INDEX_DIGEST_ANNOTATION,
+    SOURCE_DIGEST_ANNOTATION,
+    APPC_MANIFEST_ANNOTATION,
+    APPC_SIGNATURE_ANNOTATION,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,12 +343,19 @@ def remove_entries(store: Store, match: Callable[[Entry], bool]) -> list[Entry]:
 
 
 def _recorded(desc: Descriptor, store: Store) -> Iterator[Descriptor]:
-    """The blobs ``desc``'s annotations name: the registry's index, a Docker original."""
-    for key in (INDEX_DIGEST_ANNOTATION, SOURCE_DIGEST_ANNOTATION):
+    """The blobs ``desc``'s annotations name: the registry's index, a Docker original,
+    an ACI's appc manifest and signature."""
+    for key in RECORDED_ANNOTATIONS:
         text = desc.annotations.get(key)
         if text:
             digest = Digest.parse(text)
             yield Descriptor("application/octet-stream", digest, store.blob_size(digest) or 0)
+
+
+def _blobs_of(manifest: ImageManifest, store: Store) -> Iterator[Descriptor]:
+    for desc in manifest.blobs():
+        yield desc
+        yield from _recorded(desc, store)
 
 
 def image_blobs(store: Store, entry: Entry) -> Iterator[Descriptor]:
@@ -336,7 +369,7 @@ def image_blobs(store: Store, entry: Entry) -> Iterator[Descriptor]:
     yield from _recorded(entry.manifest, store)
     manifest = _read_manifest(store, entry.manifest, entry.name)
     if isinstance(manifest, ImageManifest):
-        yield from manifest.blobs()
+        yield from _blobs_of(manifest, store)
         return
     for child in manifest.manifests:
         yield child
@@ -344,7 +377,7 @@ def image_blobs(store: Store, entry: Entry) -> Iterator[Descriptor]:
         if child.media_type in MANIFEST_TYPES and store.has(child.digest):
             inner = _read_manifest(store, child, f"{entry.name} ({child.digest.short})")
             if isinstance(inner, ImageManifest):
-                yield from inner.blobs()
+                yield from _blobs_of(inner, store)
 
 
 # --- URL records: a blob pulled by URL is an index.json entry too ---------------------
@@ -416,3 +449,100 @@ def remove_url_entries(store: Store, urls: Iterable[str]) -> list[str]:
     if gone:
         _update(store, lambda ms: [m for m in ms if _url_of(m) not in gone])
     return sorted(gone)
+
+
+# --- appc images: found by name and labels (rkt's GetACI) ------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AppcEntry:
+    """An entry that holds an appc image: its appc name and labels (from annotations)."""
+
+    entry: Entry
+    name: str
+    labels: dict[str, str]
+
+
+def _appc_labels(text: str | None) -> dict[str, str] | None:
+    try:
+        obj = json.loads(text or "{}")
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in obj.items()
+    ):
+        return None
+    return dict(obj)
+
+
+def appc_entries(store: Store) -> list[AppcEntry]:
+    """Every entry with an appc name, in index.json order (oldest first)."""
+    out = []
+    for e in entries(store):
+        name = e.manifest.annotations.get(APPC_NAME_ANNOTATION)
+        labels = _appc_labels(e.manifest.annotations.get(APPC_LABELS_ANNOTATION))
+        if name and labels is not None:
+            out.append(AppcEntry(e, name, labels))
+    return out
+
+
+def find_appc(
+    store: Store,
+    name: str,
+    labels: Mapping[str, str],
+    pulled_at: Mapping[str, float] | None = None,
+) -> Entry | None:
+    """The stored appc image for ``name`` with every one of ``labels`` equal (rkt's
+    GetACI): with no ``version`` asked for, one labelled ``version=latest`` is preferred,
+    else the newest (``pulled_at``: ref name → time; else the later in index.json)."""
+    hits = [
+        (i, a)
+        for i, a in enumerate(appc_entries(store))
+        if a.name == name and all(a.labels.get(k) == v for k, v in labels.items())
+    ]
+    if not hits:
+        return None
+    times = pulled_at or {}
+
+    def rank(hit: tuple[int, AppcEntry]) -> tuple[bool, float, int]:
+        i, a = hit
+        latest = "version" not in labels and a.labels.get("version") == "latest"
+        return (latest, times.get(a.entry.name, 0.0), i)
+
+    return max(hits, key=rank)[1].entry
+
+
+def set_appc_entry(
+    store: Store, ref_name: str, desc: Descriptor, required: Iterable[Digest] = ()
+) -> Entry:
+    """Record the appc image ``desc`` (an OCI image manifest with the appc annotations and
+    a platform) as ``ref_name`` (``NAME:VERSION``), replacing what that name held; under
+    the index lock, with ``required`` checked there (:class:`BlobsMissing`)."""
+    if APPC_NAME_ANNOTATION not in desc.annotations:
+        raise StoreError(f"{ref_name}: an appc entry needs the {APPC_NAME_ANNOTATION} annotation")
+    return set_platforms(store, ref_name, [desc], None, required)
+
+
+def appc_signature_for(store: Store, source: str) -> tuple[Digest, Digest] | None:
+    """(ACI blob, signature blob) a stored appc image took from ``source`` (an ACI URL),
+    both present, or None: what rkt's remote cache reuses within max-age."""
+    for a in appc_entries(store):
+        try:
+            manifest = _read_manifest(store, a.entry.manifest, a.entry.name)
+        except StoreError:
+            continue
+        if not isinstance(manifest, ImageManifest):
+            continue
+        for layer in manifest.layers:
+            if layer.annotations.get(APPC_SOURCE_ANNOTATION) != source:
+                continue
+            sig = layer.annotations.get(APPC_SIGNATURE_ANNOTATION)
+            if not sig:
+                continue
+            try:
+                sig_digest = Digest.parse(sig)
+            except FetchdError:
+                continue
+            if store.has(layer.digest) and store.has(sig_digest):
+                return layer.digest, sig_digest
+    return None

@@ -241,7 +241,7 @@ def layout_roots(store: Store) -> set[Digest]:
         if len(keep) >= MAX_WALK:
             raise StoreError(f"{store.root}: more than {MAX_WALK} blobs referenced; gc refused")
         keep.add(desc.digest)
-        for key in (layout.INDEX_DIGEST_ANNOTATION, layout.SOURCE_DIGEST_ANNOTATION):
+        for key in layout.RECORDED_ANNOTATIONS:  # the index, a Docker original, appc blobs
             text = desc.annotations.get(key)
             if text:
                 with contextlib.suppress(FetchdError, ValueError):
