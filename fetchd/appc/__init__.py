@@ -1,0 +1,1 @@
+"""appc: names, meta discovery, ACIs."""
