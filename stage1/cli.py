@@ -268,7 +268,9 @@ def _prefetch(store: str, ref: str, insecure: str) -> None:
             f"--fetch needs fetchd, which is not installed; install it, or run: {pull_hint(ref)}"
         )
     # stage1 reads HOST/NAME:TAG as a registry image; fetchd wants that said (docker://).
-    target = ref if "://" in ref or ref.startswith("sha256:") else f"docker://{ref}"
+    # An appc name with labels (example.com/app,version=1.0) is fetchd's appc reference as is.
+    plain = "://" in ref or ref.startswith("sha256:") or ("," in ref)
+    target = ref if plain else f"docker://{ref}"
     argv = [fetchd, "--store", store, "prefetch", target]
     if insecure:
         argv += ["--insecure-options", insecure]

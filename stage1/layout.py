@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterator
 from typing import IO, Any
 
-from stage1 import platforms
+from stage1 import appc, platforms
 from stage1.errors import DigestMismatch, Stage1Error
 from stage1.model import Descriptor, Digest, Image, ImageConfig, Reference
 
@@ -151,8 +151,15 @@ class Layout:
         return [Descriptor.parse(m, path) for m in manifests]
 
     def find(self, ref: Reference) -> Descriptor:
-        """The index entry (or, for a digest, the blob) that REF names."""
+        """The index entry (or, for a digest, the blob) that REF names.
+
+        An appc name with labels (``example.com/hello,version=1.0.0``) is looked up by its
+        appc annotations (stage1.appc); any other name by its ref.name first, then, if
+        none has it and it could be appc's ``NAME[:VERSION]``, by the appc annotations.
+        """
         entries = self.index()
+        if appc.looks_appc(ref.text):
+            return self._find_appc(entries, appc.AppcName.parse(ref.text))
         names = ref.candidates()
         for name in names:
             # The newest entry wins if a name was ever recorded twice.
@@ -166,8 +173,25 @@ class Layout:
             if os.path.exists(self.blob_path(ref.digest)):
                 # A manifest by digest: content-addressed, so no index entry is needed.
                 return Descriptor("", ref.digest, os.stat(self.blob_path(ref.digest)).st_size)
+        app = _appc_name(ref)
+        if app is not None and any(e.annotation(appc.NAME_ANNOTATION) for e in entries):
+            choice = appc.choose(entries, app)
+            if choice.entry is not None:
+                return choice.entry
         raise Stage1Error(
             f"image {ref.text} is not in the store at {self.store}; run: {ref.pull_hint()}"
+        )
+
+    def _find_appc(self, entries: list[Descriptor], app: appc.AppcName) -> Descriptor:
+        choice = appc.choose(entries, app)
+        if choice.entry is not None:
+            return choice.entry
+        held = ""
+        if choice.others:
+            shown = "; ".join(choice.others[:4]) + ("; …" if len(choice.others) > 4 else "")
+            held = f" (it holds {shown})"
+        raise Stage1Error(
+            f"image {app.text} is not in the store at {self.store}{held}; run: {app.pull_hint()}"
         )
 
     def image(self, ref: Reference) -> Image:
@@ -224,8 +248,20 @@ class Layout:
                 pending.extend(Descriptor.parse(m, str(desc.digest)) for m in raw["manifests"])
 
 
+def _appc_name(ref: Reference) -> appc.AppcName | None:
+    """REF read as appc's ``NAME[:VERSION]`` (typed without docker:// and without a digest)."""
+    if "://" in ref.text or ref.digest is not None:
+        return None
+    try:
+        return appc.AppcName.parse(ref.text)
+    except Stage1Error:
+        return None
+
+
 def pull_hint(ref: str) -> str:
     """``fetchd pull docker://NAME`` for what the user typed as REF (fetchd's form)."""
+    if appc.looks_appc(ref):
+        return f"fetchd pull {ref}"
     try:
         return Reference.parse(ref).pull_hint()
     except Stage1Error:
@@ -255,7 +291,7 @@ def _not_for_host(ref: Reference, stored: list[platforms.Platform]) -> Stage1Err
     listed = ", ".join(platforms.text(p) for p in stored) or "no platform"
     return Stage1Error(
         f"image {ref.text} is in the store for {listed}, not for this machine "
-        f"({platforms.text(platforms.host())}); run: {ref.pull_hint()}"
+        f"({platforms.text(platforms.host())}); run: {pull_hint(ref.text)}"
     )
 
 

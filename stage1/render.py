@@ -22,12 +22,19 @@ the number of entries created and the wall time of one render; the headers of on
 (1 MiB); the work of resolving one path (``inroot``). Walks keep a bounded number of
 descriptors open and cost time linear in the tree, however deep or wide.
 
+ACI layers (media type ``application/vnd.fetchd.appc.aci.v1.tar[+gzip|+bzip2|+xz]``, an appc
+image as fetchd stores it): only ``rootfs/…`` is rendered, with that prefix stripped (hard link
+targets too); ``manifest`` and the ``rootfs`` directory itself are skipped; any other member is
+an error (an ACI holds nothing else). appc has no whiteouts: ``.wh.`` names are plain files
+there. Every other rule above applies as to any layer.
+
 A member that cannot be applied inside the tree raises Stage1Error naming the layer and
 the member. The caller renders into a private directory and publishes it only on success.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import stat
@@ -37,6 +44,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, cast
 
+from stage1.appc import is_aci_layer
 from stage1.errors import DigestMismatch, Stage1Error
 from stage1.inroot import (
     Cursor,
@@ -59,6 +67,7 @@ _ZEROS = bytes(_CHUNK)
 _PERM_MASK = 0o1777  # permission bits and sticky; never setuid/setgid
 _MAX_HEADERS = 1 << 20  # the header blocks of one member (PAX records, long names, sparse maps)
 _GIB = 1 << 30
+_ROOTFS = "rootfs/"
 
 
 class LayerError(Stage1Error):
@@ -235,6 +244,9 @@ def preload(layers: Sequence[Descriptor]) -> None:
 
     if any(desc.media_type.endswith("+zstd") for desc in layers):
         import zstandard  # noqa: F401
+    if any(is_aci_layer(desc.media_type) for desc in layers):
+        import bz2  # noqa: F401
+        import lzma  # noqa: F401
 
 
 def _decompressor(desc: Descriptor, reader: VerifiedReader) -> io.BufferedIOBase | IO[bytes]:
@@ -244,6 +256,14 @@ def _decompressor(desc: Descriptor, reader: VerifiedReader) -> io.BufferedIOBase
         import gzip
 
         return gzip.GzipFile(fileobj=raw, mode="rb")
+    if is_aci_layer(media_type) and media_type.endswith(("+bzip2", "+xz")):
+        if media_type.endswith("+bzip2"):
+            import bz2
+
+            return bz2.BZ2File(raw, mode="rb")
+        import lzma
+
+        return lzma.LZMAFile(raw, mode="rb")
     if media_type.endswith("+zstd"):
         import zstandard
 
@@ -323,6 +343,17 @@ def _show(name: str) -> str:
     return name if name.isprintable() else ascii(name)
 
 
+def _aci_path(name: str) -> str | None:
+    """An ACI member's path in the tree (rootfs/ stripped), "" for rootfs itself, None for
+    a member outside rootfs."""
+    name = name.removeprefix("./")
+    if name.rstrip("/") == "rootfs":
+        return ""
+    if name.startswith(_ROOTFS):
+        return name[len(_ROOTFS) :]
+    return None
+
+
 class _Layer:
     def __init__(
         self,
@@ -342,6 +373,8 @@ class _Layer:
         # What this layer created (and the directories above): an opaque whiteout hides
         # only what lower layers put there.
         self.added: set[Identity] = set()
+        self.aci = is_aci_layer(desc.media_type)
+        self.shown = ""  # the member's name in the layer, for errors (an ACI's has rootfs/)
 
     def apply(self, blob: IO[bytes]) -> None:
         reader = VerifiedReader(blob, self.desc, "layer")
@@ -375,7 +408,9 @@ class _Layer:
             # A corrupt blob shows up as a decompression or tar error: name the real cause.
             reader.drain()
             cause = exc.__cause__ if isinstance(exc, _BadStream) else exc
-            if type(cause).__module__.startswith("zstandard"):
+            if self.aci:
+                kind = "a valid ACI"
+            elif type(cause).__module__.startswith("zstandard"):
                 kind = "valid zstd"
             elif isinstance(cause, OSError) and not isinstance(cause, tarfile.TarError):
                 kind = "a valid layer"
@@ -384,7 +419,13 @@ class _Layer:
             raise LayerError(f"layer {self.desc.digest} is not {kind}: {cause}") from exc
 
     def _member(self, source: _TarInput, member: tarfile.TarInfo) -> None:
+        self.shown = member.name
         try:
+            if self.aci:
+                inner = self._aci_member(member)
+                if inner is None:
+                    return
+                member = inner
             self._apply_member(source, member)
         except LayerError:
             raise
@@ -395,11 +436,33 @@ class _Layer:
             raise self._error(member, reason) from exc
 
     def _error(self, member: tarfile.TarInfo, reason: str) -> LayerError:
-        return LayerError(f"layer {self.desc.digest} member {_show(member.name)}: {reason}")
+        name = self.shown or member.name
+        return LayerError(f"layer {self.desc.digest} member {_show(name)}: {reason}")
+
+    def _aci_member(self, member: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        """MEMBER of an ACI as a member of the tree (None: not rendered); LayerError for
+        one that an ACI cannot hold."""
+        name = _aci_path(member.name)
+        if name is None:
+            if member.name.removeprefix("./") == "manifest" and member.isreg():
+                return None  # the appc manifest: fetchd keeps it as a blob
+            raise self._error(member, "is not the manifest and not under rootfs/ (not an ACI)")
+        if not name.strip("/"):
+            return None  # rootfs itself: the tree's root keeps its own mode
+        inner = copy.copy(member)
+        inner.name = name
+        if member.islnk():
+            target = _aci_path(member.linkname)
+            if target is None or not target.strip("/"):
+                raise self._error(
+                    member, f"hard link target {_show(member.linkname)} is not under rootfs/"
+                )
+            inner.linkname = target
+        return inner
 
     def _apply_member(self, source: _TarInput, member: tarfile.TarInfo) -> None:
         base = member.name.rstrip("/").rpartition("/")[2]
-        if base.startswith(WHITEOUT):
+        if base.startswith(WHITEOUT) and not self.aci:
             self._whiteout(member, base)
             return
         if member.ischr() or member.isblk():
