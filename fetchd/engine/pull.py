@@ -371,6 +371,9 @@ class Engine:
                 f"{name}: every mirror failed and --mirror-only forbids the origin "
                 f"({'; '.join(failures)})"
             )
+        from fetchd.trust import oci  # trusted publishers: before any blob is asked for
+
+        await oci.check_publisher(self, ref, resolved.top, authorities[at][1])
         fetchers: list[Fetcher] = [
             c.blobs(ref.name, mirror=True) for u, c in caches if u not in bad
         ]
