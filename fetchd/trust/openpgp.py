@@ -223,23 +223,20 @@ def _ts(value: datetime | None) -> float | None:
     return value.timestamp() if value is not None else None
 
 
-def _parts(cert: Any) -> tuple[list[KeyPart], bool, list[str]]:
+def _parts(cert: Any) -> tuple[list[KeyPart], list[str]]:
     """Every key of ``cert`` with its latest self-signature's flags/expiry/revocation,
-    whether it holds secret keys, and its user ID packets."""
+    and its user ID packets."""
     from pysequoia.packet import PacketPile, SignatureType, Tag
 
     parts: list[dict[str, Any]] = []
     primary_can_sign: bool | None = None
     primary_sig_time = -1.0
-    primary_has_secret = False
     uids: list[str] = []
     for packet in PacketPile.from_bytes(bytes(cert)):
         tag = packet.tag
         if tag == Tag.UserID and packet.user_id is not None:
             uids.append(packet.user_id)
         if tag in (Tag.PublicKey, Tag.SecretKey, Tag.PublicSubkey, Tag.SecretSubkey):
-            if tag in (Tag.SecretKey, Tag.SecretSubkey):
-                primary_has_secret = True
             created = _ts(packet.key_created) or 0.0
             parts.append(
                 {
@@ -300,7 +297,7 @@ def _parts(cert: Any) -> tuple[list[KeyPart], bool, list[str]]:
                 revoked=p["revoked"],
             )
         )
-    return out, primary_has_secret, uids
+    return out, uids
 
 
 def read_keys(data: bytes, what: str) -> list[KeyInfo]:
@@ -308,6 +305,18 @@ def read_keys(data: bytes, what: str) -> list[KeyInfo]:
     if len(data) > MAX_KEY_FILE:
         raise TrustError(f"{what} is larger than 1 MiB; it is not one OpenPGP public key")
     ps = _ps()
+    from pysequoia.packet import PacketPile, Tag
+
+    try:
+        secret = any(
+            p.tag in (Tag.SecretKey, Tag.SecretSubkey) for p in PacketPile.from_bytes(data)
+        )
+    except Exception as exc:
+        raise TrustError(f"{what} is not an OpenPGP public key ({_reason(exc)})") from exc
+    if secret:
+        raise TrustError(
+            f"{what} holds a secret key; give the public key (gpg --armor --export KEYID)"
+        )
     try:
         certs = ps.Cert.split_bytes(data)
     except Exception as exc:
@@ -319,13 +328,9 @@ def read_keys(data: bytes, what: str) -> list[KeyInfo]:
     keys: list[KeyInfo] = []
     for cert in certs:
         try:
-            parts, secret, uid_packets = _parts(cert)
+            parts, uid_packets = _parts(cert)
         except Exception as exc:
             raise TrustError(f"{what} is not an OpenPGP public key ({_reason(exc)})") from exc
-        if secret or cert.has_secret_keys:
-            raise TrustError(
-                f"{what} holds a secret key; give the public key (gpg --armor --export KEYID)"
-            )
         if not parts:
             raise TrustError(f"{what} holds a certificate without a primary key")
         invalid: str | None = None

@@ -1,8 +1,8 @@
 """OpenPGP test cases made with the real tools (gpg, sq), as ../shared/peers/openpgp/make-cases.sh.
 
 One :class:`PgpCases` per test session (fixture ``pgp_cases``; register it with
-``from tests.support.pgp import pgp_cases  # noqa: F401`` in a test module, or via
-``pytest_plugins``). The keys, by name:
+``from tests.support.pgp import pgp_cases_fixture  # noqa: F401`` in a test module and
+take ``pgp_cases`` as a parameter). The keys, by name:
 
 ======== ===============================================================================
 rsa      RSA-3072 primary that signs (gpg)
@@ -225,8 +225,8 @@ def _run(cmd: list[str], input: bytes | None = None) -> bytes:
     return proc.stdout
 
 
-@pytest.fixture(scope="session")
-def pgp_cases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgpCases]:
+@pytest.fixture(scope="session", name="pgp_cases")
+def pgp_cases_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgpCases]:
     """The OpenPGP cases, made once per session (about a second with gpg and sq)."""
     cases = PgpCases(tmp_path_factory.mktemp("pgp"))
     try:
@@ -234,3 +234,7 @@ def pgp_cases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgpCases]:
         yield cases
     finally:
         cases.close()
+
+
+#: the same fixture (its name is ``pgp_cases`` whichever of the two names is imported)
+pgp_cases = pgp_cases_fixture
