@@ -338,3 +338,19 @@ def _sha256(path: Path) -> str:
     import hashlib
 
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_tampered_aci_discarded(
+    fetchd: Fetchd, appc_site: AppcSite, tmp_path: Path, pgp_cases: PgpCases
+) -> None:
+    """Bad input: bytes that fail the signature are discarded before commit (no blob, no
+    entry, no ingest a retry would resume), one error line."""
+    aci = publish(appc_site, tmp_path, pgp_cases)
+    data = bytearray(aci.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    appc_site.put(aci_path(NAME, "1.0.0"), bytes(data))
+    trust(fetchd, tmp_path, pgp_cases, "ed")
+    got = pull(fetchd, appc_site, tmp_path, appc_site.url(aci_path(NAME, "1.0.0")))
+    assert got.returncode == 1
+    error_line(got)
+    assert_nothing_stored(fetchd)
