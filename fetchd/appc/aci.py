@@ -21,7 +21,7 @@ header (where :mod:`tarfile` would silently stop) or data hidden after the end i
 Bounds, all checked while reading: ≤ 1,000,000 entries; extended (pax, GNU long name)
 headers ≤ 1 MiB and ≤ 16 in a row; the uncompressed bytes ≤ ``max_uncompressed`` when the
 caller gives one (a dependency's ``size``: "… is larger than its size N"), else ≤ 64 GiB and
-≤ max(1 GiB, 1100 × the compressed size) — gzip cannot expand more than 1032 times, so only a
+≤ max(256 MiB, 1100 × the compressed size) — gzip cannot expand more than 1032 times, so only a
 bzip2 or xz bomb meets that ratio. Memory is bounded too: names are remembered as 16-byte
 hashes, and :mod:`tarfile`'s member list is emptied as the walk goes.
 
@@ -64,7 +64,7 @@ MAX_EXTENDED_CHAIN = 16
 #: The uncompressed bound when the caller gives none.
 MAX_UNCOMPRESSED = 64 << 30
 BOMB_RATIO = 1100
-BOMB_FLOOR = 1 << 30
+BOMB_FLOOR = 256 << 20
 
 _CHUNK = 1 << 20
 _EOF_BLOCKS = 1024  # two zero blocks end a tar
@@ -198,10 +198,13 @@ class _BoundedTarInfo(tarfile.TarInfo):
             if chain >= MAX_EXTENDED_CHAIN:
                 raise _Refused(f"more than {MAX_EXTENDED_CHAIN} extended tar headers in a row")
             setattr(tf, "_fetchd_chain", chain + 1)  # noqa: B010
-        limit = getattr(tf, "_fetchd_limit", None)
-        if limit is not None and self.size > limit:
-            raise _Refused(f"entry {self.name!r} claims {self.size} bytes, more than the limit")
         member: tarfile.TarInfo = cast(Any, super())._proc_member(tf)
+        limit = getattr(tf, "_fetchd_limit", None)  # checked on the final size (pax "size")
+        if limit is not None and member.size > limit:
+            raise _Refused(
+                f"entry {member.name!r} claims {member.size} bytes, more than the {limit} "
+                "uncompressed bytes this image may have"
+            )
         return member
 
 
