@@ -148,6 +148,8 @@ class _Hashing:
         return chunk
 
     def read(self, n: int = -1) -> bytes:
+        if n == 0:
+            return b""
         if n < 0:
             n = _CHUNK
         if not self._buf and not self.eof:
