@@ -218,6 +218,11 @@ def test_keys_from_https_and_http(
         trust(fetchd, tmp_path, *site, "http://example.com/keys/rsa.asc"), "--insecure-allow-http"
     )
     ok(trust(fetchd, tmp_path, *site, "--insecure-allow-http", "http://example.com/keys/rsa.asc"))
+    # an https key URL never goes down to http:// (nginx: /downgrade → 302 http://…), and
+    # redirects are bounded (/loop redirects to itself)
+    https = appc_site.env()
+    failed(trust(fetchd, tmp_path, *site, "https://example.com/downgrade", env=https), "plain http")
+    failed(trust(fetchd, tmp_path, *site, "https://example.com/loop", env=https), "redirects")
     assert stored(tmp_path) == sorted(
         f"trustedkeys/prefix.d/example.com/app/{pgp_cases.fingerprint(n)}" for n in ("ed", "rsa")
     )
