@@ -13,27 +13,32 @@ have asked the registry for none of the image's blobs.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.support.cli import REPO, Fetchd, assert_stored, failed, ok
+from tests.support.cli import Fetchd, assert_stored, failed, ok
 from tests.support.cosign import CosignKey, payload, push_signature, sign_and_push
 from tests.support.images import (
     BuiltImage,
     File,
     Layer,
     build_image,
+    build_index,
     push,
     registry_manifest_digest,
     skopeo,
 )
 from tests.support.nginx import Nginx, start_nginx
 from tests.support.registry import Registry
+from tests.support.slowserver import SlowProxy
 
 HTTP = ("--insecure-options", "http")
 
@@ -124,7 +129,7 @@ class World:
 
     def push(self, repo: str, which: str = "one") -> str:
         """Push image ``which`` to REPO:1; its manifest digest."""
-        push(self.images, which, f"{self.registry.host}/{repo}:1")
+        push(self.images, which, f"{self.registry.host}/{repo}:1", all_=which == "index")
         return registry_manifest_digest(self.registry.host, repo, "1")
 
     def sign_by(self, repo: str, fpr: str, which: str = "one") -> str:
@@ -167,7 +172,12 @@ def world(
     built = {
         "one": build_image(images, "one", [Layer([File("etc/which", b"one\n")])]),
         "two": build_image(images, "two", [Layer([File("etc/which", b"two\n")])]),
+        "amd64": build_image(images, "-", [Layer([File("etc/which", b"amd64\n")])], annotate=False),
+        "arm64": build_image(
+            images, "-", [Layer([File("etc/which", b"arm64\n")])], arch="arm64", annotate=False
+        ),
     }
+    build_index(images, "index", [(built["amd64"], "linux/amd64"), (built["arm64"], "linux/arm64")])
     with start_nginx(work / "nginx", lookaside) as nginx:
         yield World(
             registry,
@@ -189,11 +199,6 @@ def trust_dir(tmp_path: Path) -> Path:
 
 
 def trust(fetchd: Fetchd, trust_dir: Path, prefix: str, key: Path) -> None:
-    if not (REPO / "fetchd" / "trust" / "command.py").exists():  # TEMPORARY until A's lands
-        from fetchd.trust.keystore import Keystore, oci_prefix
-
-        Keystore(trust_dir, None).add_oci(key.read_bytes(), *oci_prefix(prefix))
-        return
     ok(
         fetchd(
             "trust",
@@ -213,11 +218,14 @@ def pull(
     return fetchd("pull", *HTTP, "--trust-dir", str(trust_dir), *extra, ref)
 
 
-def assert_pulled(fetchd: Fetchd, world: World, repo: str, digest: str, result: str) -> None:
+def assert_pulled(
+    fetchd: Fetchd, world: World, repo: str, digest: str, result: str, which: str = "one"
+) -> None:
     assert digest in result
     entry = fetchd.entry(f"{world.registry.host}/{repo}:1")
-    assert entry["digest"] == digest
-    for layer in world.built["one"].layers:
+    if which == "one":
+        assert entry["digest"] == digest
+    for layer in world.built[which].layers:
         assert_stored(fetchd, layer.digest, layer.size)
 
 
@@ -449,3 +457,110 @@ def test_insecure_image_skips_the_check_with_a_warning(
     out = ok(result)
     assert_pulled(fetchd, world, repo, digest, out)
     assert "not checked (--insecure-options image)" in result.stderr
+
+
+# --- which digest, which reference ------------------------------------------------------
+
+
+def test_a_signature_of_the_index_covers_its_platforms(
+    fetchd: Fetchd, world: World, trust_dir: Path
+) -> None:
+    """The digest the tag resolves to (the index) is the one signed and checked."""
+    repo = "ocisig/index/app"
+    digest = world.push(repo, "index")
+    sign_and_push(world.work, world.registry.host, repo, digest, world.a)
+    trust(fetchd, trust_dir, f"docker://{world.registry.host}/{repo}", world.a.pub)
+    out = ok(pull(fetchd, trust_dir, world.ref(repo), "--platform", "linux/amd64"))
+    assert_pulled(fetchd, world, repo, digest, out, "amd64")
+
+
+def test_a_signature_of_a_platform_manifest_alone_is_not_enough(
+    fetchd: Fetchd, world: World, trust_dir: Path
+) -> None:
+    repo = "ocisig/index-child/app"
+    digest = world.push(repo, "index")
+    child = world.built["amd64"].digest
+    sign_and_push(world.work, world.registry.host, repo, child, world.a)
+    trust(fetchd, trust_dir, f"docker://{world.registry.host}/{repo}", world.a.pub)
+    assert_refused(
+        fetchd,
+        world,
+        repo,
+        pull(fetchd, trust_dir, world.ref(repo), "--platform", "linux/amd64"),
+        f"sha256-{digest[7:19]}….sig: not found",
+    )
+
+
+def test_a_by_digest_pull_takes_a_signature_of_the_repository(
+    fetchd: Fetchd, world: World, trust_dir: Path
+) -> None:
+    """skopeo signed REPO:1; pulling REPO@DIGEST matches by repository (as
+    matchRepoDigestOrExact does)."""
+    repo = "ocisig/simple-bydigest/app"
+    digest = world.sign_by(repo, world.gpg.signer)
+    trust(fetchd, trust_dir, f"docker://{world.registry.host}/{repo}", world.gpg.signer_key)
+    ref = f"docker://{world.registry.host}/{repo}@{digest}"
+    out = ok(pull(fetchd, trust_dir, ref, "--lookaside", world.nginx.url))
+    assert digest in out
+    for layer in world.built["one"].layers:
+        assert_stored(fetchd, layer.digest, layer.size)
+
+
+# --- bounds ---------------------------------------------------------------------------------
+
+
+def test_attachment_bounds(fetchd: Fetchd, world: World, trust_dir: Path) -> None:
+    """More than 16 layers: refused unread; a payload over 64 KiB: refused, never fetched."""
+    host = world.registry.host
+    many = "ocisig/bounds-layers/app"
+    digest = world.push(many)
+    good = payload(digest, f"{host}/{many}")
+    push_signature(world.work, host, many, digest, [(good, world.a.sign(good))] * 17)
+    trust(fetchd, trust_dir, f"docker://{host}/ocisig", world.a.pub)
+    assert_refused(
+        fetchd, world, many, pull(fetchd, trust_dir, world.ref(many)), "17 layers, more than the 16"
+    )
+
+    big = "ocisig/bounds-payload/app"
+    digest = world.push(big)
+    doc = json.loads(payload(digest, f"{host}/{big}"))
+    doc["optional"] = {"padding": "x" * 70_000}
+    data = json.dumps(doc).encode()
+    push_signature(world.work, host, big, digest, [(data, world.a.sign(data))])
+    payload_digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    assert_refused(
+        fetchd,
+        world,
+        big,
+        pull(fetchd, trust_dir, world.ref(big)),
+        f"is {len(data)} bytes, over the 65536 byte limit",
+    )
+    assert world.registry.blob_get_count(payload_digest) == 0
+
+
+def test_lookaside_bounds(fetchd: Fetchd, world: World, trust_dir: Path) -> None:
+    """A signature-1 of 1 MiB is refused; one that never comes fails after the stall
+    timeout (and a drip would end within the request budget, 4 x --stall-timeout)."""
+    repo = "ocisig/bounds-lookaside/app"
+    digest = world.push(repo)
+    sig = world.lookaside / f"{repo}@{digest.replace(':', '=')}" / "signature-1"
+    sig.parent.mkdir(parents=True)
+    sig.write_bytes(b"\x90" * (1 << 20))
+    trust(fetchd, trust_dir, f"docker://{world.registry.host}/{repo}", world.gpg.signer_key)
+    assert_refused(
+        fetchd,
+        world,
+        repo,
+        pull(fetchd, trust_dir, world.ref(repo), "--lookaside", world.nginx.url),
+        "signature-1 is over the 65536 byte limit",
+    )
+    with SlowProxy(world.nginx.url) as proxy:
+        proxy.hold("signature-1")
+        started = time.monotonic()
+        result = pull(
+            fetchd, trust_dir, world.ref(repo), "--lookaside", proxy.url, "--stall-timeout", "1"
+        )
+        elapsed = time.monotonic() - started
+        proxy.release()
+    assert_refused(fetchd, world, repo, result, "signature-1: no data for 1 s")
+    assert elapsed < 30, elapsed

@@ -309,10 +309,13 @@ async def _payload_blob(
     engine: Engine, registry: Registry, ref: Reference, desc: Descriptor, what: str
 ) -> bytes:
     sink = _MemorySink(desc.size, what)
+    budget = asyncio.timeout(engine.config.request_budget)
     try:
-        async with asyncio.timeout(engine.config.request_budget):
+        async with budget:
             await registry.blobs(ref.name).fetch(desc, sink, lambda n: None)
-    except TimeoutError:
+    except TimeoutError as exc:
+        if not budget.expired():  # a stall (aiohttp's read timeout is a TimeoutError)
+            raise translate(exc, what, engine.config) from exc
         raise TransferFailed(
             f"{what}: not complete within {engine.config.request_budget:g} s"
         ) from None
@@ -381,15 +384,17 @@ async def _get_bounded(engine: Engine, url: str, what: str, config: Config) -> b
         return await asyncio.to_thread(_read_file, Path(unquote(parts.path)), what)
     import aiohttp
 
+    budget = asyncio.timeout(config.request_budget)
     try:
-        async with asyncio.timeout(config.request_budget):
-            async with engine.session().get(url, max_redirects=MAX_REDIRECTS) as resp:
-                if resp.status == 404:
-                    return None
-                if resp.status != 200:
-                    raise TransferFailed(f"{what}: {redact(url)} answered HTTP {resp.status}")
-                return await _read_body(resp, what)
-    except TimeoutError:
+        async with budget, engine.session().get(url, max_redirects=MAX_REDIRECTS) as resp:
+            if resp.status == 404:
+                return None
+            if resp.status != 200:
+                raise TransferFailed(f"{what}: {redact(url)} answered HTTP {resp.status}")
+            return await _read_body(resp, what)
+    except TimeoutError as exc:
+        if not budget.expired():  # a stall (aiohttp's read timeout is a TimeoutError)
+            raise translate(exc, what, config) from exc
         raise TransferFailed(f"{what}: not complete within {config.request_budget:g} s") from None
     except aiohttp.TooManyRedirects:
         raise TransferFailed(f"{what}: more than {MAX_REDIRECTS} redirects") from None
