@@ -13,6 +13,7 @@ have asked the registry for none of the image's blobs.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -564,3 +565,34 @@ def test_lookaside_bounds(fetchd: Fetchd, world: World, trust_dir: Path) -> None
         proxy.release()
     assert_refused(fetchd, world, repo, result, "signature-1: no data for 1 s")
     assert elapsed < 30, elapsed
+
+
+@pytest.mark.parametrize("kind", ["rsa-3072", "ed25519"])
+def test_rsa_and_ed25519_cosign_keys(
+    fetchd: Fetchd, world: World, trust_dir: Path, kind: str
+) -> None:
+    """containers/image loads RSA (PKCS#1 v1.5, SHA-256) and Ed25519 keys besides ECDSA."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+
+    repo = f"ocisig/cosign-{kind}/app"
+    digest = world.push(repo)
+    data = payload(digest, f"{world.registry.host}/{repo}")
+    if kind == "ed25519":
+        ed = ed25519.Ed25519PrivateKey.generate()
+        pub, sig = ed.public_key(), ed.sign(data)
+    else:
+        key = rsa.generate_private_key(65537, 3072)
+        pub, sig = key.public_key(), key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+    pem = world.work / f"{kind}.pub"
+    pem.write_bytes(
+        pub.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    push_signature(
+        world.work, world.registry.host, repo, digest, [(data, base64.b64encode(sig).decode())]
+    )
+    trust(fetchd, trust_dir, f"docker://{world.registry.host}/{repo}", pem)
+    out = ok(pull(fetchd, trust_dir, world.ref(repo)))
+    assert_pulled(fetchd, world, repo, digest, out)
