@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fetchd.errors import FetchdError, ImageNotInStore, StoreError, UsageError
+from fetchd.errors import FetchdError, ImageNotInStore, StoreCorrupt, StoreError, UsageError
 from fetchd.manifest import ImageIndex, parse_manifest
 from fetchd.model import (
     INDEX_TYPES,
@@ -572,6 +572,8 @@ class ExportResult:
     replaced: bool
     #: the other names the destination holds (kept)
     kept: tuple[str, ...]
+    #: the detached signature written beside a .aci (None: none, or not an ACI export)
+    signature: Path | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -583,21 +585,30 @@ class ExportResult:
             "bytes": self.bytes,
             "replaced": self.replaced,
             "kept": list(self.kept),
+            **({"signature": str(self.signature)} if self.signature else {}),
         }
 
 
 def export(store: Store, text: str, dest: Path, platform: Platform | None = None) -> ExportResult:
-    """Write the image as an OCI layout directory, or a tar of one if ``dest`` ends .tar.
+    """Write the image as an OCI layout directory, or a tar of one if ``dest`` ends .tar,
+    or, for an appc image and a ``dest`` ending .aci, the ACI and its signature.
 
     Into a directory that already is an OCI layout, the image is added, as skopeo copy
     adds to an ``oci:`` layout: an entry with the same name is replaced, every other
     entry is kept. The blobs go in first, then index.json by one atomic rename, under an
     flock on the directory (so two exports into it do not lose each other's names); a
     crash leaves the layout as it was plus some unreferenced blobs.
+
+    ``DEST.aci``: the image's own ACI exactly as it was fetched and signed, and its
+    detached signature as ``DEST.aci.asc`` (what ``actool validate`` and ``sqv`` take);
+    its dependencies are not written (rkt's ``image export``). ``text`` may be an appc
+    name with labels (``example.com/app,version=1.0``), found as ``stage1 run`` finds it.
     """
-    (entry,) = resolve_names(store, [text])[:1]
+    entry = _resolve_export(store, text)
     if platform is not None:  # one platform of a name stored for several
         entry = layout.for_platform(store, entry, platform)
+    if dest.suffix == ".aci":
+        return _export_aci(store, entry, dest)
     blobs = list({d.digest: d for d in layout.image_blobs(store, entry)}.values())
     for d in blobs:
         if not store.has(d.digest):
@@ -626,6 +637,140 @@ def export(store: Store, text: str, dest: Path, platform: Platform | None = None
         replaced,
         kept,
     )
+
+
+def _resolve_export(store: Store, text: str) -> layout.Entry:
+    """The entry ``text`` names: as ``rm`` finds names, else as an appc name and labels
+    by the rules ``stage1 run`` follows (stage1/appc.py, rkt's GetACI): every label asked
+    for equal, this machine's os and arch unless given (an image without an os or arch
+    label matches any), with no version asked for the one pulled as latest, else the newest
+    (the later in index.json)."""
+    try:
+        return resolve_names(store, [text])[0]
+    except ImageNotInStore:
+        if "://" in text or not layout.appc_entries(store):
+            raise
+    from fetchd.appc.names import AppName
+
+    try:
+        app = AppName.parse(text)
+        defaults = {k: v for k, v in app.with_host_defaults().labels if app.label(k) is None}
+    except FetchdError:
+        raise ImageNotInStore(f"{text!r} is not in the store; see fetchd images") from None
+    wanted = dict(app.labels)
+    hits = [
+        a
+        for a in layout.appc_entries(store)
+        if a.name == app.name
+        and all(a.labels.get(k) == v for k, v in wanted.items())
+        and all(a.labels.get(k, v) == v for k, v in defaults.items())
+    ]
+    if not hits:
+        raise ImageNotInStore(f"{text!r} is not in the store; see fetchd images")
+    if "version" not in wanted:
+        latest = [
+            a
+            for a in hits
+            if a.entry.name == f"{app.name}:latest" or a.labels.get("version") == "latest"
+        ]
+        if latest:
+            return max(latest, key=hits.index).entry
+    return hits[-1].entry
+
+
+def _export_aci(store: Store, entry: layout.Entry, dest: Path) -> ExportResult:
+    """Write the entry's ACI (its last layer) to ``dest`` and its signature beside it, each
+    by an atomic rename after its bytes were checked against their digest."""
+    if layout.APPC_NAME_ANNOTATION not in entry.manifest.annotations:
+        raise UsageError(
+            f"{entry.name} is not an appc image: only an ACI exports to a .aci file; "
+            "give a directory (an OCI layout) or a .tar"
+        )
+    manifest = parse_manifest(
+        _read_blob(store, entry.manifest, MAX_MANIFEST_SIZE),
+        entry.manifest.media_type or None,
+        f"{entry.name} ({entry.manifest.digest.short})",
+    )
+    if isinstance(manifest, ImageIndex) or not manifest.layers:
+        raise StoreError(f"{entry.name}: its manifest holds no ACI; pull it again")
+    aci = manifest.layers[-1]
+    sig_text = aci.annotations.get(layout.APPC_SIGNATURE_ANNOTATION) or (
+        entry.manifest.annotations.get(layout.APPC_SIGNATURE_ANNOTATION)
+    )
+    blobs = [aci.digest]
+    if sig_text:
+        blobs.append(Digest.parse(sig_text))
+    asc = dest.with_name(dest.name + ".asc")
+    replaced = dest.exists()
+    size = 0
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        for digest, target in zip(blobs, (dest, asc), strict=False):
+            size += _copy_checked(store, digest, target, entry.name)
+        if not sig_text:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(asc)  # a signature of another ACI must not sit beside this one
+            log.warning(
+                "warning: %s was pulled without a signature (--insecure-options image): "
+                "only %s is written",
+                entry.name,
+                dest,
+            )
+    except OSError as exc:
+        raise StoreError(
+            f"cannot export to {dest}: {exc.strerror or exc}; give a path you can write"
+        ) from exc
+    return ExportResult(
+        dest,
+        entry.name,
+        str(entry.top_digest),
+        str(entry.manifest.digest),
+        len(blobs),
+        size,
+        replaced,
+        (),
+        asc if sig_text else None,
+    )
+
+
+def _read_blob(store: Store, desc: Descriptor, limit: int) -> bytes:
+    if desc.size > limit:
+        raise StoreError(f"blob {desc.digest.short} is larger than {limit} bytes")
+    try:
+        data = store.blob_path(desc.digest).read_bytes()
+    except FileNotFoundError:
+        raise StoreError(f"blob {desc.digest.short} is missing; pull the image again") from None
+    if Digest.of(data) != desc.digest:
+        raise StoreCorrupt(f"blob {desc.digest.short} is corrupt; run: fetchd fsck")
+    return data
+
+
+def _copy_checked(store: Store, digest: Digest, target: Path, name: str) -> int:
+    """Copy the blob to ``target`` (atomically, fsynced), hashing it as it goes; a blob
+    whose bytes do not match its digest is not written. Returns its size."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    h = hashlib.new(digest.algorithm)
+    size = 0
+    try:
+        try:
+            source = open(store.blob_path(digest), "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            raise StoreError(f"{name}: blob {digest.short} is missing; pull it again") from None
+        with source, open(tmp, "wb") as out:
+            while chunk := source.read(HASH_CHUNK):
+                h.update(chunk)
+                out.write(chunk)
+                size += len(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        if h.hexdigest() != digest.hex:
+            raise StoreCorrupt(f"{name}: blob {digest.short} is corrupt; run: fetchd fsck")
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return size
 
 
 _OCI_LAYOUT = b'{"imageLayoutVersion": "1.0.0"}'
