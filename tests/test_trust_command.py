@@ -254,5 +254,5 @@ def test_no_key_discovers_the_prefix_pubkeys(
         ),
     )
     res = trust(fetchd, tmp_path, *site, "--prefix", "example.com/other", env=appc_site.env())
-    failed(res, "example.com/other", "no keys")
+    failed(res, "error determining key location", "example.com/other", "KEYFILE")
     assert len(stored(tmp_path)) == 1

@@ -168,18 +168,17 @@ async def _gather(
 async def _discover(prefix: str, config: Config, session: aiohttp.ClientSession) -> list[str]:
     from fetchd.appc.discovery import discover_pubkeys
 
+    hint = f"give the key: fetchd trust --prefix {prefix} KEYFILE"
     try:
         found, attempts = await discover_pubkeys(prefix, config, session)
     except FetchdError as exc:
-        raise TrustError(f"error determining key location: {exc}") from exc
+        raise TrustError(f"error determining key location: {exc}; {hint}") from exc
     if not found:
-        tried = "; ".join(
-            f"{a.prefix}: {a.error or 'no ac-discovery-pubkeys tag'}" for a in attempts
-        )
+        tried = "; ".join(f"{a.prefix}: {a.error or 'no keys'}" for a in attempts)
         raise TrustError(
             f"meta discovery on {prefix} resulted in no keys"
             + (f" ({tried})" if tried else "")
-            + f"; give the key: fetchd trust --prefix {prefix} KEYFILE"
+            + f"; {hint}"
         )
     return list(found)
 
