@@ -16,8 +16,9 @@ from tests.support.appc import build_aci
 from tests.support.cli import Fetchd, blob_file, failed, ok
 from tests.support.images import Layer, build_image, push, skopeo
 from tests.support.pgp import PgpCases
-from tests.support.pgp import pgp_cases as pgp_cases_fixture  # noqa: F401 (the fixture)
 from tests.support.registry import Registry
+
+pytest_plugins = ["tests.support.pgp"]  # the fixture pgp_cases
 
 NAME = "example.com/hello"
 

@@ -14,17 +14,123 @@ import hashlib
 import io
 import json
 import lzma
+import shutil
 import tarfile
 from pathlib import Path
 from typing import Any
 
-from tests.support.appc import appc_arch, build_aci
-from tests.support.stage1 import Stage1, check_error
+from tests.support.appc import AppcSite, appc_arch, build_aci
+from tests.support.cli import Fetchd, ok
+from tests.support.pgp import PgpCases
+from tests.support.stage1 import Place, Stage1, check_error
+from tests.support.stage1 import nobody_place_fixture as nobody_fixture  # noqa: F401
+
+# the fixtures appc_site and pgp_cases
+pytest_plugins = ["tests.support.appc", "tests.support.pgp"]
 
 ACI = "application/vnd.fetchd.appc.aci.v1.tar"
+NAME = "example.com/hello"
+TEMPLATE = "https://example.com/images/{name}-{version}-{os}-{arch}.{ext}"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 REF_NAME = "org.opencontainers.image.ref.name"
+
+
+# --- ACIs pulled by the real fetchd ----------------------------------------------------------
+
+
+def _trust(fetchd: Fetchd, tmp: Path, pgp: PgpCases, key: str, prefix: str) -> None:
+    ok(
+        fetchd(
+            "trust",
+            "--trust-dir",
+            str(tmp / "trust"),
+            "--prefix",
+            prefix,
+            "--skip-fingerprint-review",
+            str(pgp.key(key)),
+        )
+    )
+
+
+def test_pulled_aci_runs_as_its_user(
+    fetchd: Fetchd, pgp_cases: PgpCases, nobody_place: Place, tmp_path: Path
+) -> None:
+    """fetchd pull --signature X.aci.asc X.aci, then stage1 run NAME,version=…: app.exec as
+    user/group 1000 with its environment and working directory, ARGS appended (rkt's image
+    arguments); as root and as a normal user."""
+    script = 'echo "hello from $0"; id -u; id -g; pwd; echo "$GREETING" "$@"'
+    aci = build_aci(
+        tmp_path,
+        NAME,
+        "1.0.0",
+        out=tmp_path / "hello.aci",
+        exec_=["/bin/sh", "-c", script, NAME],
+        environment={"GREETING": "hello from the manifest"},
+        working_directory="/etc",
+    )
+    _trust(fetchd, tmp_path, pgp_cases, "ed", NAME)
+    asc = pgp_cases.sign("ed", aci)
+    digest = ok(
+        fetchd("pull", "--trust-dir", str(tmp_path / "trust"), "--signature", str(asc), str(aci))
+    ).strip()
+    stage1 = Stage1(fetchd.store)
+    expected = f"hello from {NAME}\n1000\n1000\n/etc\nhello from the manifest\n"
+    for ref in (f"{NAME},version=1.0.0", f"{NAME}:1.0.0", NAME, digest):
+        r = stage1.run("run", ref)
+        assert (r.returncode, r.stdout, r.stderr) == (0, expected, ""), ref
+    r = stage1.run("run", f"{NAME},version=1.0.0", "--", "and", "args")
+    assert (r.returncode, r.stdout) == (0, expected[:-1] + " and args\n"), r.stderr
+
+    # unprivileged: nobody's own store (the same pull, handed over), user namespaces only
+    shutil.copytree(fetchd.store / "layout", nobody_place.stage1.layout)
+    nobody_place.hand_over()
+    r = nobody_place.stage1.run("run", f"{NAME},version=1.0.0")
+    assert (r.returncode, r.stdout) == (0, expected), r.stderr
+
+
+def test_discovered_dependency_chain_renders_in_order(
+    fetchd: Fetchd, appc_site: AppcSite, pgp_cases: PgpCases, tmp_path: Path
+) -> None:
+    """Acceptance 1 and 7 at stage1: discovery from the host's root page, top → mid → base each
+    verified for its own name; stage1 renders base, then mid, then the image (the upper wins)."""
+
+    def publish(name: str, key: str, **build: Any) -> None:
+        aci = build_aci(
+            tmp_path, name, "1.0.0", out=tmp_path / f"{name.split('/')[1]}.aci", **build
+        )
+        path = f"/images/{name}-1.0.0-linux-{appc_arch()}.aci"
+        appc_site.put(path, aci)
+        appc_site.put(path + ".asc", pgp_cases.sign(key, aci))
+        _trust(fetchd, tmp_path, pgp_cases, key, name)
+
+    def dep(name: str) -> dict[str, Any]:
+        labels = {"version": "1.0.0", "os": "linux", "arch": appc_arch()}  # for the template
+        return {"imageName": name, "labels": [{"name": k, "value": v} for k, v in labels.items()]}
+
+    files = {"etc/motd": b"base\n", "etc/base": b"base only\n", "etc/mid": b"from base\n"}
+    publish("example.com/base", "rsa", app=False, extra_files=files)
+    files = {"etc/motd": b"mid\n", "etc/mid": b"mid only\n"}
+    publish("example.com/mid", "sub", app=False, deps=[dep("example.com/base")], extra_files=files)
+    publish(
+        NAME,
+        "ed",
+        deps=[dep("example.com/mid")],
+        exec_=["/bin/sh", "-c", "cat /etc/motd /etc/mid /etc/base; id -u"],
+        extra_files={"etc/motd": b"top\n"},
+    )
+    appc_site.page("/", appc_site.meta(("ac-discovery", "example.com", TEMPLATE)))
+    got = fetchd(
+        "pull",
+        "--trust-dir",
+        str(tmp_path / "trust"),
+        *appc_site.resolve_args(),
+        f"{NAME}:1.0.0",
+        env=appc_site.env(),
+    )
+    assert got.returncode == 0, got.stderr
+    r = Stage1(fetchd.store).run("run", f"{NAME},version=1.0.0")
+    assert (r.returncode, r.stdout) == (0, "top\nmid only\nbase only\n1000\n"), r.stderr
 
 
 # --- a store written by hand, in fetchd's shape for ACIs ------------------------------------
