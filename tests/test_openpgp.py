@@ -359,3 +359,58 @@ def test_verify_inline(pgp_cases: PgpCases, tmp_path: Path) -> None:
     expired = _inline(pgp_cases, "exp", payload, tmp_path)
     with pytest.raises(KeyRefused, match="expired on 2020-01-02"):
         openpgp.verify_inline(expired, keys(pgp_cases, "exp"), "s")
+
+
+def test_revoked_signing_subkey(tmp_path: Path) -> None:
+    """sq revokes the signing subkey (superseded, after the signature): sqv accepts, the
+    strict policy refuses, naming the subkey."""
+
+    def sq(*args: str) -> None:
+        subprocess.run(["sq", *args], check=True, capture_output=True, timeout=60)
+
+    key, cert, data = tmp_path / "k.pgp", tmp_path / "c.pgp", tmp_path / "d"
+    data.write_bytes(b"payload\n")
+    sq(
+        "key",
+        "generate",
+        "--userid",
+        "S <s@example.com>",
+        "--creation-time",
+        "20250101",
+        "--export",
+        str(key),
+    )
+    sq("key", "extract-cert", "--output", str(cert), str(key))
+    sq(
+        "sign",
+        "--detached",
+        "--signer-key",
+        str(key),
+        "--time",
+        "20250601",
+        "--output",
+        f"{data}.sig",
+        str(data),
+    )
+    [info] = read_keys(cert.read_bytes(), "c.pgp")
+    [signer] = info.signing_keys
+    revoked = tmp_path / "revoked.pgp"
+    with revoked.open("wb") as out:
+        subprocess.run(
+            ["sq", "revoke", "subkey", "--certificate", str(key), signer, "superseded", "x"],
+            check=True,
+            stdout=out,
+            stderr=subprocess.DEVNULL,
+            timeout=60,
+        )
+    sq("key", "extract-cert", "--output", str(tmp_path / "rc.pgp"), str(revoked))
+    ring = tmp_path / "rc.pgp"
+    sig = Path(f"{data}.sig")
+    assert subprocess.run(["sqv", "--keyring", str(ring), str(sig), str(data)]).returncode == 0
+    assert fetchd_verdict(sig, data, read_keys(cert.read_bytes(), "c"))[0]
+    ok, why = fetchd_verdict(sig, data, read_keys(ring.read_bytes(), "rc"))
+    assert not ok
+    shown = openpgp.display_fingerprint(signer)
+    assert f"its signing subkey {shown} is revoked (soft-revoked: superseded" in why, why
+    problem = openpgp.policy_problem(read_keys(ring.read_bytes(), "rc")[0], time.time())
+    assert problem == "it has no key that may sign now"

@@ -374,8 +374,9 @@ def _algorithm_problem(algorithm: str) -> str | None:
     return f"{algorithm} is not accepted (only RSA ≥ 2048, Ed25519, Ed448 and ECDSA P-256/384/521)"
 
 
-def policy_problem(key: KeyInfo, now: float) -> str | None:
-    """Why ``key`` (the certificate as a whole) may not be used at ``now``, or None."""
+def policy_problem(key: KeyInfo, now: float, *, signer: str | None = None) -> str | None:
+    """Why ``key`` may not be used at ``now``, or None: the certificate as a whole, and
+    ``signer`` (a (sub)key fingerprint) if given, else whether any of its keys may sign."""
     if key.revoked:
         return f"revoked ({key.revoked})"
     if key.expires is not None and key.expires <= now:
@@ -385,6 +386,8 @@ def policy_problem(key: KeyInfo, now: float) -> str | None:
         return problem
     if key.invalid:
         return f"not valid under Sequoia's standard policy ({key.invalid})"
+    if signer is not None:
+        return signer_problem(key, signer, now)
     if not any(signer_problem(key, fpr, now) is None for fpr in key.signing_keys):
         return "it has no key that may sign now"
     return None
@@ -405,9 +408,7 @@ def signer_problem(key: KeyInfo, signer: str, now: float) -> str | None:
 
 
 def _refuse(key: KeyInfo, signer: str | None, what: str, now: float) -> None:
-    problem = policy_problem(key, now)
-    if problem is None and signer is not None:
-        problem = signer_problem(key, signer, now)
+    problem = policy_problem(key, now, signer=signer)
     if problem is not None:
         raise KeyRefused(f"{what}: the signing key {key.describe()} is refused: {problem}")
 
