@@ -283,7 +283,7 @@ class Keystore:
                     gpg.pop(name, None)
                     cosign.pop(name, None)
                 elif is_cosign:
-                    digest = _spki_digest(data, str(path))
+                    digest = spki_digest(data, str(path))
                     if f"cosign-{digest}.pub" != name:
                         raise TrustError(
                             f"fingerprint mismatch: {str(path)!r} holds the key cosign-{digest}"
@@ -364,7 +364,7 @@ class Keystore:
         """A PEM public key → ``cosign-<sha256 SPKI>.pub``; else OpenPGP certificates."""
         directory = self._oci_dir(self.local / "trustedkeys", host.lower(), repo)
         if data.lstrip().startswith(b"-----BEGIN PUBLIC KEY-----"):
-            digest = _spki_digest(data, "the key")
+            digest = spki_digest(data, "the key")
             return [self._write(directory, f"cosign-{digest}.pub", _pem(data))]
         keys = read_keys(data, "the key")
         return [self._write(directory, k.fingerprint, k.raw) for k in keys]
@@ -425,7 +425,7 @@ def _load_pem(data: bytes, what: str) -> PublicKeyTypes:
         raise TrustError(f"{what} is not a PEM public key ({exc})") from exc
 
 
-def _spki_digest(data: bytes, what: str) -> str:
+def spki_digest(data: bytes, what: str) -> str:
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
     key = _load_pem(data, what)
