@@ -110,6 +110,10 @@ class Reference:
         raw = text.removeprefix("docker://")
         if not raw:
             raise UsageError(f"invalid image reference {text!r}")
+        if raw == text and "," in text:
+            # An appc name with labels (example.com/app,version=1.0): stage1.appc reads it;
+            # its label values may hold what a registry reference may not.
+            return cls(text, text, None)
         if raw.partition(":")[0] in _HEX_LENGTH:
             return cls(text, None, _parse_digest(raw, text))
         name_part, at, digest_text = raw.partition("@")

@@ -426,6 +426,10 @@ def test_appc_names_choose_as_rkt_getaci(stage1: Stage1) -> None:
         line = check_error(stage1.run("run", bad), status=2)
         assert why in line, line
 
+    # a label value a registry reference could not hold
+    add("5", "odd label", flavour="a//b/")
+    assert said(f"{name},flavour=a//b/") == "odd label"
+
     # newest of equals: a second entry recorded later wins
     add("1.0.0", "one, again", ref_name=f"{name}:1.0.0-again")
     assert said(f"{name},version=1.0.0") == "one, again"
