@@ -20,7 +20,10 @@ usage: stage1 [--store DIR] [-v] run [--fetch [--insecure-options LIST]] [--net 
 run   render the image REF from the store (cached in STORE/trees) and run its process in
       new user, mount, pid, uts, ipc and network namespaces, as an unprivileged uid.
       REF is what was given to `fetchd pull` (docker://HOST/NAME:TAG, docker://NAME@sha256:...),
-      a name as `fetchd images` lists it, or a manifest digest. ARGS replace the image's Cmd.
+      a name as `fetchd images` lists it, a manifest digest, or an appc name
+      (example.com/app,version=1.0[,LABEL=VALUE...] or example.com/app:1.0; this machine's os
+      and arch are added; without a version the one pulled as latest, else the newest).
+      ARGS replace the image's Cmd (an appc image's are appended to its exec).
       Only this machine's platform runs (of a name stored for several, that one).
       --fetch      run `fetchd prefetch REF` first
       --insecure-options LIST   passed to fetchd prefetch (e.g. http for a plain registry)
