@@ -13,7 +13,7 @@ import pytest
 from tests.support.cli import Fetchd
 from tests.support.stage1 import Stage1
 
-pytest_plugins = ["tests.support.fixtures"]
+pytest_plugins = ["tests.support.fixtures", "tests.support.appc", "tests.support.pgp"]
 
 
 @pytest.fixture

@@ -18,8 +18,6 @@ from tests.support.images import Layer, build_image, push, skopeo
 from tests.support.pgp import PgpCases
 from tests.support.registry import Registry
 
-pytest_plugins = ["tests.support.pgp"]  # the fixture pgp_cases
-
 NAME = "example.com/hello"
 
 

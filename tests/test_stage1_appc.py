@@ -26,7 +26,6 @@ from tests.support.stage1 import Place, Stage1, check_error
 from tests.support.stage1 import nobody_place_fixture as nobody_fixture  # noqa: F401
 
 # the fixtures appc_site and pgp_cases
-pytest_plugins = ["tests.support.appc", "tests.support.pgp"]
 
 ACI = "application/vnd.fetchd.appc.aci.v1.tar"
 NAME = "example.com/hello"
