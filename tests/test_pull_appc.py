@@ -291,7 +291,13 @@ def test_dependency_chain(
             {
                 "imageName": "example.com/base",
                 "imageID": base_id[: 7 + 16],
-                "labels": [{"name": "version", "value": "1.0.0"}],
+                # a dependency gets no os/arch defaults (rkt PR #2317): the labels the
+                # template's {os}-{arch} needs are given, as a publisher would
+                "labels": [
+                    {"name": "version", "value": "1.0.0"},
+                    {"name": "os", "value": "linux"},
+                    {"name": "arch", "value": appc_arch()},
+                ],
             }
         ],
     )
