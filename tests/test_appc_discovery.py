@@ -357,6 +357,12 @@ def test_bad_label_value_refused_before_any_request(site: AppcSite, tmp_path: Pa
     assert site.requests() == []
 
 
+def test_too_many_levels_refused_before_any_request(site: AppcSite, tmp_path: Path) -> None:
+    with pytest.raises(ReferenceInvalid, match="more than 32 path components"):
+        discover(site, tmp_path, E + "/a" * 32)
+    assert site.requests() == []
+
+
 def test_render_and_names() -> None:
     app = AppName.parse(f"{E}/app:1.0+b.1,os=linux,arch=amd64,channel=é")
     assert str(app) == f"{E}/app,version=1.0+b.1,os=linux,arch=amd64,channel=é"

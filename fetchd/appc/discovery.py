@@ -20,7 +20,8 @@ Where appc/rkt were unsafe, fetchd is stricter (the README's differences list):
   ``http://`` is refused without ``--insecure-options http`` (Go's client followed it);
 - bounded: ≤ 5 redirects per level (Go: 10), a page ≤ 1 MiB (read bounded; no limit in appc),
   ≤ 64 matching tags of the wanted kind per level (more fails that level; appc took 10,000),
-  each level ≤ min(stall timeout, 20 s), the whole discovery ≤ 60 s (or ``--deadline``);
+  each level ≤ min(stall timeout, 20 s), the whole discovery ≤ 60 s (or ``--deadline``),
+  names of at most 32 path components (refused before any request);
 - the page is scanned for tags by a small linear scanner, not a full HTML parser (the
   stdlib's html.parser takes seconds on 1 MiB of ``<!``: it is quadratic on hostile input);
   comments and raw-text elements (script, style, …) are skipped, as the HTML tokenizer does;
@@ -54,6 +55,8 @@ if TYPE_CHECKING:
 MAX_PAGE = 1 << 20
 MAX_REDIRECTS = 5
 MAX_TAGS = 64
+#: path components of a name discovery walks (each is a request)
+MAX_LEVELS = 32
 #: whole discovery (one walk), unless --deadline is shorter
 DISCOVERY_TIMEOUT = 60.0
 #: one level (page, redirects and http fallback), unless the stall timeout is shorter
@@ -395,6 +398,11 @@ class _Pubkeys(_Picker):
 def _check_name(name: str) -> None:
     if not AC_IDENTIFIER.match(name):
         raise ReferenceInvalid(f"{name[:80]!r} is not an appc name (like example.com/app)")
+    if name.count("/") >= MAX_LEVELS:
+        raise ReferenceInvalid(
+            f"{name[:80]!r}…: more than {MAX_LEVELS} path components; discovery walks at most "
+            f"{MAX_LEVELS} levels"
+        )
 
 
 async def discover_endpoints(

@@ -6,6 +6,9 @@ Use it from a test file with
 
 (the import registers the function-scoped pytest fixture ``appc_site`` in that module; it needs
 the session fixture ``tls_ca`` of tests.support.fixtures, which tests/conftest.py registers).
+A test or fixture that takes ``appc_site`` as a parameter then needs ``# noqa: F811`` on its
+``def`` line (ruff sees the parameter shadow the import), unless tests/conftest.py lists
+"tests.support.appc" in pytest_plugins, in which case no import is needed at all.
 For another scope, use ``start_appc_site(workdir, ca)`` as a context manager.
 
 AppcSite: nginx (Debian 1.22, ``daemon off``, stopped by its PID) on ADDR:443 with TLS and
@@ -37,12 +40,15 @@ import bz2
 import contextlib
 import errno
 import functools
+import http.client
 import json
 import lzma
 import os
 import platform
+import secrets
 import shutil
 import socket
+import ssl
 import subprocess
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
@@ -68,6 +74,7 @@ CERT_NAMES = ("example.com", "*.example.com", "example.org", "*.example.org", "1
 ADDRS = tuple(f"127.43.0.{n}" for n in range(1, 21))
 START_TIMEOUT = 15.0
 SETTLE_PREFIX = "/.support-settle/"
+TOKEN_PATH = "/.appc-site-token"
 ACTOOL_TIMEOUT = 60.0
 BUSYBOX = Path("/bin/busybox")
 
@@ -110,7 +117,7 @@ def _bind_free(addr: str, ports: Sequence[int]) -> bool:
     return True
 
 
-def _config(workdir: Path, root: Path, addr: str, cert: Path, key: Path) -> str:
+def _config(workdir: Path, root: Path, addr: str, cert: Path, key: Path, token: str) -> str:
     temps = " ".join(
         f'{kind}_temp_path "{workdir / "tmp" / kind}";'
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
@@ -138,6 +145,7 @@ http {{
     location = /downgrade {{ return 302 http://$host/?ac-discovery=1; }}
     location /slow/ {{ limit_rate 1; default_type text/html; }}
     location ^~ {SETTLE_PREFIX} {{ access_log "{workdir / "settle.log"}" appc; return 204; }}
+    location = {TOKEN_PATH} {{ access_log off; return 200 "{token}"; }}
   }}
   server {{
     listen {addr}:443 ssl; listen {addr}:80;
@@ -288,8 +296,9 @@ def start_appc_site(workdir: Path, ca: TestCA) -> Iterator[AppcSite]:
             continue
         cert, key = ca.issue_server(workdir / "tls" / addr, (*CERT_NAMES, addr))
         conf = workdir / f"nginx-{addr}.conf"
-        conf.write_text(_config(workdir, root, addr, cert, key))
-        for name in ("access.log", "settle.log"):
+        token = secrets.token_hex(16)
+        conf.write_text(_config(workdir, root, addr, cert, key, token))
+        for name in ("access.log", "settle.log", "error.log"):
             (workdir / name).write_bytes(b"")
         proc = Proc(
             ["nginx", "-c", str(conf), "-p", str(workdir), "-e", str(workdir / "error.log")],
@@ -297,15 +306,17 @@ def start_appc_site(workdir: Path, ca: TestCA) -> Iterator[AppcSite]:
         )
         site = AppcSite(root, ca.ca_path, addr, workdir / "access.log", workdir, proc)
         try:
+            # Ours, not another test process's nginx that won the address: nginx retries a
+            # busy bind for a while, and meanwhile the other one answers.
             wait_until(
-                functools.partial(_answers, proc, addr),
+                functools.partial(_answers, proc, addr, token, ca.ssl_context()),
                 START_TIMEOUT,
                 f"nginx on {addr}",
-                proc.log_path,
+                workdir / "error.log",
             )
-        except RuntimeError as exc:  # exited: lost a race for the address? try the next one
+        except RuntimeError:  # exited: lost a race for the address? try the next one
             proc.stop()
-            last = str(exc)
+            last = (workdir / "error.log").read_text(errors="replace")
             if "Address already in use" in last:
                 continue
             raise
@@ -320,13 +331,22 @@ def start_appc_site(workdir: Path, ca: TestCA) -> Iterator[AppcSite]:
     raise RuntimeError(f"no 127.43.0.N address free for the appc site: {last}")
 
 
-def _answers(proc: Proc, addr: str) -> bool:
+def _answers(proc: Proc, addr: str, token: str, ctx: ssl.SSLContext) -> bool:
     proc.check_running()
-    for port in (443, 80):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.settimeout(1)
-            if sock.connect_ex((addr, port)) != 0:
+    for scheme, port in (("http", 80), ("https", 443)):
+        conn: http.client.HTTPConnection
+        if scheme == "https":
+            conn = http.client.HTTPSConnection(addr, port, timeout=2, context=ctx)
+        else:
+            conn = http.client.HTTPConnection(addr, port, timeout=2)
+        try:
+            conn.request("GET", TOKEN_PATH)
+            if conn.getresponse().read().decode(errors="replace") != token:
                 return False
+        except (OSError, http.client.HTTPException):
+            return False
+        finally:
+            conn.close()
     return True
 
 
