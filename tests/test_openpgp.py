@@ -125,6 +125,30 @@ def test_tampered_data_is_refused_as_sqv_does(
     assert not fetchd_verdict(sig, truncated, keys(pgp_cases, name))[0]
 
 
+def test_the_working_directory_cannot_answer_for_the_verifier(
+    pgp_cases: PgpCases, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The child is ``python -m fetchd.trust.verify``: run from a directory holding a
+    pysequoia.py (or a fetchd/ package) that says yes to everything, tampered data is
+    still refused (``-m`` would put the working directory first on sys.path)."""
+    sig = pgp_cases.sign("ed", data, out=tmp_path / "x.asc")
+    tampered = tmp_path / "tampered.aci"
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 0x01
+    tampered.write_bytes(bytes(raw))
+    hostile = tmp_path / "untrusted-dir"
+    (hostile / "fetchd" / "trust").mkdir(parents=True)
+    yes = 'import sys, json\nsys.stdout.write(json.dumps({"ok": True}))\n'
+    (hostile / "pysequoia.py").write_text("raise SystemExit(0)\n")
+    (hostile / "fetchd" / "__init__.py").write_text("")
+    (hostile / "fetchd" / "trust" / "__init__.py").write_text("")
+    (hostile / "fetchd" / "trust" / "verify.py").write_text(yes)
+    monkeypatch.chdir(hostile)
+    ok, why = fetchd_verdict(sig, tampered, keys(pgp_cases, "ed"))
+    assert not ok and "does not match the data" in why, why
+    assert fetchd_verdict(sig, data, keys(pgp_cases, "ed"))[0]
+
+
 def test_signature_by_another_key_is_not_trusted(
     pgp_cases: PgpCases, data: Path, tmp_path: Path
 ) -> None:

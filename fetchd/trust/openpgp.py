@@ -503,15 +503,19 @@ async def verify_detached(
     env = dict(os.environ)
     env["RUST_BACKTRACE"] = "0"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+    # -P and cwd "/": ``-m`` would put the working directory first on sys.path, and a
+    # pysequoia.py (or fetchd/) there would then decide the verdict.
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
+        "-P",
         "-m",
         "fetchd.trust.verify",
-        str(data),
+        str(data if data.is_absolute() else Path.cwd() / data),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env=env,
+        cwd="/",
     )
     try:
         try:
