@@ -289,6 +289,8 @@ class Engine:
         policy = self.config.pull_policy
         if policy in ("new", "never"):
             entry = await asyncio.to_thread(layout.find, self.store, name)
+            if entry is not None and layout.is_appc(entry):
+                entry = None  # an appc image of that name answers no docker:// pull
             have = None if entry is None else await asyncio.to_thread(self._stored, entry)
             if entry is not None and have:
                 await asyncio.to_thread(self._touch_image, name, str(entry.top_digest))

@@ -283,6 +283,17 @@ def set_platforms(
     def change(ms: list[Any]) -> list[Any]:
         children = list(news)
         current = _current(store, name, ms)
+        if current is not None and is_appc(current) != any(
+            APPC_NAME_ANNOTATION in d.annotations for d in news
+        ):
+            # ``example.com/app:1.0`` is both an appc name and the index name of
+            # docker://example.com/app:1.0: one kind never silently replaces the other
+            # (stage1 would then run an image another authority vouched for).
+            held = "an appc image" if is_appc(current) else "a registry image"
+            raise StoreError(
+                f"{name} in the store is {held}; remove it first (fetchd rm {name}) to "
+                "store the other kind under that name"
+            )
         if current is not None and index is not None and current.top_digest == index:
             # An entry that cannot be read is not silently replaced by this one platform:
             # StoreError ("run fetchd fsck") goes up instead, and nothing changes.
@@ -484,6 +495,11 @@ def appc_entries(store: Store) -> list[AppcEntry]:
         if name and labels is not None:
             out.append(AppcEntry(e, name, labels))
     return out
+
+
+def is_appc(entry: Entry) -> bool:
+    """The entry is an appc image (an ACI described by fetchd), not a registry image."""
+    return APPC_NAME_ANNOTATION in entry.manifest.annotations
 
 
 def find_appc(
