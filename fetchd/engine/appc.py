@@ -59,6 +59,7 @@ from fetchd.errors import (
     SignatureInvalid,
     SourceError,
     TransferFailed,
+    TransferTimeout,
     UsageError,
 )
 from fetchd.model import OCI_MANIFEST, Descriptor, Digest
@@ -368,33 +369,36 @@ class _Pull:
 
     async def _small_get(self, url: str, limit: int, what: str) -> bytes | None:
         """GET a small document (a signature, a key): its bytes, or None on 202 (with
-        ``self.deferred_for`` set to the Retry-After). Bounded in size and time."""
+        ``self.retry_after`` set from its Retry-After). Bounded in size and time."""
         self._check_scheme(url)
         budget = min(self.config.request_budget, SMALL_REQUEST_BUDGET)
+        deadline = asyncio.timeout(budget)
         try:
-            async with asyncio.timeout(budget):
-                async with self.engine.session().get(url, max_redirects=5) as resp:
-                    if resp.url.scheme == "http" and "http" not in self.config.insecure:
-                        raise InsecureRefused(
-                            f"{what}: redirected to plain HTTP ({redact(str(resp.url))}); "
-                            "pass --insecure-options http to allow it"
-                        )
-                    if resp.status == 202:
-                        self.retry_after = retry_after(resp.headers, 1.0)
-                        return None
-                    if resp.status in (404, 410):
-                        raise BlobNotFound(f"{what}: {resp.status} from {redact(url)}")
-                    if resp.status != 200:
-                        raise TransferFailed(f"{what}: HTTP {resp.status} from {redact(url)}")
-                    data = bytearray()
-                    async for chunk in resp.content.iter_chunked(16 << 10):
-                        data += chunk
-                        if len(data) > limit:
-                            raise SignatureInvalid(
-                                f"{what} is larger than {limit >> 10} KiB; refused"
-                            )
-                    return bytes(data)
+            async with deadline, self.engine.session().get(url, max_redirects=5) as resp:
+                if resp.url.scheme == "http" and "http" not in self.config.insecure:
+                    raise InsecureRefused(
+                        f"{what}: redirected to plain HTTP ({redact(str(resp.url))}); "
+                        "pass --insecure-options http to allow it"
+                    )
+                if resp.status == 202:
+                    self.retry_after = retry_after(resp.headers, 1.0)
+                    return None
+                if resp.status in (404, 410):
+                    raise BlobNotFound(f"{what}: {resp.status} from {redact(url)}")
+                if resp.status != 200:
+                    raise TransferFailed(f"{what}: HTTP {resp.status} from {redact(url)}")
+                data = bytearray()
+                async for chunk in resp.content.iter_chunked(16 << 10):
+                    data += chunk
+                    if len(data) > limit:
+                        raise SignatureInvalid(f"{what} is larger than {limit >> 10} KiB; refused")
+                return bytes(data)
         except TimeoutError:
+            if not deadline.expired():  # aiohttp's read timeout: nothing came for a while
+                raise TransferTimeout(
+                    f"{what}: {redact(url)} sent nothing for {self.config.stall_timeout:g} s "
+                    "(--stall-timeout)"
+                ) from None
             raise SignatureInvalid(
                 f"{what}: not complete within {budget:g} s (the server sends it too slowly "
                 "or never ends it); refused"
@@ -410,18 +414,25 @@ class _Pull:
     async def _deferred(self, url: str, want: _Want) -> bytes:
         """The signature the server deferred (202), asked again after the ACI came."""
         started = time.monotonic()
+        asked = 1
         for _ in range(DEFER_TRIES):
             left = DEFER_BUDGET - (time.monotonic() - started)
-            wait = min(self.retry_after, self.config.max_retry_after, left)
-            if wait < 0 or left <= 0:
-                break
-            await asyncio.sleep(wait)
+            cap = min(self.config.max_retry_after, left)
+            if self.retry_after > cap:
+                # waiting less than asked would only be answered 202 again: say so now
+                raise SignatureInvalid(
+                    f"the signature of {want.shown} never came: {redact(url)} answered 202 "
+                    f"(deferred) with Retry-After {self.retry_after:g} s, more than the "
+                    f"{max(cap, 0):.0f} s fetchd waits for a deferred signature"
+                )
+            await asyncio.sleep(self.retry_after)
             sig = await self._signature(url, want)
+            asked += 1
             if sig is not None:
                 return sig
         raise SignatureInvalid(
             f"the signature of {want.shown} never came: {redact(url)} answered 202 "
-            f"(deferred) {DEFER_TRIES + 1} times over {time.monotonic() - started:.0f} s"
+            f"(deferred) {asked} times over {time.monotonic() - started:.0f} s"
         )
 
     # --- one endpoint: signature, ACI, checks ----------------------------------------------
@@ -525,8 +536,8 @@ class _Pull:
             check_request(m, want.name, want.labels, what)
         if want.image_id is not None and not ins.image_id.startswith(want.image_id):
             raise ImageInvalid(
-                f"{what}: its image ID is {ins.image_id[: 7 + 32]}…, not the {want.image_id[:40]} "
-                "its dependent names"
+                f"{what}: its image ID is {ins.image_id[: 7 + 32]}…, not the "
+                f"{want.image_id[: 7 + 32]}… its parent's manifest requires"
             )
         if not self.unsigned:
             assert sig is not None

@@ -1,0 +1,678 @@
+"""Bad input for appc pulls (issue 13, the **Bad input** paragraph), each through the real CLI
+(``fetchd pull`` / ``fetchd trust`` as a process) against real peers: nginx over TLS with the
+test CA (tests.support.appc), actool-built or hand-made ACIs signed by gpg/sq keys
+(tests.support.pgp), and, for the answers nginx cannot give (a signature that stalls after its
+headers, one that never ends, 202 with a count), a few lines of real HTTPS server here (asyncio
+in a thread, a certificate of the same CA).
+
+Every case asserts: exit 1, exactly one ``error:`` line naming what failed, nothing in
+STORE/layout/index.json, no blob at all in STORE/layout/blobs (so none of the ACI), no ingest
+left with bytes a retry would resume, and a bounded time. The refusals that must come before
+the ACI is requested also check the servers' logs for that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import io
+import itertools
+import json
+import ssl
+import subprocess
+import tarfile
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.appc import AppcSite, appc_arch, build_aci
+from tests.support.cli import Fetchd
+from tests.support.pgp import PgpCases
+from tests.support.tls import TestCA
+from tests.test_pull_appc import NAME, TEMPLATE, aci_path, error_line, publish, root_page, trust
+
+pytest_plugins = ["tests.support.appc", "tests.support.pgp"]
+
+#: every refusal here ends well within this (the slow ones: a stall timeout of 2 s, a request
+#: budget of 5 s, three 202 retries of 1 s)
+BOUND = 30.0
+ARCH = appc_arch()
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def pull(
+    fetchd: Fetchd,
+    site: AppcSite,
+    tmp: Path,
+    *args: str,
+    peer: Peer | None = None,
+    stall: str = "2",
+) -> tuple[subprocess.CompletedProcess[str], float]:
+    """``fetchd pull`` with the site's --resolve (and the peer's), timed."""
+    extra = ["--resolve", f"peer.example.com:{peer.port}:127.0.0.1"] if peer else []
+    started = time.monotonic()
+    got = fetchd(
+        "pull",
+        "--trust-dir",
+        str(tmp / "trust"),
+        "--stall-timeout",
+        stall,
+        *site.resolve_args(),
+        *extra,
+        *args,
+        env=site.env(),
+        timeout=BOUND * 2,
+    )
+    return got, time.monotonic() - started
+
+
+def refused(fetchd: Fetchd, got: subprocess.CompletedProcess[str], took: float, *words: str) -> str:
+    """The common assertions of a refusal; returns the error line (which has ``words``)."""
+    assert got.returncode == 1, got.stderr
+    line = error_line(got)
+    for w in words:
+        assert w in line, line
+    assert "internal error" not in got.stderr and "Traceback" not in got.stderr, got.stderr
+    assert took < BOUND, f"{took:.1f} s: {line}"
+    index = fetchd.store / "layout" / "index.json"
+    if index.exists():
+        assert json.loads(index.read_text()).get("manifests", []) == [], index.read_text()
+    assert fetchd.blobs() == set()
+    leftover = [p for p in fetchd.ingests() if p.is_dir() and any(p.iterdir())]
+    assert leftover == [], leftover
+    return line
+
+
+def aci_requested(site: AppcSite) -> bool:
+    return any(r.split()[1].split("?")[0].endswith(".aci") for r in site.requests())
+
+
+def tar_aci(out: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
+    """A gzip'd tar of exactly these members (hand-made: actool would refuse to build them)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    out.write_bytes(gzip.compress(buf.getvalue()))
+    return out
+
+
+def member(
+    name: str, data: bytes | None = b"", typ: bytes = tarfile.REGTYPE, **kw: Any
+) -> tuple[tarfile.TarInfo, bytes | None]:
+    info = tarfile.TarInfo(name)
+    info.type = typ
+    info.mode = 0o755 if typ == tarfile.DIRTYPE else 0o644
+    for k, v in kw.items():
+        setattr(info, k, v)
+    if typ == tarfile.REGTYPE and data is not None:
+        info.size = len(data)
+        return info, data
+    return info, None
+
+
+def manifest_bytes(name: str = NAME, version: str = "1.0.0", **extra: Any) -> bytes:
+    doc = {
+        "acKind": "ImageManifest",
+        "acVersion": "0.8.11",
+        "name": name,
+        "labels": [
+            {"name": "version", "value": version},
+            {"name": "os", "value": "linux"},
+            {"name": "arch", "value": ARCH},
+        ],
+        **extra,
+    }
+    return json.dumps(doc).encode()
+
+
+def serve_signed(site: AppcSite, pgp: PgpCases, aci: Path, signer: str = "ed") -> None:
+    path = aci_path(NAME, "1.0.0")
+    site.put(path, aci)
+    site.put(path + ".asc", pgp.sign(signer, aci))
+
+
+# ------------------------------------------------------------------ a few lines of real server
+
+
+Handler = Callable[[asyncio.StreamWriter, int], Awaitable[None]]
+
+
+@dataclass
+class Peer:
+    """HTTPS on 127.0.0.1:port (certificate of the test CA, names peer.example.com): each
+    request's path is looked up in ``routes`` (the handler gets the writer and how many times
+    that path was asked, from 1); ``seen`` lists (path, monotonic time) in arrival order."""
+
+    port: int = 0
+    routes: dict[str, Handler] = field(default_factory=dict)
+    seen: list[tuple[str, float]] = field(default_factory=list)
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def url(self, path: str) -> str:
+        return f"https://peer.example.com:{self.port}{path}"
+
+    def asked(self, path: str) -> list[float]:
+        return [t for p, t in self.seen if p == path]
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                path = head.split(b" ", 2)[1].decode().split("?")[0]
+                self.seen.append((path, time.monotonic()))
+                n = sum(1 for p, _ in self.seen if p == path)
+                route = self.routes.get(path)
+                if route is None:
+                    writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                else:
+                    await route(writer, n)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+
+def ok(body: bytes, ctype: str = "application/octet-stream") -> Handler:
+    async def answer(w: asyncio.StreamWriter, n: int) -> None:
+        w.write(
+            f"HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\n".encode()
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+
+    return answer
+
+
+def deferred(then: bytes | None, times: int = 1, retry: str = "1") -> Handler:
+    """202 with Retry-After for the first ``times`` requests, then 200 ``then`` (None: 202
+    forever)."""
+
+    async def answer(w: asyncio.StreamWriter, n: int) -> None:
+        if then is None or n <= times:
+            w.write(
+                b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n"
+                + f"Retry-After: {retry}\r\n\r\n".encode()
+            )
+        else:
+            await ok(then, "application/pgp-signature")(w, n)
+
+    return answer
+
+
+async def stall_after_headers(w: asyncio.StreamWriter, n: int) -> None:
+    w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n-----BEGIN PGP")
+    await w.drain()
+    await asyncio.sleep(3600)
+
+
+async def endless(w: asyncio.StreamWriter, n: int) -> None:
+    w.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+    for _ in range(4096):  # 32 MiB at most, whatever the client does
+        w.write(b"A" * 8192)
+        await w.drain()
+        await asyncio.sleep(0)
+
+
+async def trickle(w: asyncio.StreamWriter, n: int) -> None:
+    """A byte every 0.2 s, forever: never stalls, never reaches the size bound."""
+    w.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+    while not w.is_closing():
+        w.write(b"A")
+        await w.drain()
+        await asyncio.sleep(0.2)
+
+
+@pytest.fixture
+def peer(tmp_path: Path, tls_ca: TestCA) -> Iterator[Peer]:
+    cert, key = tls_ca.issue_server(tmp_path / "peer-tls", ("peer.example.com", "127.0.0.1"))
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    p = Peer()
+    ready = threading.Event()
+    stop: list[asyncio.Event] = []
+
+    async def main() -> None:
+        p.loop = asyncio.get_running_loop()
+        server = await asyncio.start_server(p.handle, "127.0.0.1", 0, ssl=ctx)
+        p.port = server.sockets[0].getsockname()[1]
+        done = asyncio.Event()
+        stop.append(done)
+        ready.set()
+        async with server:
+            await done.wait()
+            server.close()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    thread.start()
+    assert ready.wait(10), "the test server did not start"
+    try:
+        yield p
+    finally:
+        assert p.loop is not None
+        p.loop.call_soon_threadsafe(stop[0].set)
+        thread.join(10)
+
+
+def peer_page(site: AppcSite, peer: Peer) -> None:
+    """Discovery on nginx (the walk up to the host's page); the endpoints on the peer."""
+    template = peer.url("/{name}-{version}-{os}-{arch}.{ext}")
+    site.page("/", site.meta(("ac-discovery", "example.com", template)))
+
+
+PEER_ACI = f"/{NAME}-1.0.0-linux-{ARCH}.aci"
+
+
+# ------------------------------------------------------------------ signatures and keys
+
+
+@pytest.mark.parametrize(
+    ("signer", "prefix", "words"),
+    [
+        ("ed", "example.com/other", ("not trusted for example.com/hello", "fetchd trust --prefix")),
+        ("stranger", NAME, ("is signed by", "not trusted for example.com/hello")),
+        ("exp", NAME, ("expired",)),
+        ("rev", NAME, ("revoked",)),
+        ("hard", NAME, ("revoked",)),
+        ("soft", NAME, ("revoked",)),
+    ],
+)
+def test_signer_refused_before_the_aci(
+    fetchd: Fetchd,
+    appc_site: AppcSite,
+    tmp_path: Path,
+    pgp_cases: PgpCases,
+    signer: str,
+    prefix: str,
+    words: tuple[str, ...],
+) -> None:
+    """A key trusted for another prefix, an untrusted key, expired / hard- / soft-revoked
+    keys: refused from the signature alone, with no request for the ACI."""
+    publish(appc_site, tmp_path, pgp_cases, signer=signer)
+    root_page(appc_site)
+    # `fetchd trust` refuses bad keys itself: put the file where the keystore reads it
+    d = tmp_path / "trust/trustedkeys/prefix.d" / prefix
+    d.mkdir(parents=True)
+    key = "ed" if signer == "stranger" else signer
+    (d / pgp_cases.fingerprint(key)).write_bytes(pgp_cases.key(key).read_bytes())
+    got, took = pull(fetchd, appc_site, tmp_path, f"{NAME}:1.0.0")
+    refused(fetchd, got, took, NAME, *words)
+    assert not aci_requested(appc_site), appc_site.requests()
+
+
+def test_tampered_aci_by_name(
+    fetchd: Fetchd, appc_site: AppcSite, tmp_path: Path, pgp_cases: PgpCases
+) -> None:
+    aci = publish(appc_site, tmp_path, pgp_cases)
+    data = bytearray(aci.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    appc_site.put(aci_path(NAME, "1.0.0"), bytes(data))
+    root_page(appc_site)
+    trust(fetchd, tmp_path, pgp_cases, "ed")
+    got, took = pull(fetchd, appc_site, tmp_path, f"{NAME}:1.0.0")
+    refused(fetchd, got, took, NAME)
+    first = [r for r in appc_site.requests() if r.split()[1].endswith(".aci")]
+    # a second try fetches it again as the first did (nothing resumed), refused the same way
+    appc_site.clear_log()
+    again, took = pull(fetchd, appc_site, tmp_path, f"{NAME}:1.0.0")
+    assert refused(fetchd, again, took, NAME) == error_line(got)
+    acis = [r for r in appc_site.requests() if r.split()[1].endswith(".aci")]
+    assert acis == first, (first, acis)
+
+
+# ------------------------------------------------------------------ manifest against request
+
+
+@pytest.mark.parametrize(
+    ("build", "ref", "words"),
+    [
+        ({"manifest_name": "example.com/other"}, f"{NAME}:1.0.0", ("example.com/other",)),
+        ({"labels": {"version": "2.0.0"}}, f"{NAME}:1.0.0", ("version", "2.0.0")),
+        (
+            {"labels": {"channel": "stable"}},
+            f"{NAME},version=1.0.0,channel=beta",
+            ("channel", "stable"),
+        ),
+        ({}, f"{NAME},version=1.0.0,channel=beta", ("channel",)),
+    ],
+    ids=["name", "version", "label-differs", "label-missing"],
+)
+def test_manifest_differs_from_the_request(
+    fetchd: Fetchd,
+    appc_site: AppcSite,
+    tmp_path: Path,
+    pgp_cases: PgpCases,
+    build: dict[str, Any],
+    ref: str,
+    words: tuple[str, ...],
+) -> None:
+    publish(appc_site, tmp_path, pgp_cases, **build)
+    root_page(appc_site)
+    trust(fetchd, tmp_path, pgp_cases, "ed", "example.com")
+    got, took = pull(fetchd, appc_site, tmp_path, ref)
+    refused(fetchd, got, took, *words)
+
+
+# ------------------------------------------------------------------ the ACI's structure
+
+
+def _rootfs(
+    *extra: tuple[tarfile.TarInfo, bytes | None],
+) -> list[tuple[tarfile.TarInfo, bytes | None]]:
+    return [
+        member("rootfs", typ=tarfile.DIRTYPE),
+        member("rootfs/etc", typ=tarfile.DIRTYPE),
+        member("rootfs/etc/hostname", b"x\n"),
+        *extra,
+        member("manifest", manifest_bytes()),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("members", "words"),
+    [
+        (_rootfs(member("extra.txt", b"x")), ("extra.txt",)),
+        (_rootfs(member("rootfs2", typ=tarfile.DIRTYPE)), ("rootfs2",)),
+        (_rootfs(member("rootfs/../evil", b"x")), ("..",)),
+        (_rootfs(member("/rootfs/abs", b"x")), ("/rootfs/abs",)),
+        (
+            _rootfs(
+                member("rootfs/out", typ=tarfile.SYMTYPE, linkname="/etc"),
+                member("rootfs/out/passwd", b"root::0:0::/:/bin/sh\n"),
+            ),
+            ("rootfs/out",),
+        ),
+        (
+            _rootfs(member("rootfs/hard", typ=tarfile.LNKTYPE, linkname="../../etc/passwd")),
+            ("hard",),
+        ),
+        (_rootfs(member("rootfs/dev/sda", typ=tarfile.BLKTYPE, devmajor=8)), ("dev/sda",)),
+        (_rootfs(member("rootfs/etc/hostname", b"y\n")), ("hostname",)),
+    ],
+    ids=[
+        "extra-file",
+        "extra-dir",
+        "dotdot",
+        "absolute",
+        "below-symlink",
+        "hardlink-out",
+        "device",
+        "duplicate",
+    ],
+)
+def test_hostile_aci_structure(
+    fetchd: Fetchd,
+    appc_site: AppcSite,
+    tmp_path: Path,
+    pgp_cases: PgpCases,
+    members: list[tuple[tarfile.TarInfo, bytes | None]],
+    words: tuple[str, ...],
+) -> None:
+    """Extra top-level entries and hostile paths in rootfs/, correctly signed by a trusted
+    key: refused by the structure check, before commit."""
+    aci = tar_aci(tmp_path / "hostile.aci", members)
+    serve_signed(appc_site, pgp_cases, aci)
+    root_page(appc_site)
+    trust(fetchd, tmp_path, pgp_cases, "ed")
+    got, took = pull(fetchd, appc_site, tmp_path, f"{NAME}:1.0.0")
+    refused(fetchd, got, took, *words)
+
+
+# ------------------------------------------------------------------ discovery
+
+
+def test_discovery_page_of_20_mib(
+    fetchd: Fetchd, appc_site: AppcSite, tmp_path: Path, pgp_cases: PgpCases
+) -> None:
+    publish(appc_site, tmp_path, pgp_cases)
+    page = appc_site.meta(("ac-discovery", "example.com", TEMPLATE), body="x" * (20 << 20))
+    appc_site.page("/", page)
+    trust(fetchd, tmp_path, pgp_cases, "ed")
+    got, took = pull(fetchd, appc_site, tmp_path, f"{NAME}:1.0.0")
+    line = refused(fetchd, got, took, "discovery of example.com/hello failed")
+    assert "example.com:" in line, line
+    assert not aci_requested(appc_site)
+
+
+def test_discovery_page_with_10000_matching_tags(
+    fetchd: Fetchd, appc_site: AppcSite, tmp_path: Path, pgp_cases: PgpCases
+) -> None:
+    publish(appc_site, tmp_path, pgp_cases)
+    # short tags, so that the page stays under the page-size bound (1 MiB)
+    tags = [
+        ("ac-discovery", "example.com", f"https://x/{n}/{{name}}.{{ext}}") for n in range(10_000)
+    ]
+    appc_site.page("/", appc_site.meta(*tags))
+    trust(fetchd, tmp_path, pgp_cases, "ed")
+    got, took = pull(fetchd, appc_site, tmp_path, f"{NAME}:1.0.0")
+    refused(fetchd, got, took, "discovery of example.com/hello failed", "10000")
+    assert not aci_requested(appc_site)
+
+
+def test_redirect_loop_at_one_level(
+    fetchd: Fetchd, appc_site: AppcSite, tmp_path: Path, pgp_cases: PgpCases
+) -> None:
+    """The name's own page redirects to itself (nginx /loop) and the host has no page."""
+    trust(fetchd, tmp_path, pgp_cases, "ed", "example.com")
+    got, took = pull(fetchd, appc_site, tmp_path, "example.com/loop:1.0.0")
+    line = refused(fetchd, got, took, "discovery of example.com/loop failed")
+    assert "redirect" in line, line
+    loops = [r for r in appc_site.requests() if r.startswith("GET /loop")]
+    assert 1 < len(loops) <= 12, loops
+
+
+def test_redirect_loop_at_every_level(
+    fetchd: Fetchd, appc_site: AppcSite, tmp_path: Path, pgp_cases: PgpCases
+) -> None:
+    """loop.example.org redirects every path to itself: each level of the walk is bounded."""
+    trust(fetchd, tmp_path, pgp_cases, "ed", "loop.example.org")
+    got, took = pull(fetchd, appc_site, tmp_path, "loop.example.org/a/b/app:1.0.0")
+    line = refused(fetchd, got, took, "discovery of loop.example.org/a/b/app failed")
+    for level in ("loop.example.org/a/b/app", "loop.example.org/a/b", "loop.example.org/a"):
+        assert f"{level}:" in line, line
+    assert len(appc_site.requests()) <= 4 * 12
+
+
+@pytest.mark.parametrize("value", ["1.0/x", "1.0?x", "1.0#x", "1%2e0"])
+def test_label_values_that_would_change_the_url(
+    fetchd: Fetchd, appc_site: AppcSite, tmp_path: Path, value: str
+) -> None:
+    got, took = pull(fetchd, appc_site, tmp_path, f"{NAME},version={value}")
+    refused(fetchd, got, took, "label version=", "may not contain")
+    assert appc_site.requests() == []
+
+
+@pytest.mark.parametrize(
+    ("prefix", "words"),
+    [
+        ("example.com/../x", ("..",)),
+        ("../x", ("..",)),
+        ("example.com/a/..", ("..",)),
+        ("https://example.com/app", ("URL scheme",)),
+        ("docker+https://example.com/app", ("scheme",)),
+    ],
+)
+def test_trust_prefix_refused(
+    fetchd: Fetchd, tmp_path: Path, pgp_cases: PgpCases, prefix: str, words: tuple[str, ...]
+) -> None:
+    started = time.monotonic()
+    got = fetchd(
+        "trust",
+        "--trust-dir",
+        str(tmp_path / "trust"),
+        "--prefix",
+        prefix,
+        "--skip-fingerprint-review",
+        str(pgp_cases.key("ed")),
+    )
+    refused(fetchd, got, time.monotonic() - started, "--prefix", *words)
+    keys = tmp_path / "trust" / "trustedkeys"
+    assert not keys.exists() or not any(p.is_file() for p in keys.rglob("*"))
+
+
+# ------------------------------------------------------------------ signatures that misbehave
+
+
+@pytest.mark.parametrize(
+    ("handler", "words"),
+    [
+        (stall_after_headers, ("signature", "sent nothing for 1 s")),
+        (endless, ("signature", "larger than 64 KiB")),
+        (trickle, ("signature", "not complete within")),
+    ],
+    ids=["stall-after-headers", "endless", "trickle"],
+)
+def test_signature_that_never_finishes_or_never_ends(
+    fetchd: Fetchd,
+    appc_site: AppcSite,
+    peer: Peer,
+    tmp_path: Path,
+    pgp_cases: PgpCases,
+    handler: Handler,
+    words: tuple[str, ...],
+) -> None:
+    aci = build_aci(tmp_path, NAME, out=tmp_path / "hello.aci")
+    peer.routes[PEER_ACI] = ok(aci.read_bytes())
+    peer.routes[PEER_ACI + ".asc"] = handler
+    peer_page(appc_site, peer)
+    trust(fetchd, tmp_path, pgp_cases, "ed")
+    # --stall-timeout 1: a stall ends after 1 s, a small request after 5 s in all
+    got, took = pull(fetchd, appc_site, tmp_path, f"{NAME}:1.0.0", peer=peer, stall="1")
+    refused(fetchd, got, took, NAME, *words)
+    assert took < 15, took
+    assert peer.asked(PEER_ACI) == []  # the signature first: the ACI never asked
+
+
+def test_signature_deferred_forever(
+    fetchd: Fetchd, appc_site: AppcSite, peer: Peer, tmp_path: Path, pgp_cases: PgpCases
+) -> None:
+    """202 forever: the ACI comes into the ingest, the signature is asked again (Retry-After
+    honoured) a bounded number of times, then a clear refusal and the ingest discarded."""
+    aci = build_aci(tmp_path, NAME, out=tmp_path / "hello.aci")
+    peer.routes[PEER_ACI] = ok(aci.read_bytes())
+    peer.routes[PEER_ACI + ".asc"] = deferred(None)
+    peer_page(appc_site, peer)
+    trust(fetchd, tmp_path, pgp_cases, "ed")
+    got, took = pull(fetchd, appc_site, tmp_path, f"{NAME}:1.0.0", peer=peer)
+    refused(fetchd, got, took, NAME, "202", "never came")
+    asked = peer.asked(PEER_ACI + ".asc")
+    assert len(asked) == 4, peer.seen  # once before the ACI, three retries after it
+    assert all(b - a >= 0.9 for a, b in itertools.pairwise(asked)), asked
+
+
+def test_signature_deferred_with_a_huge_retry_after(
+    fetchd: Fetchd, appc_site: AppcSite, peer: Peer, tmp_path: Path, pgp_cases: PgpCases
+) -> None:
+    """A Retry-After of a day is capped: the pull ends within the bound, not a day later."""
+    aci = build_aci(tmp_path, NAME, out=tmp_path / "hello.aci")
+    peer.routes[PEER_ACI] = ok(aci.read_bytes())
+    peer.routes[PEER_ACI + ".asc"] = deferred(None, retry="86400")
+    peer_page(appc_site, peer)
+    trust(fetchd, tmp_path, pgp_cases, "ed")
+    got, took = pull(fetchd, appc_site, tmp_path, f"{NAME}:1.0.0", peer=peer)
+    refused(fetchd, got, took, NAME, "202")
+
+
+def test_signature_deferred_once_then_verified(
+    fetchd: Fetchd, appc_site: AppcSite, peer: Peer, tmp_path: Path, pgp_cases: PgpCases
+) -> None:
+    """The 202 protocol (APPC.md 1.5): the .asc answers 202 + Retry-After: 1, then 200. The
+    ACI is fetched into the ingest in between (not visible: no name, no blob), the second
+    request for the signature waits the Retry-After, and the pull succeeds."""
+    aci = build_aci(tmp_path, NAME, out=tmp_path / "hello.aci")
+    data = aci.read_bytes()
+    sig = pgp_cases.sign("ed", aci).read_bytes()
+    seen_then: list[dict[str, Any]] = []
+    give = deferred(sig, times=1)
+
+    async def asc(w: asyncio.StreamWriter, n: int) -> None:
+        if n == 2:  # the ACI is complete in the ingest now; nothing of it may be visible
+            index = fetchd.store / "layout" / "index.json"
+            ingests = [p / "data" for p in fetchd.ingests() if (p / "data").exists()]
+            seen_then.append(
+                {
+                    "index": json.loads(index.read_text()).get("manifests", [])
+                    if index.exists()
+                    else [],
+                    "blobs": fetchd.blobs(),
+                    "ingested": [p.read_bytes() == data for p in ingests],
+                }
+            )
+        await give(w, n)
+
+    peer.routes[PEER_ACI] = ok(data)
+    peer.routes[PEER_ACI + ".asc"] = asc
+    peer_page(appc_site, peer)
+    trust(fetchd, tmp_path, pgp_cases, "ed")
+    got, _took = pull(fetchd, appc_site, tmp_path, f"{NAME}:1.0.0", peer=peer)
+    assert got.returncode == 0, got.stderr
+    assert "signature verified:" in got.stderr
+    order = [p for p, _ in peer.seen]
+    assert order == [PEER_ACI + ".asc", PEER_ACI, PEER_ACI + ".asc"], order
+    first, second = peer.asked(PEER_ACI + ".asc")
+    assert second - first >= 1.0  # Retry-After: 1 honoured
+    assert seen_then == [{"index": [], "blobs": set(), "ingested": [True]}], seen_then
+    entry = fetchd.entry(f"{NAME}:1.0.0")
+    assert entry["digest"] == got.stdout.strip()
+    blob = fetchd.store / "layout/blobs/sha256" / hashlib.sha256(data).hexdigest()
+    assert blob.read_bytes() == data
+
+
+# ------------------------------------------------------------------ dependencies
+
+
+def _dep(name: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "imageName": name,
+        "labels": [
+            {"name": "version", "value": "1.0.0"},
+            {"name": "os", "value": "linux"},
+            {"name": "arch", "value": ARCH},
+        ],
+        **extra,
+    }
+
+
+def _image_id(aci: Path) -> str:
+    return "sha512-" + hashlib.sha512(gzip.decompress(aci.read_bytes())).hexdigest()
+
+
+@pytest.mark.parametrize("case", ["image-id", "size", "cycle", "self"])
+def test_bad_dependency(
+    fetchd: Fetchd, appc_site: AppcSite, tmp_path: Path, pgp_cases: PgpCases, case: str
+) -> None:
+    base_name = "example.com/base"
+    if case == "cycle":
+        publish(appc_site, tmp_path, pgp_cases, name=base_name, app=False, deps=[_dep(NAME)])
+        publish(appc_site, tmp_path, pgp_cases, deps=[_dep(base_name)])
+        words: tuple[str, ...] = ("dependency cycle", f"{NAME} → {base_name} → {NAME}")
+    elif case == "self":
+        publish(appc_site, tmp_path, pgp_cases, deps=[_dep(NAME)])
+        words = ("dependency cycle", f"{NAME} → {NAME}")
+    else:
+        base = publish(appc_site, tmp_path, pgp_cases, name=base_name, app=False)
+        if case == "image-id":
+            wrong = "sha512-" + ("0" * 32 if _image_id(base)[7] != "0" else "1" * 32)
+            dep = _dep(base_name, imageID=wrong)
+            words = (base_name, "image ID", "parent's manifest requires")
+        else:
+            size = len(gzip.decompress(base.read_bytes()))
+            dep = _dep(base_name, size=size - 512)
+            words = (base_name,)
+        publish(appc_site, tmp_path, pgp_cases, deps=[dep])
+    root_page(appc_site)
+    trust(fetchd, tmp_path, pgp_cases, "ed", "example.com")
+    got, took = pull(fetchd, appc_site, tmp_path, f"{NAME}:1.0.0")
+    refused(fetchd, got, took, *words)
