@@ -9,9 +9,13 @@ directory is an OCI layout that skopeo reads; a registry image cannot become a .
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 from pathlib import Path
 
+from fetchd.store import maintenance as mt
+from fetchd.store.cas import Store
 from tests.support.appc import build_aci
 from tests.support.cli import Fetchd, blob_file, failed, ok
 from tests.support.images import Layer, build_image, push, skopeo
@@ -125,3 +129,36 @@ def test_export_aci_refusals(
     assert "is corrupt" in error and "fetchd fsck" in error, error
     assert not (tmp_path / "bad.aci").exists()
     assert not list(tmp_path.glob(".bad.aci*"))
+
+
+def test_export_aci_does_not_follow_a_planted_symlink(
+    fetchd: Fetchd, pgp_cases: PgpCases, tmp_path: Path
+) -> None:
+    """Review finding: the export wrote through ``.{name}.{pid}.tmp`` opened with
+    open(…, "wb"), which follows a symlink planted at that predictable name: the victim
+    got the ACI's bytes. The export runs in this process, so its pid is ours."""
+    aci = pull_signed(fetchd, pgp_cases, tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    dest = out / "hello.aci"
+    victims = []
+    for target in (dest, out / "hello.aci.asc"):
+        victim = tmp_path / f"victim-{target.name}"
+        victim.write_bytes(b"precious\n")
+        (out / f".{target.name}.{os.getpid()}.tmp").symlink_to(victim)
+        victims.append(victim)
+    result = mt.export(Store(fetchd.store), f"{NAME}:1.0.0", dest)
+    assert result.dest == dest
+    assert dest.read_bytes() == aci.read_bytes()
+    assert (out / "hello.aci.asc").read_bytes() == aci.with_name(aci.name + ".asc").read_bytes()
+    for victim in victims:
+        assert victim.read_bytes() == b"precious\n"
+    assert not dest.is_symlink()
+    # the exported files are as open() would have made them (0666 less the umask)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o666 & ~umask
+    assert sorted(p.name for p in out.iterdir() if not p.is_symlink()) == [
+        "hello.aci",
+        "hello.aci.asc",
+    ]

@@ -12,7 +12,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from fetchd.errors import TrustError, UsageError
+from fetchd.errors import KeyRefused, TrustError, UsageError
+from fetchd.model import Reference
 from fetchd.trust.keystore import (
     Keystore,
     TrustedKey,
@@ -214,3 +215,85 @@ def test_oci_publishers(store: Keystore, pgp_cases: PgpCases) -> None:
     assert store.oci_keys_for("127.0.0.1:5000", "team/app")[1] == []
     with pytest.raises(TrustError, match="not a PEM public key"):
         store.add_oci(b"-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----\n", "h", "r")
+
+
+@pytest.mark.parametrize(
+    ("given", "stored"),
+    [
+        ("docker://busybox", "docker://docker.io/library/busybox"),
+        ("docker://busybox/", "docker://docker.io/busybox/"),  # a subtree: no library/
+        ("docker://team/app", "docker://docker.io/team/app"),
+        ("docker://docker.io/busybox", "docker://docker.io/library/busybox"),
+        ("docker://Index.Docker.IO/busybox", "docker://docker.io/library/busybox"),
+        ("docker://registry-1.docker.io/team/app", "docker://docker.io/team/app"),
+        ("docker://index.docker.io", "docker://docker.io"),
+        ("docker://docker.io/team/", "docker://docker.io/team/"),
+        ("docker://quay.io", "docker://quay.io"),
+        ("docker://localhost", "docker://localhost"),
+        ("docker://localhost/app", "docker://localhost/app"),
+        ("docker://quay.io/app", "docker://quay.io/app"),  # library/ is the Hub's only
+    ],
+)
+def test_docker_prefixes_are_read_as_pull_names(given: str, stored: str) -> None:
+    """Review finding: docker://busybox was stored under the host "busybox", which no pull
+    names (a pull of docker://busybox is docker.io/library/busybox), so it guarded nothing."""
+    assert validate_prefix(given) == stored
+    assert validate_prefix(stored) == stored  # idempotent: the stored form reads back
+    assert oci_prefix(stored) == oci_prefix(given)
+
+
+def test_a_docker_hub_prefix_guards_what_the_pull_looks_up(
+    store: Keystore, pgp_cases: PgpCases
+) -> None:
+    ed, rsa, sub = (pgp_cases.fingerprint(n) for n in ("ed", "rsa", "sub"))
+    [path] = store.add(pgp_cases.key("ed").read_bytes(), "docker://busybox")
+    assert path == store.local / "trustedkeys/oci.d/docker.io/library/busybox" / ed
+    pem, _digest = _cosign_pem()
+    store.add(pem, "docker://index.docker.io/team")  # stored for docker.io/library/team
+    store.add(pgp_cases.key("rsa").read_bytes(), "docker://index.docker.io/team/")
+    store.add(pgp_cases.key("sub").read_bytes(), "docker://registry-1.docker.io")
+
+    def found(text: str) -> set[str]:
+        ref = Reference.parse(text)  # what fetchd pull looks up
+        gpg, _pems = store.oci_keys_for(ref.host, ref.name)
+        return {k.fingerprint for k in gpg}
+
+    assert found("docker://busybox") == {ed, sub}
+    assert found("docker://docker.io/library/busybox:1.36") == {ed, sub}
+    assert found("docker://index.docker.io/busybox") == {ed, sub}  # library/ added on lookup
+    assert found("docker://registry-1.docker.io/library/busybox") == {ed, sub}
+    assert found("docker://team/app") == {rsa, sub}
+    assert found("docker://index.docker.io/team/app") == {rsa, sub}
+    assert found("docker://quay.io/library/busybox") == set()
+    assert store.oci_keys_for("docker.io", "library/team")[1] == [pem]
+    assert store.oci_keys_for("docker.io", "team/app")[1] == []
+    # a key stored under an alias directory (as before the fix) still counts for docker.io
+    legacy = store.local / "trustedkeys/oci.d/index.docker.io/library/alpine"
+    legacy.mkdir(parents=True)
+    shutil.copy(pgp_cases.key("ed"), legacy / ed)
+    assert found("docker://alpine") == {ed, sub}
+    listed = {(k.prefix, k.info.fingerprint) for k in store.oci_entries()[0]}
+    assert listed == {
+        ("docker://docker.io/library/busybox", ed),
+        ("docker://docker.io/library/alpine", ed),
+        ("docker://docker.io/team/", rsa),
+        ("docker://docker.io", sub),
+    }
+    # --remove with an alias prefix reaches both
+    assert len(store.remove(ed, "docker://index.docker.io/alpine")) == 1
+    assert found("docker://alpine") == {sub}
+
+
+def test_a_key_file_with_one_refused_key_stores_none(store: Keystore, pgp_cases: PgpCases) -> None:
+    """Review finding: add stored every certificate of a file, judged or not (the appc
+    pull's --trust-keys-from-https judged only the first); now one refused key refuses
+    the file, with its reason, and nothing is written."""
+    for bad, reason in (("exp", "expired on 2020-01-02"), ("rev", "revoked (hard-revoked")):
+        data = pgp_cases.key("ed").read_bytes() + pgp_cases.key(bad).read_bytes()
+        for prefix in ("example.com/app", None, "docker://127.0.0.1:5000/app"):
+            with pytest.raises(KeyRefused) as exc:
+                store.add(data, prefix)
+            assert reason in str(exc.value), exc.value
+            assert pgp_cases.fingerprint(bad)[:4].upper() in str(exc.value)
+            assert "nothing was trusted" in str(exc.value)
+            assert not (store.local / "trustedkeys").exists()

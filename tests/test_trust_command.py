@@ -3,15 +3,18 @@ policy at trust time, keys from files and from https/http (nginx), pubkeys disco
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pty
 import select
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -256,3 +259,99 @@ def test_no_key_discovers_the_prefix_pubkeys(
     res = trust(fetchd, tmp_path, *site, "--prefix", "example.com/other", env=appc_site.env())
     failed(res, "error determining key location", "example.com/other", "KEYFILE")
     assert len(stored(tmp_path)) == 1
+
+
+class _SlowKeyServer:
+    """aiohttp on 127.0.0.1 (a free port, its own thread and loop): GET /key.asc answers
+    the key's first 200 bytes, waits 0.5 s, then the rest (one Content-Length body)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.runner, self.port = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(
+            30
+        )
+
+    async def _key(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/pgp-keys"})
+        resp.content_length = len(self.body)
+        await resp.prepare(request)
+        await resp.write(self.body[:200])
+        await asyncio.sleep(0.5)  # the fault: the rest of the body arrives later
+        await resp.write(self.body[200:])
+        await resp.write_eof()
+        return resp
+
+    async def _start(self) -> tuple[web.AppRunner, int]:
+        app = web.Application()
+        app.router.add_get("/key.asc", self._key)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return runner, int(runner.addresses[0][1])
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+        self.loop.close()
+
+
+def test_a_key_url_is_read_to_its_end(fetchd: Fetchd, tmp_path: Path, pgp_cases: PgpCases) -> None:
+    """Review finding: one read of the body returned what had arrived (200 bytes), so the
+    key was cut ("Malformed packet"); the whole body is read, bounded."""
+    server = _SlowKeyServer(pgp_cases.key("rsa").read_bytes())
+    try:
+        url = f"http://127.0.0.1:{server.port}/key.asc"
+        res = trust(
+            fetchd,
+            tmp_path,
+            "--prefix",
+            "example.com/app",
+            "--skip-fingerprint-review",
+            "--insecure-allow-http",
+            url,
+        )
+    finally:
+        server.close()
+    ok(res)
+    assert f'key: "{url}"' in res.stderr
+    fpr = pgp_cases.fingerprint("rsa")
+    assert stored(tmp_path) == [f"trustedkeys/prefix.d/example.com/app/{fpr}"]
+    stored_key = tmp_path / "trust" / stored(tmp_path)[0]
+    assert stored_key.read_bytes().startswith(b"-----BEGIN PGP PUBLIC KEY BLOCK-----")
+
+
+@pytest.mark.parametrize(("bad", "reason"), [("exp", "expired on 2020-01-02"), ("rev", "revoked")])
+def test_a_key_file_with_a_refused_key_trusts_nothing(
+    fetchd: Fetchd, tmp_path: Path, pgp_cases: PgpCases, bad: str, reason: str
+) -> None:
+    both = tmp_path / "both.asc"
+    both.write_bytes(pgp_cases.key("ed").read_bytes() + pgp_cases.key(bad).read_bytes())
+    for prefix in ("example.com/app", "docker://127.0.0.1:5000/app"):
+        res = trust(fetchd, tmp_path, "--prefix", prefix, "--skip-fingerprint-review", str(both))
+        line = failed(res, "is refused", reason, "nothing was trusted")
+        assert display_fingerprint(pgp_cases.fingerprint(bad)) in line
+        assert stored(tmp_path) == []
+
+
+def test_a_docker_hub_prefix_is_stored_as_the_pull_name(
+    fetchd: Fetchd, tmp_path: Path, pgp_cases: PgpCases
+) -> None:
+    res = trust(
+        fetchd,
+        tmp_path,
+        "--prefix",
+        "docker://busybox",
+        "--skip-fingerprint-review",
+        str(pgp_cases.key("ed")),
+    )
+    ok(res)
+    assert 'prefix: "docker://docker.io/library/busybox"' in res.stderr
+    fpr = pgp_cases.fingerprint("ed")
+    assert stored(tmp_path) == [f"trustedkeys/oci.d/docker.io/library/busybox/{fpr}"]
+    ok(trust(fetchd, tmp_path, "--remove", fpr, "--prefix", "docker://index.docker.io/busybox"))
+    assert stored(tmp_path) == []

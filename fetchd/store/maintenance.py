@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import os
+import secrets
 import shutil
 import sqlite3
 import tarfile
@@ -53,6 +54,8 @@ log = logging.getLogger(__name__)
 
 STALE_INGEST_SECONDS = 24 * 3600
 HASH_CHUNK = 4 * 1024 * 1024
+#: unpredictable temporary names tried beside an exported file before giving up
+MAX_TEMP_TRIES = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -745,31 +748,50 @@ def _read_blob(store: Store, desc: Descriptor, limit: int) -> bytes:
     return data
 
 
+def _new_temporary(target: Path) -> tuple[Path, int]:
+    """A new file beside ``target`` with an unpredictable name, created by this call
+    (O_EXCL|O_NOFOLLOW: never a file or symlink someone planted there), mode 0666 less
+    the umask as open() would give. Returns its path and a write descriptor."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(MAX_TEMP_TRIES):
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            return tmp, os.open(tmp, flags, 0o666)
+        except FileExistsError:
+            continue
+    raise StoreError(
+        f"cannot create a temporary file beside {target}: {MAX_TEMP_TRIES} names were taken"
+    )
+
+
 def _copy_checked(store: Store, digest: Digest, target: Path, name: str) -> int:
-    """Copy the blob to ``target`` (atomically, fsynced), hashing it as it goes; a blob
-    whose bytes do not match its digest is not written. Returns its size."""
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    """Copy the blob to ``target`` (through a new temporary file of an unpredictable
+    name, fsynced, renamed), hashing it as it goes; a blob whose bytes do not match its
+    digest is not written. Returns its size."""
     h = hashlib.new(digest.algorithm)
     size = 0
     try:
+        source = open(store.blob_path(digest), "rb")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        raise StoreError(f"{name}: blob {digest.short} is missing; pull it again") from None
+    with source:
+        tmp, fd = _new_temporary(target)
         try:
-            source = open(store.blob_path(digest), "rb")  # noqa: SIM115 - closed below
-        except FileNotFoundError:
-            raise StoreError(f"{name}: blob {digest.short} is missing; pull it again") from None
-        with source, open(tmp, "wb") as out:
-            while chunk := source.read(HASH_CHUNK):
-                h.update(chunk)
-                out.write(chunk)
-                size += len(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        if h.hexdigest() != digest.hex:
-            raise StoreCorrupt(f"{name}: blob {digest.short} is corrupt; run: fetchd fsck")
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+            with os.fdopen(fd, "wb") as out:
+                while chunk := source.read(HASH_CHUNK):
+                    h.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            if h.hexdigest() != digest.hex:
+                raise StoreCorrupt(f"{name}: blob {digest.short} is corrupt; run: fetchd fsck")
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+    _fsync(target.parent)
     return size
 
 

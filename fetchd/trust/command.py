@@ -12,6 +12,10 @@
 - Neither ``--prefix`` nor ``--root`` with keys: refused as rkt did ("aborting due to
   implicit unbounded trust"). A prefix is an AC identifier compared by path component;
   ``..``, ``//`` and URL schemes are refused.
+- A ``docker://`` prefix is read as ``fetchd pull`` reads that name
+  (:func:`fetchd.trust.keystore.oci_prefix`): ``docker://busybox`` is
+  ``docker.io/library/busybox``, the Docker Hub's aliases are ``docker.io``,
+  ``docker://HOST`` alone is the whole registry; the normalised prefix is what is shown.
 - No key with ``--prefix``: the prefix's ``ac-discovery-pubkeys`` walk
   (:func:`fetchd.appc.discovery.discover_pubkeys`, https only unless ``--insecure-options
   http``), as rkt's ``GetPubKeyLocations``.
@@ -221,11 +225,7 @@ async def _fetch_url(
                         continue
                     if resp.status != 200:
                         raise TrustError(f"cannot fetch the key {shown}: HTTP {resp.status}")
-                    data = await resp.content.read(MAX_KEY_FILE + 1)
-                    if len(data) > MAX_KEY_FILE:
-                        raise TrustError(
-                            f"the key {shown} is larger than 1 MiB; it is not a public key"
-                        )
+                    data = await _read_key_body(resp, shown)
                     https = urlsplit(current).scheme == "https" and "tls" not in config.insecure
                     return _Source(url, data, https=https)
             raise TrustError(f"{shown}: more than {MAX_REDIRECTS} redirects")
@@ -235,6 +235,21 @@ async def _fetch_url(
         raise
     except Exception as exc:
         raise TrustError(f"cannot fetch the key: {translate(exc, shown, config)}") from exc
+
+
+async def _read_key_body(resp: aiohttp.ClientResponse, shown: str) -> bytes:
+    """The whole body, to its end (one read returns only what has arrived), ≤ 1 MiB."""
+    too_big = f"the key {shown} is larger than 1 MiB; it is not a public key"
+    if resp.content_length is not None and resp.content_length > MAX_KEY_FILE:
+        raise TrustError(too_big)
+    pieces: list[bytes] = []
+    got = 0
+    while more := await resp.content.read(MAX_KEY_FILE + 1 - got):
+        pieces.append(more)
+        got += len(more)
+        if got > MAX_KEY_FILE:
+            raise TrustError(too_big)
+    return b"".join(pieces)
 
 
 # --- showing, reviewing, storing ---------------------------------------------------------

@@ -9,6 +9,14 @@ as it is::
     LOCAL/trustedkeys/oci.d/<host[:port]>/<repo>/…         OCI publishers (beyond rkt):
         <fingerprint> (OpenPGP, simple signing) or cosign-<sha256 of the SPKI DER>.pub (PEM)
 
+An OCI prefix is read as a pull name is (:meth:`fetchd.model.Reference.parse`), so the key
+guards what ``fetchd pull`` of that name fetches: ``docker://busybox`` is
+``docker.io/library/busybox``, ``docker://team/app`` is ``docker.io/team/app``; the Docker
+Hub's names (``docker.io``, ``index.docker.io``, ``registry-1.docker.io``) are one host,
+stored and looked up as ``docker.io``. ``docker://HOST`` alone (HOST with a '.' or a ':',
+or ``localhost``) is the whole registry. A trailing '/' says "this path and below" without
+Hub's ``library/``: ``docker://docker.io/team/`` covers ``docker.io/team/*``.
+
 LOCAL is ``/etc/fetchd`` for root, ``${XDG_CONFIG_HOME:-~/.config}/fetchd`` for others, or
 ``--trust-dir``; SYSTEM is ``/usr/lib/fetchd`` (``/usr/lib/rkt`` with ``--trust-dir /etc/rkt``).
 
@@ -34,12 +42,14 @@ import hashlib
 import os
 import re
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fetchd.errors import TrustError, UsageError
-from fetchd.trust.openpgp import MAX_KEY_FILE, KeyInfo, read_keys
+from fetchd.errors import KeyRefused, TrustError, UsageError
+from fetchd.model import DOCKER_HUB
+from fetchd.trust.openpgp import MAX_KEY_FILE, KeyInfo, policy_problem, read_keys
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
@@ -54,13 +64,16 @@ _REPO_COMPONENT = re.compile(r"^[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*$")
 MAX_PREFIX = 1024
 MAX_FILES_PER_DIR = 1000
 DOCKER = "docker://"
+#: the Docker Hub's names; keys for any of them are stored and looked up under DOCKER_HUB
+DOCKER_HUB_ALIASES = (DOCKER_HUB, "index.docker.io", "registry-1.docker.io")
 
 
 def validate_prefix(prefix: str) -> str:
-    """A ``--prefix`` value as stored: an AC identifier, or ``docker://HOST[:PORT][/REPO]``."""
+    """A ``--prefix`` value as stored: an AC identifier, or ``docker://HOST[:PORT][/REPO]``
+    normalised as a pull name is (see the module docstring; idempotent)."""
     if prefix.startswith(DOCKER):
         host, repo = oci_prefix(prefix)
-        return f"{DOCKER}{host}/{repo}" if repo else f"{DOCKER}{host}"
+        return oci_label(host, repo)
     scheme, sep, _ = prefix.partition("://")
     if sep:
         raise UsageError(f"--prefix must not contain a URL scheme, omit {scheme}://")
@@ -76,16 +89,30 @@ def validate_prefix(prefix: str) -> str:
     return prefix
 
 
+def _looks_like_host(first: str) -> bool:
+    """Reference.parse's test for a registry host as the first component."""
+    return "." in first or ":" in first or first == "localhost"
+
+
 def oci_prefix(prefix: str) -> tuple[str, str]:
-    """``docker://HOST[:PORT][/REPO]`` → (host[:port], repo or "")."""
+    """``docker://[HOST[:PORT]/]REPO[/]`` or ``docker://HOST[:PORT]`` → (host[:port], repo
+    or "" for the whole registry), as a pull of that name would look it up: docker.io is
+    the default host, a one-component Hub name gains ``library/`` (not with a trailing
+    '/'), and the Hub's aliases become docker.io."""
     rest = prefix.removeprefix(DOCKER)
-    host, _, repo = rest.partition("/")
-    host = host.lower()
+    subtree = rest.endswith("/")
+    rest = rest.removesuffix("/")
+    first, slash, remainder = rest.partition("/")
+    if _looks_like_host(first) or not rest:
+        host, repo = first.lower(), remainder
+    else:  # as Reference.parse: no host given, so Docker Hub
+        host, repo = DOCKER_HUB, rest
     if not host or not _HOST.match(host):
         raise UsageError(f"--prefix {prefix!r}: {host!r} is not a registry HOST[:PORT]")
     if ":" in host and int(host.rsplit(":", 1)[1]) > 65535:
         raise UsageError(f"--prefix {prefix!r}: the port is above 65535")
-    repo = repo.removesuffix("/")
+    if slash and not repo:
+        raise UsageError(f"--prefix {prefix!r}: '//' is not a repository path")
     if repo and (
         len(repo) > MAX_PREFIX or not all(_REPO_COMPONENT.match(c) for c in repo.split("/"))
     ):
@@ -93,7 +120,34 @@ def oci_prefix(prefix: str) -> tuple[str, str]:
             f"--prefix {prefix!r}: {repo!r} is not a repository path (lower-case "
             "components separated by '/', no tag or digest)"
         )
+    host = canonical_host(host)
+    if host == DOCKER_HUB and repo and "/" not in repo and not subtree:
+        repo = f"library/{repo}"
     return host, repo
+
+
+def canonical_host(host: str) -> str:
+    """The registry host as keys are stored: the Docker Hub's aliases are docker.io."""
+    host = host.lower()
+    return DOCKER_HUB if host in DOCKER_HUB_ALIASES else host
+
+
+def oci_label(host: str, repo: str) -> str:
+    """The ``docker://`` prefix of a stored (host, repo), parsed back to the same pair by
+    :func:`oci_prefix` (a one-component Hub path keeps its trailing '/')."""
+    if not repo:
+        return f"{DOCKER}{host}"
+    tail = "/" if host == DOCKER_HUB and "/" not in repo else ""
+    return f"{DOCKER}{host}/{repo}{tail}"
+
+
+def oci_name(host: str, name: str) -> tuple[str, str]:
+    """A pulled repository (``Reference.host``, ``Reference.name``) as keys are looked up
+    for it: the Hub's aliases are docker.io, a one-component Hub name is ``library/NAME``."""
+    host = canonical_host(host)
+    if host == DOCKER_HUB and name and "/" not in name:
+        name = f"library/{name}"
+    return host, name
 
 
 def normalize_fingerprint(text: str) -> str:
@@ -260,19 +314,30 @@ class Keystore:
 
     # --- OCI publishers --------------------------------------------------------------
 
+    @staticmethod
+    def _host_dirs(host: str) -> list[str]:
+        """The oci.d directories of a stored host: the Hub's keys may also sit under an
+        alias (written before aliases were folded); they count as docker.io's."""
+        return list(DOCKER_HUB_ALIASES) if host == DOCKER_HUB else [host]
+
     def _oci_dirs(self, host: str, repo: str) -> list[tuple[Path, str]]:
         repos = [""] + (_components(repo) if repo else [])
         return [
-            (self._oci_dir(base, host, r), f"{DOCKER}{host}/{r}" if r else f"{DOCKER}{host}")
+            (self._oci_dir(base, h, r), oci_label(host, r))
             for base, _ in self._roots()
+            for h in self._host_dirs(host)
             for r in repos
         ]
 
     def oci_trusted(self, host: str, repo: str) -> tuple[list[TrustedKey], list[CosignKey]]:
-        """The OpenPGP and cosign keys trusted for ``HOST/REPO`` (and its parent paths)."""
+        """The OpenPGP and cosign keys trusted for the pulled repository ``HOST/REPO`` (and
+        its parent paths), the name normalised as :func:`oci_name` does."""
+        return self._oci_collect(*oci_name(host, repo))
+
+    def _oci_collect(self, host: str, repo: str) -> tuple[list[TrustedKey], list[CosignKey]]:
         gpg: dict[str, TrustedKey] = {}
         cosign: dict[str, CosignKey] = {}
-        for directory, prefix in self._oci_dirs(host.lower(), repo):
+        for directory, prefix in self._oci_dirs(host, repo):
             for path in self._files(directory):
                 name = path.name
                 is_cosign = bool(COSIGN_FILE.match(name))
@@ -294,7 +359,8 @@ class Keystore:
         return list(gpg.values()), list(cosign.values())
 
     def oci_keys_for(self, host: str, repo: str) -> tuple[list[KeyInfo], list[bytes]]:
-        """(OpenPGP keys, PEM cosign keys) trusted for ``HOST/REPO`` or a parent path."""
+        """(OpenPGP keys, PEM cosign keys) trusted for the pulled repository ``HOST/REPO``
+        (``Reference.host``, ``Reference.name``) or a parent path."""
         gpg, cosign = self.oci_trusted(host, repo)
         return [k.info for k in gpg], [c.pem for c in cosign]
 
@@ -313,7 +379,7 @@ class Keystore:
                 if rel == ".":
                     continue
                 host, _, repo = rel.partition("/")
-                g, c = self.oci_trusted(host, repo)
+                g, c = self._oci_collect(canonical_host(host), repo)
                 for k in g:
                     if k.path.parent == Path(dirpath) and k.path not in seen:
                         seen.add(k.path)
@@ -349,24 +415,41 @@ class Keystore:
             ) from exc
         return directory / name
 
+    @staticmethod
+    def _acceptable(data: bytes) -> list[KeyInfo]:
+        """Every certificate in ``data``, each judged by the key policy first: one refused
+        (revoked, expired, too weak…) refuses the whole file, so nothing is written."""
+        keys = read_keys(data, "the key")
+        now = time.time()
+        for key in keys:
+            problem = policy_problem(key, now)
+            if problem is not None:
+                raise KeyRefused(
+                    f"the key {key.describe()} is refused: {problem}; nothing was trusted"
+                    + (f" (the file holds {len(keys)} keys)" if len(keys) > 1 else "")
+                )
+        return keys
+
     def add(self, data: bytes, prefix: str | None) -> list[Path]:
-        """Store each certificate in ``data`` for ``prefix`` (None = root): one file each."""
+        """Store each certificate in ``data`` for ``prefix`` (None = root): one file each,
+        only if every one of them passes the key policy (:class:`KeyRefused` otherwise)."""
         if prefix is not None:
             prefix = validate_prefix(prefix)
             if prefix.startswith(DOCKER):
                 host, repo = oci_prefix(prefix)
                 return self.add_oci(data, host, repo)
-        keys = read_keys(data, "the key")
+        keys = self._acceptable(data)
         directory = self._dir(self.local / "trustedkeys", prefix)
         return [self._write(directory, k.fingerprint, k.raw) for k in keys]
 
     def add_oci(self, data: bytes, host: str, repo: str) -> list[Path]:
-        """A PEM public key → ``cosign-<sha256 SPKI>.pub``; else OpenPGP certificates."""
-        directory = self._oci_dir(self.local / "trustedkeys", host.lower(), repo)
+        """A PEM public key → ``cosign-<sha256 SPKI>.pub``; else OpenPGP certificates.
+        ``host``/``repo`` as :func:`oci_prefix` returns them (the Hub's aliases folded)."""
+        directory = self._oci_dir(self.local / "trustedkeys", canonical_host(host), repo)
         if data.lstrip().startswith(b"-----BEGIN PUBLIC KEY-----"):
             digest = spki_digest(data, "the key")
             return [self._write(directory, f"cosign-{digest}.pub", _pem(data))]
-        keys = read_keys(data, "the key")
+        keys = self._acceptable(data)
         return [self._write(directory, k.fingerprint, k.raw) for k in keys]
 
     def remove(self, fingerprint: str, prefix: str | None = None) -> list[Path]:
@@ -383,19 +466,19 @@ class Keystore:
             prefix = validate_prefix(prefix)
             if prefix.startswith(DOCKER):
                 host, repo = oci_prefix(prefix)
-                rel = self._oci_dir(Path(), host, repo)
+                rels = [self._oci_dir(Path(), h, repo) for h in self._host_dirs(host)]
             else:
-                rel = self._dir(Path(), prefix)
-            locations.append((local / rel, system / rel if system else None))
+                rels = [self._dir(Path(), prefix)]
+            locations += [(local / r, system / r if system else None) for r in rels]
         else:
-            rels: set[Path] = set()
+            found: set[Path] = set()
             for base in [b for b in (local, system) if b is not None]:
                 for top in ("root.d", "prefix.d", "oci.d"):
                     for dirpath, dirnames, filenames in os.walk(base / top):
                         dirnames.sort()
                         if names & set(filenames):
-                            rels.add(Path(dirpath).relative_to(base))
-            locations = [(local / r, system / r if system else None) for r in sorted(rels)]
+                            found.add(Path(dirpath).relative_to(base))
+            locations = [(local / r, system / r if system else None) for r in sorted(found)]
         touched: list[Path] = []
         for local_dir, system_dir in locations:
             for name in sorted(names):
