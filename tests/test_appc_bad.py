@@ -14,11 +14,13 @@ the ACI is requested also check the servers' logs for that.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import hashlib
 import io
 import itertools
 import json
+import shutil
 import ssl
 import subprocess
 import tarfile
@@ -155,6 +157,8 @@ class Peer:
     port: int = 0
     routes: dict[str, Handler] = field(default_factory=dict)
     seen: list[tuple[str, float]] = field(default_factory=list)
+    #: the request headers of each of ``seen`` (lower-case names)
+    headers: list[dict[str, str]] = field(default_factory=list)
     loop: asyncio.AbstractEventLoop | None = None
 
     def url(self, path: str) -> str:
@@ -168,6 +172,9 @@ class Peer:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 path = head.split(b" ", 2)[1].decode().split("?")[0]
+                lines = head.decode("latin-1").split("\r\n")[1:]
+                fields = [ln.split(":", 1) for ln in lines if ":" in ln]
+                self.headers.append({k.strip().lower(): v.strip() for k, v in fields})
                 self.seen.append((path, time.monotonic()))
                 n = sum(1 for p, _ in self.seen if p == path)
                 route = self.routes.get(path)
@@ -676,3 +683,113 @@ def test_bad_dependency(
     trust(fetchd, tmp_path, pgp_cases, "ed", "example.com")
     got, took = pull(fetchd, appc_site, tmp_path, f"{NAME}:1.0.0")
     refused(fetchd, got, took, *words)
+
+
+# ------------------------------------------------------------------ --torrent ("rkt torrent pull")
+
+TORRENT = "application/x-bittorrent"
+
+
+def _swarm_tools() -> bool:
+    return all(shutil.which(p) for p in ("opentracker", "aria2c", "mktorrent"))
+
+
+@contextlib.contextmanager
+def seeded(tmp: Path, data: bytes) -> Iterator[bytes]:
+    """``data`` as one file seeded by aria2c (tests/test_pull_foreign_torrent.py's setup:
+    mktorrent, opentracker on 127.0.0.1, the seeder counted by the tracker first); yields
+    the .torrent's bytes."""
+    from tests.support.procs import Proc, free_port
+    from tests.test_pull_foreign_torrent import ARIA2, mktorrent, start_tracker
+
+    data_dir = tmp / "seed"
+    data_dir.mkdir(parents=True)
+    (data_dir / "image.aci").write_bytes(data)
+    torrent = tmp / "image.torrent"
+    port = free_port()
+    mktorrent(data_dir / "image.aci", torrent, f"http://127.0.0.1:{port}/announce")
+    tracker, ih = start_tracker(tmp, torrent, port)
+    log = tmp / "aria2.log"
+    argv = [*ARIA2, f"--listen-port={free_port()}", "-d", str(data_dir), str(torrent)]
+    try:
+        with Proc(argv, log):
+            tracker.wait_seeded(ih, log)
+            yield torrent.read_bytes()
+    finally:
+        tracker.close()
+
+
+def torrent_or_aci(peer: Peer, torrent: bytes, aci: bytes) -> Handler:
+    """Quay's answer: the .torrent to ``Accept: application/x-bittorrent``, else the ACI."""
+
+    async def answer(w: asyncio.StreamWriter, n: int) -> None:
+        wants = TORRENT in peer.headers[-1].get("accept", "")
+        await (ok(torrent, TORRENT) if wants else ok(aci))(w, n)
+
+    return answer
+
+
+def aci_gets(peer: Peer) -> list[str]:
+    """The Accept header of each request for the ACI."""
+    return [
+        h.get("accept", "")
+        for (p, _), h in zip(peer.seen, peer.headers, strict=True)
+        if p == PEER_ACI
+    ]
+
+
+@pytest.mark.skipif(not _swarm_tools(), reason="needs opentracker, aria2c and mktorrent")
+@pytest.mark.parametrize("tampered", [False, True], ids=["swarm", "tampered-swarm"])
+def test_torrent_pull(
+    fetchd: Fetchd,
+    appc_site: AppcSite,
+    peer: Peer,
+    tmp_path: Path,
+    pgp_cases: PgpCases,
+    tampered: bool,
+) -> None:
+    """--torrent: the ACI's URL answers a torrent to Accept: application/x-bittorrent; the
+    bytes come from the swarm (an aria2c seeder), never from the URL, and discovery + the
+    signature stay the authority: a swarm seeding other bytes (a torrent of a tampered ACI)
+    is refused before commit, nothing stored, nothing to resume."""
+    aci = build_aci(tmp_path, NAME, out=tmp_path / "hello.aci")
+    data = aci.read_bytes()
+    sig = pgp_cases.sign("ed", aci).read_bytes()
+    seeded_bytes = bytearray(data)
+    if tampered:
+        seeded_bytes[len(data) // 2] ^= 0xFF
+    with seeded(tmp_path / "bt", bytes(seeded_bytes)) as torrent:
+        peer.routes[PEER_ACI] = torrent_or_aci(peer, torrent, data)
+        peer.routes[PEER_ACI + ".asc"] = ok(sig, "application/pgp-signature")
+        peer_page(appc_site, peer)
+        trust(fetchd, tmp_path, pgp_cases, "ed")
+        got, took = pull(fetchd, appc_site, tmp_path, "--torrent", f"{NAME}:1.0.0", peer=peer)
+        # the signature first, then the torrent asked for; the ACI's body never over HTTP
+        order = [p for p, _ in peer.seen]
+        assert order[:1] == [PEER_ACI + ".asc"], (order, got.stderr)
+        if tampered:
+            refused(fetchd, got, took, NAME, "signature")
+            assert aci_gets(peer) == [TORRENT], aci_gets(peer)
+            return
+    assert got.returncode == 0, got.stderr
+    assert aci_gets(peer) == [TORRENT], aci_gets(peer)
+    assert "signature verified:" in got.stderr
+    entry = fetchd.entry(f"{NAME}:1.0.0")
+    assert entry["digest"] == got.stdout.strip()
+    blob = fetchd.store / "layout/blobs/sha256" / hashlib.sha256(data).hexdigest()
+    assert blob.read_bytes() == data
+
+
+def test_torrent_not_offered_is_plain_http(
+    fetchd: Fetchd, appc_site: AppcSite, tmp_path: Path, pgp_cases: PgpCases
+) -> None:
+    """--torrent against a server that ignores the Accept header (nginx sends the ACI): the
+    answer is not read as a torrent, the ACI comes over HTTP, verified as ever."""
+    aci = publish(appc_site, tmp_path, pgp_cases)
+    root_page(appc_site)
+    trust(fetchd, tmp_path, pgp_cases, "ed")
+    got, _took = pull(fetchd, appc_site, tmp_path, "--torrent", f"{NAME}:1.0.0")
+    assert got.returncode == 0, got.stderr
+    assert "signature verified:" in got.stderr
+    layer = hashlib.sha256(aci.read_bytes()).hexdigest()
+    assert (fetchd.store / "layout/blobs/sha256" / layer).read_bytes() == aci.read_bytes()

@@ -28,6 +28,11 @@ The contract, for a name (rkt's fetch, made safer):
   order (dependencies first), named ``NAME:VERSION`` in index.json (layout.set_appc_entry).
   Nothing is visible before that; a failure leaves no name and no blob of this pull.
 
+``--torrent`` (quayctl's ``rkt torrent pull``, APPC.md §2.6): the ACI's URL is first asked
+with ``Accept: application/x-bittorrent``; an answer of that type is a torrent of its bytes,
+whose swarm (foreign.TorrentFetcher) is asked ahead of the URL, into the same kind of
+ingest, judged by the same signature and checks before commit. Any other answer: HTTP.
+
 ``--insecure-options image`` skips the signature alone (a warning says so); the structure,
 name, label and image ID checks stay.
 """
@@ -73,6 +78,7 @@ from fetchd.store.meta import UrlRecord
 if TYPE_CHECKING:
     from fetchd.appc.aci import Inspected
     from fetchd.appc.names import AppName
+    from fetchd.engine.foreign import ForeignTorrent
     from fetchd.engine.pull import Engine
     from fetchd.trust.keystore import Keystore, TrustedKey
     from fetchd.trust.openpgp import KeyInfo, SigInfo, Verified
@@ -92,6 +98,8 @@ DEFER_BUDGET = 60.0
 #: ceiling on any single request for a signature or a key (also bounded by the stall timeout)
 SMALL_REQUEST_BUDGET = 60.0
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+#: what ``--torrent`` asks an ACI's URL for (Quay's answer for quayctl)
+TORRENT_TYPE = "application/x-bittorrent"
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,8 +182,6 @@ class _Pull:
     # --- entry points ---------------------------------------------------------------------
 
     async def run(self, text: str) -> PullResult:
-        if self.config.torrent:
-            log.info("--torrent does not apply to appc images yet; fetching over HTTPS")
         local = None if is_url(text) else _local_path(text)
         app = None
         if not is_url(text) and local is None:
@@ -586,9 +592,22 @@ class _Pull:
             result.clear()
             result.append(await check(ingest.data_path))
 
-        async with self.store.ingest(None, None, key=key, segmented=True) as ingest:
-            fetchers = [UrlFetcher(url, self.config)]
-            sources = Sources(fetchers, fetchers[0], peers=True)
+        torrent = await self._torrent_for(url) if self.config.torrent else None
+        size = None
+        if torrent is not None:  # the swarm's file has the torrent's length: its own ingest
+            key = f"aci-torrent-{torrent.hex}"
+            size = torrent.size
+        async with self.store.ingest(None, size, key=key, segmented=True) as ingest:
+            origin = UrlFetcher(url, self.config)
+            if torrent is not None:
+                from fetchd.engine.foreign import TorrentFetcher
+
+                swarm = TorrentFetcher(torrent, engine.swarms, self.config)
+                # tiers: the swarm first, the URL when the swarm fails; the signature and
+                # the checks in before_commit judge the bytes whoever sent them
+                sources = Sources([swarm, origin], origin)
+            else:
+                sources = Sources([origin], origin, peers=True)
             short = url.rsplit("/", 1)[-1][:22]
             engine.progress.start(label, short, ingest.size or 0, ingest.offset)
 
@@ -612,6 +631,46 @@ class _Pull:
                 raise
             engine.progress.finish(label)
             return ingest.digest, ingest.size or 0, dict(ingest.meta), result[0]
+
+    async def _torrent_for(self, url: str) -> ForeignTorrent | None:
+        """``--torrent`` (quayctl's ``rkt torrent pull``): ``url`` asked with ``Accept:
+        application/x-bittorrent``; an answer of that type is a torrent of the ACI's bytes
+        (single file, parsed strictly, at most MAX_TORRENT_BYTES, within the request
+        budget). Anything else — another type, an error, a torrent refused — is logged and
+        None: the torrent only moves bytes, so the pull goes on over HTTP."""
+        from fetchd.bt.metainfo import MAX_TORRENT_BYTES, parse_foreign
+        from fetchd.engine.foreign import ForeignTorrent
+        from fetchd.sources.swarm import read_body
+
+        what = f"the torrent of {redact(url)}"
+        try:
+            async with (
+                asyncio.timeout(min(self.config.request_budget, SMALL_REQUEST_BUDGET)),
+                self.engine.session().get(
+                    url, headers={"Accept": TORRENT_TYPE}, max_redirects=5
+                ) as resp,
+            ):
+                if resp.url.scheme == "http" and "http" not in self.config.insecure:
+                    raise InsecureRefused(f"{what}: redirected to plain HTTP")
+                if resp.status != 200 or resp.content_type != TORRENT_TYPE:
+                    log.info(
+                        "%s: HTTP %d, %s, not a torrent; fetching over HTTP",
+                        what,
+                        resp.status,
+                        resp.content_type,
+                    )
+                    resp.close()  # not the torrent: do not read a body that may be the ACI
+                    return None
+                raw = await read_body(resp, MAX_TORRENT_BYTES)
+            torrent = ForeignTorrent(parse_foreign(raw))
+        except TimeoutError:
+            _say(f"warning: {what}: no answer in time; fetching over HTTP")
+            return None
+        except retryable(FetchdError) as exc:
+            _say(f"warning: {what}: {exc}; fetching over HTTP")
+            return None
+        log.info("%s: torrent %s, %d bytes", what, torrent.hex, torrent.size)
+        return torrent
 
     async def _direct(self, url: str) -> _Aci:
         """``https://…/x.aci``: the signature beside it, keys of the manifest's name."""
