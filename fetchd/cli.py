@@ -371,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--insecure-options", default="none", metavar="LIST")
     sp.add_argument("--stall-timeout", type=_positive_seconds, default=30.0, metavar="SECONDS")
+    trust_dir_option(sp)
     sp.add_argument(
         "--public-status",
         action=argparse.BooleanOptionalAction,
@@ -718,6 +719,7 @@ def cmd_serve(args: argparse.Namespace, store: Store) -> int:
         store=store.root,
         insecure=parse_insecure(args.insecure_options),
         stall_timeout=args.stall_timeout,
+        trust_dir=args.trust_dir,
         **_bt_config(args),
     )
     token = read_token(args.token_file)

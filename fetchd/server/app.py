@@ -48,6 +48,7 @@ from fetchd.errors import (
     FetchdError,
     ManifestInvalid,
     ManifestNotFound,
+    NotTrusted,
     RangeNotSatisfiable,
     ReferenceInvalid,
     StoreError,
@@ -90,6 +91,7 @@ ERROR_TABLE: list[tuple[type[FetchdError], int, str]] = [
     (UnsupportedMediaType, 502, "UNSUPPORTED"),
     (AuthenticationFailed, 502, "UNAUTHORIZED"),
     (AccessDenied, 502, "DENIED"),
+    (NotTrusted, 403, "DENIED"),  # no trusted publisher's signature (this server refuses)
     (TransferTimeout, 504, "UNAVAILABLE"),
     (TransferFailed, 502, "UNAVAILABLE"),
     (StoreError, 500, "UNKNOWN"),

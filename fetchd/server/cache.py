@@ -10,6 +10,29 @@ broken instead.
 One upstream fetch per digest however many clients ask (the engine's single flight),
 and a fetch belongs to the server, not to the client that caused it: a client that
 disconnects never cancels what others wait for.
+
+Trusted publishers (issue 13): for a repository under a ``docker://HOST/REPO`` prefix with
+keys in the keystore (``serve --trust-dir``; the pull name is the upstream's ``HOST`` —
+its prefix, else its URL's host:port — and the repository), a manifest the upstream
+resolved is checked by :func:`fetchd.trust.oci.check_publisher` before it is stored, its
+tag moved, its blob sizes learnt or it is served: a tag is checked each time it is resolved
+at the upstream (a miss, or a revalidation after ``tag_ttl``), over the digest it resolved
+to; a digest is checked over itself, unless this process already verified it for this
+repository — the top digest of a tag that passed, or a platform manifest of an index that
+passed (signatures cover the top digest, as for ``fetchd pull``). A refusal is
+:class:`~fetchd.errors.NotTrusted` (the OCI ``DENIED``, naming each place looked): nothing
+is stored, the tag keeps its old digest, and the next request asks again. cosign's
+attachment tags (``sha256-<hex>.sig``) are signatures, not images: passed through unchecked
+(the client checks them).
+
+Cached copies: within ``tag_ttl`` a tag of a trusted repository is served from the store
+without asking again only if this process verified its digest for that repository (at most
+MAX_VOUCHED such pairs are remembered, least recently used forgotten); so after a restart,
+or once keys were added for a prefix whose images were cached before, the first request
+of each tag is checked at the upstream. A verified copy is kept for ``tag_ttl`` even if
+its key is removed meanwhile (the keystore is read again at the next resolution). When
+the upstream cannot answer, a trusted repository's last digest is served only if this
+process verified it; otherwise the upstream's error is the answer.
 """
 
 from __future__ import annotations
@@ -18,6 +41,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -34,6 +58,7 @@ from fetchd.errors import (
     FetchdError,
     ManifestInvalid,
     ManifestNotFound,
+    NotTrusted,
     StoreError,
     TransferFailed,
     TransferTimeout,
@@ -49,6 +74,8 @@ from fetchd.sources.registry import Registry
 from fetchd.sources.swarm import SwarmFetcher
 from fetchd.store.cas import Store
 from fetchd.store.meta import Meta
+from fetchd.trust import oci
+from fetchd.trust.keystore import Keystore
 
 if TYPE_CHECKING:
     from fetchd.bt.session import Swarm
@@ -69,6 +96,11 @@ JOB_CONCURRENCY = 8  # references of one prefetch job resolved at once
 STREAM_WAIT = 1.0
 STREAM_BATCH = 4 << 20  # bytes a client of a blob still arriving is sent at once ...
 STREAM_FLUSH = 0.2  # ... or what arrived, once this many seconds passed since the last send
+#: (repository, digest) pairs this process verified a publisher's signature for (or a
+#: platform manifest of a verified index), remembered so that a cached tag or a child
+#: manifest is not checked again on every request
+MAX_VOUCHED = 16384
+_ATTACHMENT = re.compile(r"sha256-[0-9a-f]{64}\.sig")
 
 
 @dataclass
@@ -135,6 +167,8 @@ class Cache:
         self._tg: asyncio.TaskGroup | None = None
         #: when each upstream last failed to revalidate a tag (monotonic)
         self._dark_since: dict[Upstream, float] = {}
+        #: see MAX_VOUCHED; the order is least recently used first
+        self._vouched: collections.OrderedDict[tuple[str, Digest], None] = collections.OrderedDict()
         self.job_slots = asyncio.Semaphore(JOB_CONCURRENCY)
         #: called (on the loop) with each blob a pull-through fetch committed: the server
         #: builds and seeds its torrent; must not raise
@@ -167,20 +201,25 @@ class Cache:
         """The manifest for ``route`` at a tag or digest: from the store, else upstream.
 
         A tag is trusted for ``tag_ttl`` seconds, then asked again; when the upstream
-        cannot answer, the last known digest is served.
+        cannot answer, the last known digest is served. Under a trusted publisher's prefix,
+        only what this process verified is served without a check (the module docstring).
         """
+        checked = not _ATTACHMENT.fullmatch(reference) and await self._publisher_checked(route)
         if reference.startswith(("sha256:", "sha512:")):
             digest = Digest.parse(reference)
-            if self.store.has(digest):
+            if self.store.has(digest) and (not checked or self._is_vouched(route, digest)):
                 self.stats.hits += 1
                 return await asyncio.to_thread(self._stored, digest, route)
             self.stats.misses += 1
             ref = Reference(route.upstream.host, route.repository, None, digest)
-            return await self._fetch_manifest(route, ref, None)
+            return await self._fetch_manifest(route, ref, None, checked)
         known = await asyncio.to_thread(self.meta.tag, route.key, reference)
         stored: Manifest | None = None
-        if known and self.store.has(Digest.parse(known[0])):
-            stored = await asyncio.to_thread(self._stored, Digest.parse(known[0]), route)
+        last = Digest.parse(known[0]) if known else None
+        # A trusted repository's digest this process never verified: resolved as a miss.
+        if last and self.store.has(last) and (not checked or self._is_vouched(route, last)):
+            stored = await asyncio.to_thread(self._stored, last, route)
+        if stored is not None and known is not None:
             dark = self._dark_since.get(route.upstream)
             recently_dark = dark is not None and time.monotonic() - dark < REVALIDATE_BACKOFF
             if time.time() - known[1] < self.tag_ttl or recently_dark:
@@ -190,12 +229,12 @@ class Cache:
         self.stats.misses += 1
         ref = Reference(route.upstream.host, route.repository, reference, None)
         if stored is None:
-            return await self._fetch_manifest(route, ref, reference)
+            return await self._fetch_manifest(route, ref, reference, checked)
         key = (route.key, reference)
         task = self._revalidations.get(key)
         if task is None:
             assert self._tg is not None, "Cache used outside running()"
-            task = self._tg.create_task(self._revalidate(route, ref, reference))
+            task = self._tg.create_task(self._revalidate(route, ref, reference, checked))
             self._revalidations[key] = task
             self._fetch_tasks.add(task)
             task.add_done_callback(lambda t: self._revalidated(key, t))
@@ -209,7 +248,11 @@ class Cache:
             outcome = timeout
         if isinstance(outcome, Exception):
             exc = outcome
-            if isinstance(exc, ManifestNotFound) or not isinstance(exc, FetchdError | TimeoutError):
+            # A tag now resolving to an image its publisher did not sign is refused, not
+            # answered with the older verified copy (as a tag that is gone).
+            if isinstance(exc, ManifestNotFound | NotTrusted) or not isinstance(
+                exc, FetchdError | TimeoutError
+            ):
                 raise exc
             why = (
                 f"no answer within {REVALIDATE_TIMEOUT:g} s"
@@ -226,13 +269,37 @@ class Cache:
             return stored
         return outcome
 
+    async def _publisher_checked(self, route: Route) -> bool:
+        """Whether manifests of ``route`` need a trusted publisher's signature."""
+        if "image" in self.config.insecure:
+            return False  # check_publisher warns when it is asked (at each resolution)
+        keystore = Keystore.default(self.config.trust_dir)
+        gpg, cosign = await asyncio.to_thread(
+            keystore.oci_keys_for, route.upstream.host, route.repository
+        )
+        return bool(gpg or cosign)
+
+    def _is_vouched(self, route: Route, digest: Digest) -> bool:
+        key = (route.key, digest)
+        if key not in self._vouched:
+            return False
+        self._vouched.move_to_end(key)
+        return True
+
+    def _vouch(self, route: Route, digests: list[Digest]) -> None:
+        for digest in digests:
+            self._vouched[(route.key, digest)] = None
+            self._vouched.move_to_end((route.key, digest))
+        while len(self._vouched) > MAX_VOUCHED:
+            self._vouched.popitem(last=False)
+
     async def _revalidate(
-        self, route: Route, ref: Reference, reference: str
+        self, route: Route, ref: Reference, reference: str, checked: bool
     ) -> Manifest | Exception:
         """Ask upstream for a tag again, with the full retry budget; the error is returned,
         not raised (this task belongs to the server's task group, not to one request)."""
         try:
-            fetched = await self._fetch_manifest(route, ref, reference)
+            fetched = await self._fetch_manifest(route, ref, reference, checked)
         except Exception as exc:
             return exc
         self._dark_since.pop(route.upstream, None)
@@ -278,9 +345,23 @@ class Cache:
                 f"{route.upstream.host}: the upstream answered with JSON nested too deeply to read"
             ) from None
 
-    async def _fetch_manifest(self, route: Route, ref: Reference, tag: str | None) -> Manifest:
-        raw, ctype, digest = await self._ask(route, self.registry(route.upstream).manifest(ref))
+    async def _fetch_manifest(
+        self, route: Route, ref: Reference, tag: str | None, checked: bool
+    ) -> Manifest:
+        """The manifest from the upstream, stored (and ``tag`` moved to it) once it parsed
+        and, when ``checked``, its publisher's signature verified (a tag: every time; a
+        digest: unless this process verified it already)."""
+        registry = self.registry(route.upstream)
+        raw, ctype, digest = await self._ask(route, registry.manifest(ref))
         parsed = _parse(raw, ctype, f"{route.key}@{digest.short} from the upstream")
+        if checked and (tag is not None or not self._is_vouched(route, digest)):
+            try:
+                await oci.check_publisher(self.engine, ref, digest, registry)
+            except NotTrusted as exc:
+                log.warning("%s: refused: %s", route.key, exc)
+                raise
+            children = parsed.manifests if isinstance(parsed, ImageIndex) else []
+            self._vouch(route, [digest, *(d.digest for d in children)])
         media_type = parsed.media_type
         self._learn(parsed)
         await asyncio.to_thread(self.store.put, raw, digest)
