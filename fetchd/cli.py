@@ -338,6 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="make fetchd.db (an index of the layout) agree with the layout again",
     )
+    sp.add_argument(
+        "--trust-dir",
+        type=Path,
+        metavar="DIR",
+        help="the keystore whose keys re-verify the stored appc signatures (default as for pull)",
+    )
 
     sp = sub.add_parser("serve", help="the LAN cache: a read-only pull-through OCI registry")
     sp.add_argument("--listen", default="127.0.0.1:5050", metavar="ADDR:PORT")
@@ -664,7 +670,7 @@ def cmd_gc(args: argparse.Namespace, store: Store) -> int:
 
 
 def cmd_fsck(args: argparse.Namespace, store: Store) -> int:
-    r = mt.fsck(store, rebuild_db=args.rebuild_db)
+    r = mt.fsck(store, rebuild_db=args.rebuild_db, trust_dir=args.trust_dir)
     if args.json:
         print(json.dumps({**r.to_json(), "quarantine": str(store.quarantine)}, indent=2))
         if not r.ok:
@@ -679,6 +685,8 @@ def cmd_fsck(args: argparse.Namespace, store: Store) -> int:
         print(f"corrupt: {d} (moved to {store.quarantine})")
     for m in r.missing or []:
         print(f"missing: {m}")
+    for sig in r.signatures or []:
+        print(f"signature: {sig}")
     print(f"checked {r.checked} blobs: {'ok' if r.ok else 'PROBLEMS FOUND'}")
     if not r.ok:
         raise StoreCorrupt("the store has problems (listed above); pull the affected images again")

@@ -59,7 +59,10 @@ def pull(
     stall: str = "2",
 ) -> tuple[subprocess.CompletedProcess[str], float]:
     """``fetchd pull`` with the site's --resolve (and the peer's), timed."""
-    extra = ["--resolve", f"peer.example.com:{peer.port}:127.0.0.1"] if peer else []
+    extra = []
+    if peer:
+        for port in (peer.port, peer.http_port):
+            extra += ["--resolve", f"peer.example.com:{port}:127.0.0.1"]
     started = time.monotonic()
     got = fetchd(
         "pull",
@@ -155,6 +158,8 @@ class Peer:
     that path was asked, from 1); ``seen`` lists (path, monotonic time) in arrival order."""
 
     port: int = 0
+    #: the same handler over plain http (routes are shared)
+    http_port: int = 0
     routes: dict[str, Handler] = field(default_factory=dict)
     seen: list[tuple[str, float]] = field(default_factory=list)
     #: the request headers of each of ``seen`` (lower-case names)
@@ -196,6 +201,13 @@ def ok(body: bytes, ctype: str = "application/octet-stream") -> Handler:
             + f"Content-Length: {len(body)}\r\n\r\n".encode()
             + body
         )
+
+    return answer
+
+
+def redirect(location: str) -> Handler:
+    async def answer(w: asyncio.StreamWriter, n: int) -> None:
+        w.write(f"HTTP/1.1 302 Found\r\nLocation: {location}\r\nContent-Length: 0\r\n\r\n".encode())
 
     return answer
 
@@ -252,12 +264,15 @@ def peer(tmp_path: Path, tls_ca: TestCA) -> Iterator[Peer]:
         p.loop = asyncio.get_running_loop()
         server = await asyncio.start_server(p.handle, "127.0.0.1", 0, ssl=ctx)
         p.port = server.sockets[0].getsockname()[1]
+        plain = await asyncio.start_server(p.handle, "127.0.0.1", 0)
+        p.http_port = plain.sockets[0].getsockname()[1]
         done = asyncio.Event()
         stop.append(done)
         ready.set()
-        async with server:
+        async with server, plain:
             await done.wait()
             server.close()
+            plain.close()
             for task in asyncio.all_tasks():
                 if task is not asyncio.current_task():
                     task.cancel()
@@ -793,3 +808,71 @@ def test_torrent_not_offered_is_plain_http(
     assert "signature verified:" in got.stderr
     layer = hashlib.sha256(aci.read_bytes()).hexdigest()
     assert (fetchd.store / "layout/blobs/sha256" / layer).read_bytes() == aci.read_bytes()
+
+
+# ------------------------------------------------------------------ review findings
+
+
+def test_signature_hop_over_http_refused(
+    fetchd: Fetchd, appc_site: AppcSite, peer: Peer, tmp_path: Path, pgp_cases: PgpCases
+) -> None:
+    """The signature's redirects are checked hop by hop: https → http → https is refused
+    without --insecure-options http (not only the last hop), and the ACI is never asked."""
+    aci = build_aci(tmp_path, NAME, out=tmp_path / "hello.aci")
+    sig = pgp_cases.sign("ed", aci).read_bytes()
+    peer.routes[PEER_ACI] = ok(aci.read_bytes())
+    hop = f"http://peer.example.com:{peer.http_port}/hop.asc"
+    peer.routes[PEER_ACI + ".asc"] = redirect(hop)
+    peer.routes["/hop.asc"] = redirect(peer.url("/final.asc"))
+    peer.routes["/final.asc"] = ok(sig, "application/pgp-signature")
+    peer_page(appc_site, peer)
+    trust(fetchd, tmp_path, pgp_cases, "ed")
+    got, took = pull(fetchd, appc_site, tmp_path, f"{NAME}:1.0.0", peer=peer)
+    refused(fetchd, got, took, "redirected to plain HTTP", "--insecure-options http")
+    assert peer.asked(PEER_ACI) == [] and peer.asked("/final.asc") == [], peer.seen
+
+
+def test_local_junk_with_a_real_signature_of_other_bytes(
+    fetchd: Fetchd, tmp_path: Path, pgp_cases: PgpCases
+) -> None:
+    """A local .aci is not unpacked before its signature verified: a gzip bomb signed by a
+    trusted key, but the signature over other bytes, fails at the signature."""
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"something else\n")
+    sig = pgp_cases.sign("ed", other)
+    bomb = tmp_path / "bomb.aci"
+    bomb.write_bytes(gzip.compress(b"\0" * (64 << 20)))
+    trust(fetchd, tmp_path, pgp_cases, "ed")
+    started = time.monotonic()
+    got = fetchd("pull", "--trust-dir", str(tmp_path / "trust"), "--signature", str(sig), str(bomb))
+    line = refused(fetchd, got, time.monotonic() - started, "signature does not match")
+    assert "not an ACI" not in line and "manifest" not in line, line
+
+
+def test_signature_fifo_refused_at_once(
+    fetchd: Fetchd, tmp_path: Path, pgp_cases: PgpCases
+) -> None:
+    """--signature naming a FIFO (or any non-regular file) is refused at once, not read
+    forever on the event loop past --deadline."""
+    import os
+
+    aci = build_aci(tmp_path, NAME, out=tmp_path / "hello.aci")
+    fifo = tmp_path / "sig.fifo"
+    os.mkfifo(fifo)
+    trust(fetchd, tmp_path, pgp_cases, "ed")
+    started = time.monotonic()
+    got = fetchd(
+        "pull",
+        "--trust-dir",
+        str(tmp_path / "trust"),
+        "--deadline",
+        "5",
+        "--signature",
+        str(fifo),
+        str(aci),
+        timeout=BOUND,
+    )
+    took = time.monotonic() - started
+    assert got.returncode != 0 and took < 10, (took, got.stderr)
+    assert "is not a regular file" in error_line(got)
+    assert fetchd.blobs() == set()

@@ -360,3 +360,128 @@ def test_tampered_aci_discarded(
     assert got.returncode == 1
     error_line(got)
     assert_nothing_stored(fetchd)
+
+
+def test_unsigned_stored_image_does_not_answer_a_verified_pull(
+    fetchd: Fetchd, appc_site: AppcSite, tmp_path: Path, pgp_cases: PgpCases
+) -> None:
+    """An ACI stored with --insecure-options image (anyone's bytes naming example.com/hello
+    1.0.0) is not what a later verified pull of that name gets: that pull discovers, verifies
+    and replaces it; the verified entry then answers from the store."""
+    anyone = build_aci(
+        tmp_path, NAME, "1.0.0", out=tmp_path / "anyone.aci", extra_files={"evil": b"x\n"}
+    )
+    got = fetchd("pull", "--insecure-options", "image", str(anyone))
+    assert got.returncode == 0, got.stderr
+    unsigned = got.stdout.strip()
+    assert fetchd.entry(f"{NAME}:1.0.0")["digest"] == unsigned
+    aci = publish(appc_site, tmp_path, pgp_cases)
+    root_page(appc_site)
+    trust(fetchd, tmp_path, pgp_cases, "ed")
+    verified = pull(fetchd, appc_site, tmp_path, f"{NAME}:1.0.0")
+    assert verified.returncode == 0, verified.stderr
+    assert verified.stdout.strip() != unsigned
+    assert "signature verified:" in verified.stderr
+    assert any(r.split()[1].endswith(".aci") for r in appc_site.requests())
+    entry = fetchd.entry(f"{NAME}:1.0.0")
+    assert entry["digest"] == verified.stdout.strip()
+    assert entry["annotations"]["io.fetchd.appc.signer"] == pgp_cases.fingerprint("ed")
+    blobs = fetchd.store / "layout" / "blobs" / "sha256"
+    manifest = json.loads((blobs / entry["digest"].split(":")[1]).read_bytes())
+    assert manifest["layers"][-1]["digest"].split(":")[1] == _sha256(aci)
+    # the verified entry answers from the store; once its key is no longer trusted, it does not
+    appc_site.clear_log()
+    again = pull(fetchd, appc_site, tmp_path, f"{NAME}:1.0.0")
+    assert again.returncode == 0 and again.stdout == verified.stdout, again.stderr
+    assert appc_site.requests() == []
+    removed = fetchd(
+        "trust", "--trust-dir", str(tmp_path / "trust"), "--remove", pgp_cases.fingerprint("ed")
+    )
+    assert removed.returncode == 0, removed.stderr
+    gone = pull(fetchd, appc_site, tmp_path, f"{NAME}:1.0.0")
+    assert gone.returncode == 1
+    assert "not trusted for example.com/hello" in error_line(gone)
+    assert any(r.endswith(".aci.asc 200") for r in appc_site.requests())
+
+
+def test_keys_over_unverified_channels_need_pubkey(
+    fetchd: Fetchd, appc_site: AppcSite, tmp_path: Path, pgp_cases: PgpCases
+) -> None:
+    """--trust-keys-from-https trusts no key that came over unverified TLS (--insecure-options
+    tls) or was named by a discovery page that came over plain http, unless pubkey is
+    insecure too: one error line naming the fix, no key written, no ACI requested."""
+    prefix_d = tmp_path / "trust/trustedkeys/prefix.d"
+    keys = ("ac-discovery-pubkeys", "example.com", "https://example.com/pubkeys.gpg")
+    publish(appc_site, tmp_path, pgp_cases)
+    root_page(appc_site, keys)
+    appc_site.put("/pubkeys.gpg", pgp_cases.key("ed"))
+    tls = pull(
+        fetchd,
+        appc_site,
+        tmp_path,
+        "--insecure-options",
+        "tls",
+        "--trust-keys-from-https",
+        f"{NAME}:1.0.0",
+    )
+    assert tls.returncode == 1
+    line = error_line(tls)
+    assert "--insecure-options tls" in line and "pubkey" in line, line
+    assert not prefix_d.exists()
+    assert not any(r.split()[1].endswith(".aci") for r in appc_site.requests())
+    # example.net is not in the site's certificate: its page comes over http (allowed), and
+    # names an https key URL that would verify
+    other = "example.net/hello"
+    publish(appc_site, tmp_path, pgp_cases, name=other)
+    appc_site.page(
+        "/",
+        appc_site.meta(
+            ("ac-discovery", "example.com", TEMPLATE),
+            ("ac-discovery", "example.net", TEMPLATE),
+            keys,
+            ("ac-discovery-pubkeys", "example.net", "https://example.com/pubkeys.gpg"),
+        ),
+    )
+    plain = fetchd(
+        "pull",
+        "--trust-dir",
+        str(tmp_path / "trust"),
+        *appc_site.resolve_args("example.net"),
+        "--insecure-options",
+        "http",
+        "--trust-keys-from-https",
+        f"{other}:1.0.0",
+        env=appc_site.env(),
+    )
+    assert plain.returncode == 1
+    line = error_line(plain)
+    assert "plain http" in line and "pubkey" in line, line
+    assert not prefix_d.exists()
+    # with pubkey insecure as well: rkt's TOFU, as asked for
+    both = pull(
+        fetchd,
+        appc_site,
+        tmp_path,
+        "--insecure-options",
+        "tls,pubkey",
+        "--trust-keys-from-https",
+        f"{NAME}:1.0.0",
+    )
+    assert both.returncode == 0, both.stderr
+    assert (prefix_d / NAME / pgp_cases.fingerprint("ed")).is_file()
+
+
+def test_dependency_without_os_arch_labels_says_what_is_missing(
+    fetchd: Fetchd, appc_site: AppcSite, tmp_path: Path, pgp_cases: PgpCases
+) -> None:
+    """A dependency gets no os/arch defaults: when the template needs them, the discovery
+    error names the variables left unfilled and the labels to give."""
+    dep = {"imageName": "example.com/base", "labels": [{"name": "version", "value": "1.0.0"}]}
+    publish(appc_site, tmp_path, pgp_cases, deps=[dep])
+    root_page(appc_site)
+    trust(fetchd, tmp_path, pgp_cases, "ed")
+    got = pull(fetchd, appc_site, tmp_path, f"{NAME}:1.0.0")
+    assert got.returncode == 1
+    line = error_line(got)
+    assert "example.com/base" in line and "(1 skipped: {os}, {arch} not given" in line, line
+    assert "dependencies get no os/arch defaults: give os=…,arch=… labels" in line, line

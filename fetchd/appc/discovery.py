@@ -362,7 +362,10 @@ async def _walk(
         if not found:
             why = f"no {_kind_name(kind)} tag for {name}"
             if matching:
-                why = f"no usable {_kind_name(kind)} tag for {name} ({len(matching)} skipped)"
+                why = (
+                    f"no usable {_kind_name(kind)} tag for {name} ({len(matching)} skipped: "
+                    f"{pick.skipped([uri for _p, uri in matching])})"
+                )
             attempts.append(Attempt(prefix, redact(url), why))
             continue
         attempts.append(Attempt(prefix, redact(url), None))
@@ -376,6 +379,10 @@ class _Picker:
     def __call__(self, uris: list[str]) -> list[str] | list[Endpoint]:
         raise NotImplementedError
 
+    def skipped(self, uris: list[str]) -> str:
+        """Why none of ``uris`` was usable (for the message)."""
+        return "not an absolute http(s) URL"
+
 
 class _Endpoints(_Picker):
     def __init__(self, app: AppName) -> None:
@@ -388,6 +395,26 @@ class _Endpoints(_Picker):
             if aci is not None and asc is not None:
                 out.append(Endpoint(aci, asc))
         return out
+
+    def skipped(self, uris: list[str]) -> str:
+        given = {"name", "ext", "version", *(k for k, _v in self.app.labels)}
+        missing: list[str] = []
+        other = 0
+        for uri in uris:
+            left = [v for v in _VARIABLE.findall(uri) if v not in given]
+            missing += [v for v in left if v not in missing]
+            other += not left
+        why: list[str] = []
+        if missing:
+            wanted = ",".join(f"{v}=…" for v in missing[:8])
+            why.append(", ".join(f"{{{v}}}" for v in missing[:8]) + " not given")
+            if {"os", "arch"} & set(missing):
+                why.append(f"dependencies get no os/arch defaults: give {wanted} labels")
+            else:
+                why.append(f"give {wanted} labels")
+        if other:
+            why.append(f"{other} not an absolute http(s) URL once rendered")
+        return "; ".join(why)
 
 
 class _Pubkeys(_Picker):

@@ -44,12 +44,14 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
+from urllib.parse import urljoin
 
 from fetchd.engine.fetching import Sources, UrlFetcher, fill_and_commit
 from fetchd.engine.pull import PullResult, is_url
@@ -65,6 +67,7 @@ from fetchd.errors import (
     SourceError,
     TransferFailed,
     TransferTimeout,
+    TrustError,
     UsageError,
 )
 from fetchd.model import OCI_MANIFEST, Descriptor, Digest
@@ -72,10 +75,12 @@ from fetchd.sources.http import redact, retry_after, translate
 from fetchd.sources.retry import retryable
 from fetchd.store import layout
 from fetchd.store.cas import Ingest
-from fetchd.store.maintenance import record_url
+from fetchd.store.maintenance import appc_trust_problem, record_url
 from fetchd.store.meta import UrlRecord
 
 if TYPE_CHECKING:
+    import aiohttp
+
     from fetchd.appc.aci import Inspected
     from fetchd.appc.names import AppName
     from fetchd.engine.foreign import ForeignTorrent
@@ -100,6 +105,7 @@ SMALL_REQUEST_BUDGET = 60.0
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 #: what ``--torrent`` asks an ACI's URL for (Quay's answer for quayctl)
 TORRENT_TYPE = "application/x-bittorrent"
+_REDIRECTS = (301, 302, 303, 307, 308)
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +228,15 @@ class _Pull:
         entry = await asyncio.to_thread(layout.find_appc, self.store, app.name, labels, times)
         if entry is None or not self.engine.complete(entry):
             return None
+        if not self.unsigned:
+            problem = await asyncio.to_thread(
+                appc_trust_problem, self.store, entry, self.keystore, time.time()
+            )
+            if problem is not None:
+                # pulled unsigned, or by a key no longer trusted: a verified pull fetches
+                # (and verifies) it again, and the result replaces the stored entry
+                _say(f"{entry.name} in the store is not used: {problem}; fetching it again")
+                return None
         await asyncio.to_thread(self.engine._touch_image, entry.name, str(entry.manifest.digest))
         desc = (await asyncio.to_thread(layout.manifests, self.store, entry))[0]
         return PullResult(entry.name, entry.manifest.digest, desc, False, (desc,))
@@ -298,15 +313,32 @@ class _Pull:
 
     async def _fetch_pubkeys(self, name: str) -> None:
         """rkt's maybeFetchPubKeys with --trust-keys-from-https: failures are reported and
-        the pull goes on (it then fails at the signature, with the hint)."""
+        the pull goes on (it then fails at the signature, with the hint). Keys that came
+        over a channel nobody authenticated — unverified TLS (``--insecure-options tls``)
+        or a discovery page answered over plain http — are trusted only with
+        ``--insecure-options pubkey`` as well; otherwise the pull is refused (TrustError)."""
         from fetchd.appc.discovery import discover_pubkeys
-        from fetchd.trust.openpgp import policy_problem, read_keys
 
+        if "tls" in self.config.insecure and "pubkey" not in self.config.insecure:
+            raise TrustError(
+                f"not discovering keys for {name}: --insecure-options tls leaves https "
+                "unverified, so the keys could come from anyone; trust the key with fetchd "
+                f"trust --prefix {name} KEYFILE (or add pubkey to --insecure-options to "
+                "trust keys fetched so)"
+            )
         try:
-            urls, _attempts = await discover_pubkeys(name, self.config, self.engine.session())
+            urls, attempts = await discover_pubkeys(name, self.config, self.engine.session())
         except FetchdError as exc:
             _say(f"warning: no keys discovered for {name}: {exc}")
             return
+        answered = next((a.url for a in reversed(attempts) if a.error is None), "")
+        if answered.startswith("http://") and "pubkey" not in self.config.insecure:
+            raise TrustError(
+                f"not trusting keys for {name}: their discovery page came over plain http "
+                f"({answered}), so anyone could have named them; trust the key with fetchd "
+                f"trust --prefix {name} KEYFILE (or add pubkey to --insecure-options to trust "
+                "keys found so)"
+            )
         for url in urls:
             if not url.startswith("https://") and "pubkey" not in self.config.insecure:
                 _say(
@@ -315,13 +347,10 @@ class _Pull:
                 )
                 continue
             try:
-                data = await self._small_get(url, MAX_PUBKEY, f"the key at {redact(url)}")
+                data = await self._small_get(url, MAX_PUBKEY, f"the key at {redact(url)}", key=True)
                 if data is None:
                     raise TransferFailed(f"{redact(url)}: the server deferred it (202)")
-                keys = read_keys(data, redact(url))
-                problem = policy_problem(keys[0], time.time()) if keys else "no key"
-                if problem:
-                    raise KeyRefused(f"the key at {redact(url)} is refused: {problem}")
+                # the key policy judges every certificate of the file (Keystore.add)
                 paths = await asyncio.to_thread(self.keystore.add, data, name)
             except FetchdError as exc:
                 _say(f"warning: error adding keys for {name}: {exc}")
@@ -330,12 +359,13 @@ class _Pull:
             for p in paths:
                 _say(f"Added key for prefix {name!r} at {str(p)!r}")
 
-    def _untrusted(self, sig: SigInfo, name: str | None, shown: str) -> NotTrusted:
+    async def _untrusted(self, sig: SigInfo, name: str | None, shown: str) -> NotTrusted:
         from fetchd.trust.openpgp import issuer_of, issuer_text
 
         who = ""
         try:
-            known = issuer_of(sig, [k.info for k in self.keystore.entries()])
+            pool = await asyncio.to_thread(self.keystore.entries)
+            known = issuer_of(sig, [k.info for k in pool])
         except FetchdError:
             known = None
         if known is not None and known.user_ids:
@@ -347,17 +377,17 @@ class _Pull:
             f"run fetchd trust --prefix {prefix} KEYFILE (or pass --trust-keys-from-https)"
         )
 
-    def _early(self, sig: bytes, keys: list[TrustedKey] | None, want: _Want) -> None:
+    async def _early(self, sig: bytes, keys: list[TrustedKey] | None, want: _Want) -> None:
         """The signature's issuer against the keys, before the ACI is requested: an
         unknown issuer or a key refused by policy (revoked, expired, weak) ends here."""
         from fetchd.trust.openpgp import issuer_of, policy_problem, signature_info
 
         info = signature_info(sig, f"the signature of {want.shown}")
-        pool = keys if keys is not None else self.keystore.entries()
+        pool = keys if keys is not None else await asyncio.to_thread(self.keystore.entries)
         key = issuer_of(info, [k.info for k in pool])
         if key is None:
-            raise self._untrusted(info, want.name, want.shown)
-        problem = policy_problem(key, time.time())
+            raise await self._untrusted(info, want.name, want.shown)
+        problem = policy_problem(key, time.time(), signer=info.issuer_fingerprint)
         if problem:
             raise KeyRefused(
                 f"{want.shown}: the signing key {key.describe()} is refused: {problem}"
@@ -365,40 +395,58 @@ class _Pull:
 
     # --- HTTP for the small things -------------------------------------------------------
 
-    def _check_scheme(self, url: str) -> None:
+    def _check_scheme(self, url: str, *, key: bool = False) -> None:
         if url.startswith("http://") and "http" not in self.config.insecure:
             raise InsecureRefused(
                 f"{redact(url)} is plain HTTP; pass --insecure-options http to allow it"
             )
+        if url.startswith("http://") and key and "pubkey" not in self.config.insecure:
+            raise InsecureRefused(
+                f"{redact(url)} is plain HTTP; keys are trusted from it only with "
+                "--insecure-options pubkey"
+            )
         if not is_url(url):
             raise ImageInvalid(f"{url[:80]!r} is not an http(s) URL")
 
-    async def _small_get(self, url: str, limit: int, what: str) -> bytes | None:
+    async def _small_get(
+        self, url: str, limit: int, what: str, *, key: bool = False
+    ) -> bytes | None:
         """GET a small document (a signature, a key): its bytes, or None on 202 (with
-        ``self.retry_after`` set from its Retry-After). Bounded in size and time."""
-        self._check_scheme(url)
+        ``self.retry_after`` set from its Retry-After). Bounded in size and time. Redirects
+        are followed here (at most MAX_REDIRECTS), each hop checked: an http:// hop
+        anywhere in the chain needs ``--insecure-options http`` (and ``pubkey`` for a key)."""
+        from fetchd.appc.discovery import MAX_REDIRECTS
+
+        self._check_scheme(url, key=key)
         budget = min(self.config.request_budget, SMALL_REQUEST_BUDGET)
         deadline = asyncio.timeout(budget)
+        first = url
         try:
-            async with deadline, self.engine.session().get(url, max_redirects=5) as resp:
-                if resp.url.scheme == "http" and "http" not in self.config.insecure:
-                    raise InsecureRefused(
-                        f"{what}: redirected to plain HTTP ({redact(str(resp.url))}); "
-                        "pass --insecure-options http to allow it"
-                    )
-                if resp.status == 202:
-                    self.retry_after = retry_after(resp.headers, 1.0)
-                    return None
-                if resp.status in (404, 410):
-                    raise BlobNotFound(f"{what}: {resp.status} from {redact(url)}")
-                if resp.status != 200:
-                    raise TransferFailed(f"{what}: HTTP {resp.status} from {redact(url)}")
-                data = bytearray()
-                async for chunk in resp.content.iter_chunked(16 << 10):
-                    data += chunk
-                    if len(data) > limit:
-                        raise SignatureInvalid(f"{what} is larger than {limit >> 10} KiB; refused")
-                return bytes(data)
+            async with deadline:
+                for _ in range(MAX_REDIRECTS + 1):
+                    async with self.engine.session().get(url, allow_redirects=False) as resp:
+                        if resp.status in _REDIRECTS:
+                            location = resp.headers.get("Location")
+                            if not location:
+                                raise TransferFailed(
+                                    f"{what}: HTTP {resp.status} without a Location from "
+                                    f"{redact(url)}"
+                                )
+                            target = urljoin(url, location)
+                            try:
+                                self._check_scheme(target, key=key)
+                            except InsecureRefused:
+                                raise InsecureRefused(
+                                    f"{what}: {redact(url)} redirected to plain HTTP "
+                                    f"({redact(target)}); pass --insecure-options http to "
+                                    "allow it"
+                                ) from None
+                            url = target
+                            continue
+                        return await self._small_body(resp, limit, what, url)
+                raise TransferFailed(
+                    f"{what}: more than {MAX_REDIRECTS} redirects from {redact(first)}"
+                )
         except TimeoutError:
             if not deadline.expired():  # aiohttp's read timeout: nothing came for a while
                 raise TransferTimeout(
@@ -413,6 +461,23 @@ class _Pull:
             raise
         except retryable() as exc:
             raise translate(exc, what, self.config) from exc
+
+    async def _small_body(
+        self, resp: aiohttp.ClientResponse, limit: int, what: str, url: str
+    ) -> bytes | None:
+        if resp.status == 202:
+            self.retry_after = retry_after(resp.headers, 1.0)
+            return None
+        if resp.status in (404, 410):
+            raise BlobNotFound(f"{what}: {resp.status} from {redact(url)}")
+        if resp.status != 200:
+            raise TransferFailed(f"{what}: HTTP {resp.status} from {redact(url)}")
+        data = bytearray()
+        async for chunk in resp.content.iter_chunked(16 << 10):
+            data += chunk
+            if len(data) > limit:
+                raise SignatureInvalid(f"{what} is larger than {limit >> 10} KiB; refused")
+        return bytes(data)
 
     async def _signature(self, url: str, want: _Want) -> bytes | None:
         return await self._small_get(url, MAX_SIGNATURE, f"the signature of {want.shown}")
@@ -460,20 +525,26 @@ class _Pull:
             stored = await asyncio.to_thread(layout.appc_signature_for, self.store, aci_url)
             if stored is None or str(stored[0]) != rec.digest:
                 stored, fresh = None, False
-        if not self.unsigned:
-            if stored is not None:
-                sig = await asyncio.to_thread(self.store.read_blob, stored[1], MAX_SIGNATURE)
-            else:
-                sig = await self._signature(asc_url, want)
-                deferred = sig is None
+        if not self.unsigned and stored is not None:
+            # rkt's remote cache within max-age: the signature kept with the image, judged
+            # by the keys trusted now; one they no longer accept is asked for again
+            sig = await asyncio.to_thread(self.store.read_blob, stored[1], MAX_SIGNATURE)
+            try:
+                await self._early(sig, keys, want)
+            except (NotTrusted, KeyRefused) as exc:
+                log.info("%s: the stored signature is refused now (%s); asking again", aci_url, exc)
+                sig, stored, fresh = None, None, False
+        if not self.unsigned and stored is None:
+            sig = await self._signature(asc_url, want)
+            deferred = sig is None
             if sig is not None:
-                self._early(sig, keys, want)
+                await self._early(sig, keys, want)
 
         async def check(path: Path) -> _Checked:
             nonlocal sig
             if not self.unsigned and sig is None:
                 sig = await self._deferred(asc_url, want)
-                self._early(sig, keys, want)
+                await self._early(sig, keys, want)
             return await self._check(path, want, sig, keys)
 
         if rec is not None and (
@@ -531,11 +602,16 @@ class _Pull:
         """Everything an ACI must pass before it is committed (on the bytes as fetched)."""
         from fetchd.appc.aci import inspect_aci
         from fetchd.appc.manifest import check_request
+        from fetchd.trust.openpgp import display_fingerprint
 
         what = want.shown
         verified = None
-        if sig is not None and keys is not None:  # the name is known: the signature first
-            verified = await self._verify(sig, path, keys, what)
+        if sig is not None:
+            # the signature first, on the bytes as fetched: nothing unauthenticated is
+            # decompressed. A name asked for: its keys; a URL or a file (the name is in the
+            # manifest, not read yet): every trusted key, the name's checked below
+            pool = keys if keys is not None else await asyncio.to_thread(self.keystore.entries)
+            verified = await self._verify(sig, path, pool, what, name=want.name)
         ins = await asyncio.to_thread(inspect_aci, path, what, max_uncompressed=want.size)
         m = ins.manifest
         if want.name is not None:
@@ -546,14 +622,14 @@ class _Pull:
                 f"{want.image_id[: 7 + 32]}… its parent's manifest requires"
             )
         if not self.unsigned:
-            assert sig is not None
+            assert verified is not None
             named = await asyncio.to_thread(self.keystore.keys_for, m.name)
-            if verified is None:  # a URL or a file: the keys of the manifest's name
-                verified = await self._verify(sig, path, named, what, name=m.name)
-            elif not any(k.info.fingerprint == verified.primary for k in named):
+            if not any(k.info.fingerprint == verified.primary for k in named):
+                who = f" ({verified.user_ids[0]})" if verified.user_ids else ""
                 raise NotTrusted(
-                    f"{what} is signed by a key not trusted for {m.name}, the name in its "
-                    f"manifest; run fetchd trust --prefix {m.name} KEYFILE"
+                    f"{what} is signed by {display_fingerprint(verified.primary)}{who} which "
+                    f"is not trusted for {m.name}, the name in its manifest; run fetchd trust "
+                    f"--prefix {m.name} KEYFILE"
                 )
             _say("signature verified:")
             for uid in verified.user_ids:
@@ -573,7 +649,7 @@ class _Pull:
         infos: list[KeyInfo] = [k.info for k in keys]
         sinfo = signature_info(sig, f"the signature of {what}")
         if issuer_of(sinfo, infos) is None:
-            raise self._untrusted(sinfo, name, what)
+            raise await self._untrusted(sinfo, name, what)
         return await verify_detached(sig, path, infos, what)
 
     # --- the ACI's bytes ------------------------------------------------------------------
@@ -687,8 +763,7 @@ class _Pull:
         if not self.unsigned:
             sig_path = self.config.signature or path.with_name(path.name + ".asc")
             try:
-                with sig_path.open("rb") as f:
-                    sig = f.read(MAX_SIGNATURE + 1)
+                sig = await asyncio.to_thread(_read_regular, sig_path, MAX_SIGNATURE + 1)
             except OSError as exc:
                 raise UsageError(
                     f"cannot read the signature {sig_path}: {exc.strerror}; pass "
@@ -696,7 +771,7 @@ class _Pull:
                 ) from exc
             if len(sig) > MAX_SIGNATURE:
                 raise SignatureInvalid(f"{sig_path} is larger than 64 KiB; refused")
-            self._early(sig, None, want)
+            await self._early(sig, None, want)
         try:
             src, key, uri = await asyncio.to_thread(_open_local, path)
         except OSError as exc:
@@ -756,9 +831,29 @@ class _Pull:
         return PullResult(ref_name, digest, desc, True, (desc,))
 
 
+def _open_regular(path: Path) -> BinaryIO:
+    """``path`` open for reading if it is a regular file (UsageError if not). Opened
+    non-blocking, so a FIFO (which would wait for a writer) or a device is refused at once."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UsageError(f"{path} is not a regular file; give a file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _read_regular(path: Path, limit: int) -> bytes:
+    """At most ``limit`` bytes of the regular file ``path`` (UsageError if not one)."""
+    with _open_regular(path) as f:
+        return f.read(limit)
+
+
 def _open_local(path: Path) -> tuple[BinaryIO, str, str]:
     """The file, its ingest key (a resume only of the same file, unchanged) and its URI."""
-    src = path.open("rb")
+    src = _open_regular(path)
     st = os.fstat(src.fileno())
     real = path.resolve()
     ident = f"{real}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}"

@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterator, Set
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fetchd.errors import FetchdError, ImageNotInStore, StoreCorrupt, StoreError, UsageError
 from fetchd.manifest import ImageIndex, parse_manifest
@@ -49,6 +49,9 @@ from fetchd.store.cas import Store, atomic_write
 from fetchd.store.leases import Lease, live_digests
 from fetchd.store.locks import locked, remove_locked_dir, try_locked
 from fetchd.store.meta import Meta, UrlRecord
+
+if TYPE_CHECKING:
+    from fetchd.trust.keystore import Keystore
 
 log = logging.getLogger(__name__)
 
@@ -503,6 +506,8 @@ class FsckReport:
     checked: int = 0
     corrupt: list[str] | None = None
     missing: list[str] | None = None
+    #: appc images whose stored signature no longer verifies with the keys trusted now
+    signatures: list[str] | None = None
     #: with --rebuild-db: (names, URLs) the database lacked and now indexes
     rebuilt_db: tuple[int, int] | None = None
     #: with --rebuild-db: URLs only the database knew, now recorded in the layout
@@ -510,7 +515,7 @@ class FsckReport:
 
     @property
     def ok(self) -> bool:
-        return not self.corrupt and not self.missing
+        return not self.corrupt and not self.missing and not self.signatures
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -518,6 +523,7 @@ class FsckReport:
             "checked": self.checked,
             "corrupt": list(self.corrupt or []),
             "missing": list(self.missing or []),
+            "signatures": list(self.signatures or []),
             "rebuilt_db": (
                 {"names_added": self.rebuilt_db[0], "urls_added": self.rebuilt_db[1]}
                 if self.rebuilt_db is not None
@@ -527,11 +533,13 @@ class FsckReport:
         }
 
 
-def fsck(store: Store, *, rebuild_db: bool = False) -> FsckReport:
+def fsck(store: Store, *, rebuild_db: bool = False, trust_dir: Path | None = None) -> FsckReport:
     """Re-hash every blob; move mismatches to quarantine/; report names and URLs missing
-    blobs. With ``rebuild_db``, make fetchd.db agree with the layout (a corrupt one is
-    set aside as fetchd.db.corrupt and made anew)."""
-    report = FsckReport(corrupt=[], missing=[])
+    blobs; re-verify every stored ACI signature with the keys trusted now (the keystore
+    of ``trust_dir``, Keystore.default) and report those that no longer verify (the bytes
+    are intact: nothing is moved). With ``rebuild_db``, make fetchd.db agree with the
+    layout (a corrupt one is set aside as fetchd.db.corrupt and made anew)."""
+    report = FsckReport(corrupt=[], missing=[], signatures=[])
     assert report.corrupt is not None and report.missing is not None
     for digest, path in list(store.iter_blobs()):
         h = hashlib.new(digest.algorithm)
@@ -556,10 +564,118 @@ def fsck(store: Store, *, rebuild_db: bool = False) -> FsckReport:
     for u in layout.url_entries(store):
         if not store.has(u.blob.digest):
             report.missing.append(f"{u.url}: {u.blob.digest}")
+    report.signatures = _appc_signatures(store, trust_dir)
     if rebuild_db:
         report.adopted_urls = _adopt_legacy_urls(store)
         report.rebuilt_db = Meta(store.db_path).rebuild()
     return report
+
+
+# --- appc images: are their signers still trusted? ----------------------------------------
+
+#: the largest stored detached signature read back (as the pull reads them)
+MAX_APPC_SIGNATURE = 64 << 10
+
+
+def appc_layers(store: Store, entry: layout.Entry) -> list[Descriptor]:
+    """The ACI layers of an appc entry, each with its ``io.fetchd.appc.*`` annotations
+    (StoreError if its manifest cannot be read)."""
+    blobs = layout.image_blobs(store, entry)
+    next(blobs)  # the entry's own manifest (it carries the top ACI's annotations too)
+    return [d for d in blobs if layout.APPC_NAME_ANNOTATION in d.annotations]
+
+
+def appc_trust_problem(
+    store: Store, entry: layout.Entry, keystore: Keystore, now: float
+) -> str | None:
+    """Why the stored appc image ``entry`` may not answer a verified pull now, or None:
+    every ACI of it must have been verified when pulled (its signer annotation) by a key
+    still trusted for that ACI's name, which the key policy accepts now (the (sub)key its
+    stored signature names included). Cheap: no signature is re-verified (fsck does)."""
+    from fetchd.trust.openpgp import display_fingerprint, policy_problem, signature_info
+
+    try:
+        layers = appc_layers(store, entry)
+    except StoreError as exc:
+        return str(exc)
+    if not layers:
+        return "it holds no ACI"
+    for layer in layers:
+        ann = layer.annotations
+        name = ann[layout.APPC_NAME_ANNOTATION]
+        signer = ann.get(layout.APPC_SIGNER_ANNOTATION)
+        sig_text = ann.get(layout.APPC_SIGNATURE_ANNOTATION)
+        if not signer or not sig_text:
+            return f"{name} was stored without a signature check (--insecure-options image)"
+        try:
+            keys = keystore.keys_for(name)
+            sig = store.read_blob(Digest.parse(sig_text), MAX_APPC_SIGNATURE)
+            hinted = signature_info(sig, f"the stored signature of {name}").issuer_fingerprint
+        except (OSError, FetchdError) as exc:
+            return f"{name}: {exc}"
+        key = next(
+            (k.info for k in keys if signer == k.info.fingerprint or signer in k.info.signing_keys),
+            None,
+        )
+        if key is None:
+            return f"its signer {display_fingerprint(signer)} is no longer trusted for {name}"
+        problem = policy_problem(key, now, signer=hinted)
+        if problem:
+            return f"its signer {key.describe()} is refused now: {problem}"
+    return None
+
+
+def _appc_signatures(store: Store, trust_dir: Path | None) -> list[str]:
+    """fsck's signature pass: each ACI layer's stored signature over its stored blob, with
+    the keys trusted now for its name (a child process per signature, as the pull)."""
+    import asyncio
+
+    from fetchd.trust.keystore import Keystore
+
+    todo: dict[tuple[Digest, Digest, str], list[str]] = {}
+    for a in layout.appc_entries(store):
+        try:
+            layers = appc_layers(store, a.entry)
+        except StoreError:
+            continue  # reported as missing
+        for layer in layers:
+            text = layer.annotations.get(layout.APPC_SIGNATURE_ANNOTATION)
+            if not text:
+                continue  # pulled with --insecure-options image: nothing to re-check
+            try:
+                sig = Digest.parse(text)
+            except FetchdError:
+                continue
+            if not store.has(sig) or not store.has(layer.digest):
+                continue  # missing or quarantined: reported above
+            name = layer.annotations[layout.APPC_NAME_ANNOTATION]
+            todo.setdefault((layer.digest, sig, name), []).append(a.entry.name)
+    if not todo:
+        return []
+    keystore = Keystore.default(trust_dir)
+    return asyncio.run(_verify_appc(store, keystore, todo))
+
+
+async def _verify_appc(
+    store: Store, keystore: Keystore, todo: dict[tuple[Digest, Digest, str], list[str]]
+) -> list[str]:
+    from fetchd.trust.openpgp import verify_detached
+
+    problems: list[str] = []
+    for (aci, sig_digest, name), entries in todo.items():
+        what = f"the signature of {name}"
+        try:
+            sig = store.read_blob(sig_digest, MAX_APPC_SIGNATURE)
+            keys = keystore.keys_for(name)
+            await verify_detached(sig, store.blob_path(aci), [k.info for k in keys], what)
+        except (OSError, FetchdError) as exc:
+            detail = str(exc).removeprefix(f"{what}: ")
+            detail = f"it{detail.removeprefix(what)}" if detail.startswith(what) else detail
+            for entry in entries:
+                problems.append(
+                    f"{entry}: the signature of {name} ({aci.short}) no longer verifies: {detail}"
+                )
+    return problems
 
 
 @dataclass(frozen=True, slots=True)
