@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import urljoin
 
-from fetchd.engine.fetching import Sources, UrlFetcher, fill_and_commit
+from fetchd.engine.fetching import Sources, UrlFetcher
 from fetchd.engine.pull import PullResult, is_url
 from fetchd.errors import (
     BlobNotFound,
@@ -658,10 +658,9 @@ class _Pull:
         self, url: str, check: Callable[[Path], Awaitable[_Checked]]
     ) -> tuple[Digest, int, dict[str, Any], _Checked]:
         """``url`` into a segmented ingest of its own (resumable), committed only once
-        ``check`` passed on the complete bytes (as Engine._download_url, plus the check)."""
+        ``check`` passed on the complete bytes (Engine.fill_url, as Engine._download_url)."""
         engine = self.engine
         key = "aci-" + hashlib.sha256(url.encode()).hexdigest()[:40]
-        label = redact(url)
         result: list[_Checked] = []
 
         async def before_commit(ingest: Ingest) -> None:
@@ -684,28 +683,7 @@ class _Pull:
                 sources = Sources([swarm, origin], origin)
             else:
                 sources = Sources([origin], origin, peers=True)
-            short = url.rsplit("/", 1)[-1][:22]
-            engine.progress.start(label, short, ingest.size or 0, ingest.offset)
-
-            def advance(n: int) -> None:
-                engine.progress.advance(label, n)
-                engine.progress.resize(label, ingest.size or 0)
-
-            desc = Descriptor("application/octet-stream", ingest.digest, ingest.size or 0)
-            try:
-                await fill_and_commit(
-                    desc,
-                    ingest,
-                    sources,
-                    self.config,
-                    advance,
-                    lambda n: engine.progress.connections(label, n),
-                    before_commit=before_commit,
-                )
-            except BaseException:
-                engine.progress.drop(label)
-                raise
-            engine.progress.finish(label)
+            await engine.fill_url(url, ingest, sources, before_commit)
             return ingest.digest, ingest.size or 0, dict(ingest.meta), result[0]
 
     async def _torrent_for(self, url: str) -> ForeignTorrent | None:

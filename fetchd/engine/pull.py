@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -797,7 +797,6 @@ class Engine:
         holds the ingest, that another process fetched and named the URL meanwhile (the
         record differs from ``seen``, read before) takes that instead."""
         key = "url-" + hashlib.sha256(url.encode()).hexdigest()[:40]
-        label = redact(url)
         async with self.store.ingest(digest, None, key=key, segmented=True) as ingest:
             assert isinstance(ingest, SegmentedIngest)
             rec, _ = await asyncio.to_thread(self._url_record, url)
@@ -813,27 +812,7 @@ class Engine:
                 got, size, fetched = ingest.digest, self.store.blob_size(ingest.digest) or 0, False
             else:
                 fetchers = [UrlFetcher(u, self.config) for u in (url, *mirrors)]
-                sources = Sources(fetchers, fetchers[0], peers=True)
-                self.progress.start(label, _short_label(url), ingest.size or 0, ingest.offset)
-
-                def advance(n: int) -> None:
-                    self.progress.advance(label, n)
-                    self.progress.resize(label, ingest.size or 0)
-
-                desc = Descriptor("application/octet-stream", ingest.digest, ingest.size or 0)
-                try:
-                    await fill_and_commit(
-                        desc,
-                        ingest,
-                        sources,
-                        self.config,
-                        advance,
-                        lambda n: self.progress.connections(label, n),
-                    )
-                except BaseException:
-                    self.progress.drop(label)
-                    raise
-                self.progress.finish(label)
+                await self.fill_url(url, ingest, Sources(fetchers, fetchers[0], peers=True))
                 got, size, fetched = ingest.digest, ingest.size or 0, True
                 meta = dict(ingest.meta)
             record = UrlRecord(
@@ -848,6 +827,38 @@ class Engine:
             )
             await asyncio.to_thread(record_url, self.store, record)
             return got, size, fetched
+
+    async def fill_url(
+        self,
+        url: str,
+        ingest: Ingest,
+        sources: Sources,
+        before_commit: Callable[[Ingest], Awaitable[None]] | None = None,
+    ) -> None:
+        """Fill ``ingest`` with the bytes of ``url`` from ``sources`` and commit it, under
+        ``url``'s progress line; ``before_commit`` (fill_and_commit's) judges them first."""
+        label = redact(url)
+        self.progress.start(label, _short_label(url), ingest.size or 0, ingest.offset)
+
+        def advance(n: int) -> None:
+            self.progress.advance(label, n)
+            self.progress.resize(label, ingest.size or 0)
+
+        desc = Descriptor("application/octet-stream", ingest.digest, ingest.size or 0)
+        try:
+            await fill_and_commit(
+                desc,
+                ingest,
+                sources,
+                self.config,
+                advance,
+                lambda n: self.progress.connections(label, n),
+                before_commit=before_commit,
+            )
+        except BaseException:
+            self.progress.drop(label)
+            raise
+        self.progress.finish(label)
 
     def _url_record(self, url: str) -> tuple[UrlRecord | None, bool]:
         """What the store holds for ``url`` (the layout's record, with the validators and
