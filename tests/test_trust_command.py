@@ -11,6 +11,7 @@ import select
 import subprocess
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -77,10 +78,12 @@ def test_no_terminal_and_no_review_flag_refuses(
     assert stored(tmp_path) == []
 
 
-def _on_a_terminal(fetchd: Fetchd, argv: list[str], answer: bytes) -> tuple[int, bytes]:
+def _on_a_terminal(
+    fetchd: Fetchd, argv: list[str], answer: bytes, env: Mapping[str, str] | None = None
+) -> tuple[int, bytes]:
     master, slave = pty.openpty()
     proc = subprocess.Popen(
-        fetchd.argv(*argv), stdin=slave, stdout=subprocess.PIPE, stderr=slave, env=fetchd.env()
+        fetchd.argv(*argv), stdin=slave, stdout=subprocess.PIPE, stderr=slave, env=fetchd.env(env)
     )
     os.close(slave)
     seen = b""

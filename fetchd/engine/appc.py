@@ -146,6 +146,25 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def _can_review() -> bool:
+    from fetchd.trust.command import can_review
+
+    return can_review()
+
+
+async def _reviewed(data: bytes, name: str, location: str) -> bool:
+    """Every key of a discovered key file shown and accepted at the terminal (each one
+    asked; one "no" trusts none of the file). Blocking reads on a thread."""
+    from fetchd.trust.command import review_key
+    from fetchd.trust.openpgp import read_keys
+
+    keys = await asyncio.to_thread(read_keys, data, location)
+    for key in keys:
+        if not await asyncio.to_thread(review_key, key, name, location):
+            return False
+    return True
+
+
 async def pull_appc(engine: Engine, text: str) -> PullResult:
     """Pull the appc image ``text`` names (a name, an https ACI URL or a local .aci
     file) into the store, verified; returns the OCI manifest's digest as ``digest``."""
@@ -294,8 +313,11 @@ class _Pull:
         if not self.unsigned:
             keys = await asyncio.to_thread(self.keystore.keys_for, want.name)
             has_prefix = await asyncio.to_thread(self.keystore.has_prefix_keys, want.name)
-            if not has_prefix and self.config.trust_keys_from_https:
-                await self._fetch_pubkeys(want.name)
+            # rkt's maybeFetchPubKeys: AcceptForce with --trust-keys-from-https, else
+            # AcceptAsk, which needs a person at a terminal
+            ask = not self.config.trust_keys_from_https and _can_review()
+            if not has_prefix and (self.config.trust_keys_from_https or ask):
+                await self._fetch_pubkeys(want.name, review=ask)
                 keys = await asyncio.to_thread(self.keystore.keys_for, want.name)
         found = await discover_endpoints(app, self.config, self.engine.session())
         failures: list[str] = []
@@ -311,7 +333,7 @@ class _Pull:
 
     # --- keys -----------------------------------------------------------------------------
 
-    async def _fetch_pubkeys(self, name: str) -> None:
+    async def _fetch_pubkeys(self, name: str, review: bool = False) -> None:
         """rkt's maybeFetchPubKeys with --trust-keys-from-https: failures are reported and
         the pull goes on (it then fails at the signature, with the hint). Keys that came
         over a channel nobody authenticated — unverified TLS (``--insecure-options tls``)
@@ -350,12 +372,16 @@ class _Pull:
                 data = await self._small_get(url, MAX_PUBKEY, f"the key at {redact(url)}", key=True)
                 if data is None:
                     raise TransferFailed(f"{redact(url)}: the server deferred it (202)")
+                if review and not await _reviewed(data, name, redact(url)):
+                    _say(f"warning: not trusting the key at {redact(url)} for {name}")
+                    continue
                 # the key policy judges every certificate of the file (Keystore.add)
                 paths = await asyncio.to_thread(self.keystore.add, data, name)
             except FetchdError as exc:
                 _say(f"warning: error adding keys for {name}: {exc}")
                 continue
-            _say(f"Trusting {redact(url)!r} for prefix {name!r} without fingerprint review.")
+            if not review:
+                _say(f"Trusting {redact(url)!r} for prefix {name!r} without fingerprint review.")
             for p in paths:
                 _say(f"Added key for prefix {name!r} at {str(p)!r}")
 

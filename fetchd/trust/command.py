@@ -278,13 +278,39 @@ def _is_tty(stream: IO[str]) -> bool:
         return False
 
 
+def can_review() -> bool:
+    """A person can be asked: stdin and stderr are both terminals (rkt's rule)."""
+    return _is_tty(sys.stdin) and _is_tty(sys.stderr)
+
+
+def review_key(key: KeyInfo, prefix: str, location: str) -> bool:
+    """Show ``key`` as ``fetchd trust`` does and ask on the terminal whether to trust it for
+    ``prefix`` (blocking: call it on a thread). False on "no", or without a terminal."""
+    if not can_review():
+        return False
+    _show_openpgp(key, f"prefix: {json.dumps(prefix)}", location)
+    return _ask()
+
+
+def _ask() -> bool:
+    for _ in range(MAX_REVIEW_ANSWERS):
+        print("Are you sure you want to trust this key (yes/no)?", file=sys.stderr, flush=True)
+        answer = sys.stdin.readline()
+        if answer == "yes\n":
+            return True
+        if answer == "no\n" or answer == "":
+            return False
+        _err("Please enter 'yes' or 'no'")
+    return False
+
+
 def _review(prefix: str | None, location: str, args: argparse.Namespace) -> bool:
     """True to trust; False when the user says no. Refuses without a terminal."""
     target = f"prefix {json.dumps(prefix)}" if prefix else "all names (root)"
     if getattr(args, "skip_fingerprint_review", False):
         _err(f"Trusting {json.dumps(location)} for {target} without fingerprint review.")
         return True
-    if not (_is_tty(sys.stdin) and _is_tty(sys.stderr)):
+    if not can_review():
         how = f"--prefix {prefix}" if prefix else "--root"
         if prefix and not prefix.startswith(DOCKER):
             _err(
@@ -297,15 +323,7 @@ def _review(prefix: str | None, location: str, args: argparse.Namespace) -> bool
             f"tty; check the fingerprint above and run fetchd trust {how} "
             "--skip-fingerprint-review …"
         )
-    for _ in range(MAX_REVIEW_ANSWERS):
-        print("Are you sure you want to trust this key (yes/no)?", file=sys.stderr, flush=True)
-        answer = sys.stdin.readline()
-        if answer == "yes\n":
-            return True
-        if answer == "no\n" or answer == "":
-            return False
-        _err("Please enter 'yes' or 'no'")
-    return False
+    return _ask()
 
 
 def _trust(
