@@ -14,6 +14,7 @@ the ACI is requested also check the servers' logs for that.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gzip
 import hashlib
@@ -45,6 +46,9 @@ pytest_plugins = ["tests.support.appc", "tests.support.pgp"]
 #: budget of 5 s, three 202 retries of 1 s)
 BOUND = 30.0
 ARCH = appc_arch()
+#: GNU time (package time), for the peak RSS of a pull; an idle pull peaks at 30-60 MiB
+TIME = "/usr/bin/time"
+MAX_RSS_MIB = 150
 
 
 # ------------------------------------------------------------------ helpers
@@ -57,14 +61,15 @@ def pull(
     *args: str,
     peer: Peer | None = None,
     stall: str = "2",
+    rss: Path | None = None,
 ) -> tuple[subprocess.CompletedProcess[str], float]:
-    """``fetchd pull`` with the site's --resolve (and the peer's), timed."""
+    """``fetchd pull`` with the site's --resolve (and the peer's), timed; with ``rss``, run
+    under GNU time, which writes the peak resident set (KiB) there (see ``refused``)."""
     extra = []
     if peer:
         for port in (peer.port, peer.http_port):
             extra += ["--resolve", f"peer.example.com:{port}:127.0.0.1"]
-    started = time.monotonic()
-    got = fetchd(
+    argv = [
         "pull",
         "--trust-dir",
         str(tmp / "trust"),
@@ -73,15 +78,44 @@ def pull(
         *site.resolve_args(),
         *extra,
         *args,
-        env=site.env(),
-        timeout=BOUND * 2,
-    )
+    ]
+    started = time.monotonic()
+    got = run_measured(fetchd, argv, site.env(), rss)
     return got, time.monotonic() - started
 
 
-def refused(fetchd: Fetchd, got: subprocess.CompletedProcess[str], took: float, *words: str) -> str:
-    """The common assertions of a refusal; returns the error line (which has ``words``)."""
+def run_measured(
+    fetchd: Fetchd, argv: list[str], env: dict[str, str] | None, rss: Path | None
+) -> subprocess.CompletedProcess[str]:
+    if rss is None:
+        return fetchd(*argv, env=env, timeout=BOUND * 2)
+    return subprocess.run(
+        [TIME, "-f", "%M", "-o", str(rss), *fetchd.argv(*argv)],
+        capture_output=True,
+        text=True,
+        env=fetchd.env(env),
+        timeout=BOUND * 2,
+    )
+
+
+def peak_rss_mib(rss: Path) -> float:
+    """What GNU time wrote: its last line is the peak RSS in KiB."""
+    return int(rss.read_text().split()[-1]) / 1024
+
+
+def refused(
+    fetchd: Fetchd,
+    got: subprocess.CompletedProcess[str],
+    took: float,
+    *words: str,
+    rss: Path | None = None,
+) -> str:
+    """The common assertions of a refusal; returns the error line (which has ``words``).
+    With ``rss`` (a run under ``pull(…, rss=…)``): its peak RSS stayed under MAX_RSS_MIB."""
     assert got.returncode == 1, got.stderr
+    if rss is not None:
+        peak = peak_rss_mib(rss)
+        assert peak < MAX_RSS_MIB, f"peak RSS {peak:.0f} MiB: {got.stderr}"
     line = error_line(got)
     for w in words:
         assert w in line, line
@@ -251,20 +285,27 @@ async def trickle(w: asyncio.StreamWriter, n: int) -> None:
         await asyncio.sleep(0.2)
 
 
-@pytest.fixture
-def peer(tmp_path: Path, tls_ca: TestCA) -> Iterator[Peer]:
-    cert, key = tls_ca.issue_server(tmp_path / "peer-tls", ("peer.example.com", "127.0.0.1"))
+@contextlib.contextmanager
+def serve_peer(workdir: Path, ca: TestCA, addr: str = "127.0.0.1", port: int = 0) -> Iterator[Peer]:
+    """A Peer on addr:port (0: a free port) for https, and a free port for http."""
+    cert, key = ca.issue_server(workdir, ("peer.example.com", "example.com", "127.0.0.1", addr))
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(cert, key)
     p = Peer()
     ready = threading.Event()
     stop: list[asyncio.Event] = []
+    failed: list[BaseException] = []
 
     async def main() -> None:
         p.loop = asyncio.get_running_loop()
-        server = await asyncio.start_server(p.handle, "127.0.0.1", 0, ssl=ctx)
+        try:
+            server = await asyncio.start_server(p.handle, addr, port, ssl=ctx)
+        except OSError as exc:
+            failed.append(exc)
+            ready.set()
+            return
         p.port = server.sockets[0].getsockname()[1]
-        plain = await asyncio.start_server(p.handle, "127.0.0.1", 0)
+        plain = await asyncio.start_server(p.handle, addr, 0)
         p.http_port = plain.sockets[0].getsockname()[1]
         done = asyncio.Event()
         stop.append(done)
@@ -280,12 +321,21 @@ def peer(tmp_path: Path, tls_ca: TestCA) -> Iterator[Peer]:
     thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
     thread.start()
     assert ready.wait(10), "the test server did not start"
+    if failed:
+        thread.join(10)
+        raise failed[0]
     try:
         yield p
     finally:
         assert p.loop is not None
         p.loop.call_soon_threadsafe(stop[0].set)
         thread.join(10)
+
+
+@pytest.fixture
+def peer(tmp_path: Path, tls_ca: TestCA) -> Iterator[Peer]:
+    with serve_peer(tmp_path / "peer-tls", tls_ca) as p:
+        yield p
 
 
 def peer_page(site: AppcSite, peer: Peer) -> None:
@@ -309,6 +359,7 @@ PEER_ACI = f"/{NAME}-1.0.0-linux-{ARCH}.aci"
         ("rev", NAME, ("revoked",)),
         ("hard", NAME, ("revoked",)),
         ("soft", NAME, ("revoked",)),
+        ("weak", NAME, ("RSA-1024", "weaker than RSA-2048")),
     ],
 )
 def test_signer_refused_before_the_aci(
@@ -462,8 +513,9 @@ def test_discovery_page_of_20_mib(
     page = appc_site.meta(("ac-discovery", "example.com", TEMPLATE), body="x" * (20 << 20))
     appc_site.page("/", page)
     trust(fetchd, tmp_path, pgp_cases, "ed")
-    got, took = pull(fetchd, appc_site, tmp_path, f"{NAME}:1.0.0")
-    line = refused(fetchd, got, took, "discovery of example.com/hello failed")
+    rss = tmp_path / "rss"
+    got, took = pull(fetchd, appc_site, tmp_path, f"{NAME}:1.0.0", rss=rss)
+    line = refused(fetchd, got, took, "discovery of example.com/hello failed", rss=rss)
     assert "example.com:" in line, line
     assert not aci_requested(appc_site)
 
@@ -478,8 +530,9 @@ def test_discovery_page_with_10000_matching_tags(
     ]
     appc_site.page("/", appc_site.meta(*tags))
     trust(fetchd, tmp_path, pgp_cases, "ed")
-    got, took = pull(fetchd, appc_site, tmp_path, f"{NAME}:1.0.0")
-    refused(fetchd, got, took, "discovery of example.com/hello failed", "10000")
+    rss = tmp_path / "rss"
+    got, took = pull(fetchd, appc_site, tmp_path, f"{NAME}:1.0.0", rss=rss)
+    refused(fetchd, got, took, "discovery of example.com/hello failed", "10000", rss=rss)
     assert not aci_requested(appc_site)
 
 
@@ -571,8 +624,9 @@ def test_signature_that_never_finishes_or_never_ends(
     peer_page(appc_site, peer)
     trust(fetchd, tmp_path, pgp_cases, "ed")
     # --stall-timeout 1: a stall ends after 1 s, a small request after 5 s in all
-    got, took = pull(fetchd, appc_site, tmp_path, f"{NAME}:1.0.0", peer=peer, stall="1")
-    refused(fetchd, got, took, NAME, *words)
+    rss = tmp_path / "rss"
+    got, took = pull(fetchd, appc_site, tmp_path, f"{NAME}:1.0.0", peer=peer, stall="1", rss=rss)
+    refused(fetchd, got, took, NAME, *words, rss=rss)
     assert took < 15, took
     assert peer.asked(PEER_ACI) == []  # the signature first: the ACI never asked
 
@@ -692,7 +746,7 @@ def test_bad_dependency(
         else:
             size = len(gzip.decompress(base.read_bytes()))
             dep = _dep(base_name, size=size - 512)
-            words = (base_name,)
+            words = (base_name, f"larger than its size {size - 512}")
         publish(appc_site, tmp_path, pgp_cases, deps=[dep])
     root_page(appc_site)
     trust(fetchd, tmp_path, pgp_cases, "ed", "example.com")
@@ -876,3 +930,205 @@ def test_signature_fifo_refused_at_once(
     assert got.returncode != 0 and took < 10, (took, got.stderr)
     assert "is not a regular file" in error_line(got)
     assert fetchd.blobs() == set()
+
+
+# ------------------------------------------------------------------ acceptance audit (issue 13)
+
+
+def test_bzip2_bomb_signed_by_a_trusted_key(
+    fetchd: Fetchd, appc_site: AppcSite, tmp_path: Path, pgp_cases: PgpCases
+) -> None:
+    """A decompression bomb whose signature verifies (a trusted key signed it): the structure
+    check stops it by its bound, streaming (peak RSS bounded), before commit. bzip2, since
+    gzip cannot expand past the 1100x ratio: 20 streams of 16 MiB of zeros, 320 MiB in all,
+    over the 256 MiB floor, from a few KiB."""
+    import bz2
+
+    bomb = tmp_path / "bomb.aci"
+    bomb.write_bytes(bz2.compress(b"\0" * (16 << 20)) * 20)
+    sig = pgp_cases.sign("ed", bomb)
+    trust(fetchd, tmp_path, pgp_cases, "ed")
+    rss = tmp_path / "rss"
+    argv = ["pull", "--trust-dir", str(tmp_path / "trust"), "--signature", str(sig), str(bomb)]
+    started = time.monotonic()
+    got = run_measured(fetchd, argv, None, rss)
+    line = refused(fetchd, got, time.monotonic() - started, "decompression bomb", rss=rss)
+    assert "signature does not match" not in line, line
+
+
+def _two_endpoints(site: AppcSite, first: str, second: str) -> None:
+    site.page(
+        "/",
+        site.meta(
+            ("ac-discovery", "example.com", first + "/{name}-{version}-{os}-{arch}.{ext}"),
+            ("ac-discovery", "example.com", second + "/{name}-{version}-{os}-{arch}.{ext}"),
+        ),
+    )
+
+
+@pytest.mark.parametrize("first", ["asc-404", "connection-refused"])
+def test_every_matching_endpoint_is_tried_in_order(
+    fetchd: Fetchd,
+    appc_site: AppcSite,
+    peer: Peer,
+    tmp_path: Path,
+    pgp_cases: PgpCases,
+    first: str,
+) -> None:
+    """Two ac-discovery templates for the name: the first endpoint's .asc is a 404 (or its
+    host refuses connections), the second serves a good signed ACI: the pull succeeds, the
+    first endpoint asked before the second."""
+    aci = build_aci(tmp_path, NAME, out=tmp_path / "hello.aci")
+    sig = pgp_cases.sign("ed", aci).read_bytes()
+    peer.routes["/b" + PEER_ACI] = ok(aci.read_bytes())
+    peer.routes["/b" + PEER_ACI + ".asc"] = ok(sig, "application/pgp-signature")
+    extra: list[str] = []
+    if first == "asc-404":
+        _two_endpoints(appc_site, peer.url("/a"), peer.url("/b"))
+    else:
+        from tests.support.procs import free_port
+
+        closed = free_port()
+        extra = ["--resolve", f"closed.example.com:{closed}:127.0.0.1"]
+        _two_endpoints(appc_site, f"https://closed.example.com:{closed}/a", peer.url("/b"))
+    trust(fetchd, tmp_path, pgp_cases, "ed")
+    got, _took = pull(fetchd, appc_site, tmp_path, *extra, f"{NAME}:1.0.0", peer=peer)
+    assert got.returncode == 0, got.stderr
+    assert "signature verified:" in got.stderr
+    order = [p for p, _ in peer.seen]
+    want = ["/b" + PEER_ACI + ".asc", "/b" + PEER_ACI]
+    assert order == (["/a" + PEER_ACI + ".asc"] if first == "asc-404" else []) + want, order
+    assert fetchd.entry(f"{NAME}:1.0.0")["digest"] == got.stdout.strip()
+
+
+@pytest.mark.parametrize("case", ["name", "hostile-tar"])
+def test_insecure_image_keeps_the_other_checks(
+    fetchd: Fetchd, appc_site: AppcSite, tmp_path: Path, pgp_cases: PgpCases, case: str
+) -> None:
+    """--insecure-options image skips the signature only: an unsigned ACI whose manifest names
+    another image, or with an entry outside rootfs/, is still refused (with the warning)."""
+    if case == "name":
+        publish(appc_site, tmp_path, pgp_cases, signer=None, manifest_name="example.com/other")
+        words: tuple[str, ...] = ("example.com/other",)
+    else:
+        aci = tar_aci(tmp_path / "hostile.aci", _rootfs(member("extra.txt", b"x")))
+        appc_site.put(aci_path(NAME, "1.0.0"), aci)
+        words = ("extra.txt",)
+    root_page(appc_site)
+    got, took = pull(fetchd, appc_site, tmp_path, "--insecure-options", "image", f"{NAME}:1.0.0")
+    refused(fetchd, got, took, *words)
+    assert "image signature verification has been disabled" in got.stderr
+    assert aci_requested(appc_site)  # refused by the checks of the bytes, not earlier
+
+
+def test_dependency_signed_by_a_key_of_its_parent_only(
+    fetchd: Fetchd, appc_site: AppcSite, tmp_path: Path, pgp_cases: PgpCases
+) -> None:
+    """A dependency is verified for its own name: the key trusted for the parent's name
+    (example.com/hello) does not vouch for example.com/base, and the base ACI is never asked."""
+    base_name = "example.com/base"
+    publish(appc_site, tmp_path, pgp_cases, name=base_name, app=False)
+    publish(appc_site, tmp_path, pgp_cases, deps=[_dep(base_name)])
+    root_page(appc_site)
+    trust(fetchd, tmp_path, pgp_cases, "ed", NAME)
+    got, took = pull(fetchd, appc_site, tmp_path, f"{NAME}:1.0.0")
+    line = refused(fetchd, got, took, base_name, f"not trusted for {base_name}")
+    assert f"fetchd trust --prefix {base_name}" in line, line
+    assert not any(aci_path(base_name, "1.0.0") == r.split()[1] for r in appc_site.requests())
+
+
+def test_plain_http_aci_url_needs_insecure_http(
+    fetchd: Fetchd, appc_site: AppcSite, tmp_path: Path, pgp_cases: PgpCases
+) -> None:
+    """http://HOST/….aci is refused without --insecure-options http (no request made), and
+    pulled with it (nginx's :80 serves the same files)."""
+    aci = publish(appc_site, tmp_path, pgp_cases)
+    trust(fetchd, tmp_path, pgp_cases, "ed")
+    url = appc_site.url(aci_path(NAME, "1.0.0"), scheme="http")
+    got, took = pull(fetchd, appc_site, tmp_path, url)
+    refused(fetchd, got, took, "plain HTTP", "--insecure-options http")
+    assert appc_site.requests() == []
+    got, _took = pull(fetchd, appc_site, tmp_path, "--insecure-options", "http", url)
+    assert got.returncode == 0, got.stderr
+    assert "signature verified:" in got.stderr
+    schemes = {sch for _m, u, _s, _h, sch in appc_site.entries() if u.startswith("/images/")}
+    assert schemes == {"http"}, appc_site.entries()
+    layer = hashlib.sha256(aci.read_bytes()).hexdigest()
+    assert (fetchd.store / "layout/blobs/sha256" / layer).read_bytes() == aci.read_bytes()
+
+
+def _free_443() -> str:
+    import socket
+
+    for n in range(1, 21):
+        addr = f"127.44.0.{n}"
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((addr, 443))
+            except OSError:
+                continue
+            return addr
+    raise RuntimeError("no 127.44.0.N:443 free")
+
+
+@pytest.mark.parametrize("where", ["REGISTRY_AUTH_FILE", "docker-config"])
+def test_no_credentials_on_discovery_requests(
+    fetchd: Fetchd, tmp_path: Path, tls_ca: TestCA, pgp_cases: PgpCases, where: str
+) -> None:
+    """Registry credentials configured for the discovery host are not sent with discovery
+    (nor the signature, nor the ACI): the page is on a Peer on :443 that logs headers."""
+    aci = build_aci(tmp_path, NAME, out=tmp_path / "hello.aci")
+    sig = pgp_cases.sign("ed", aci).read_bytes()
+    secret = base64.b64encode(b"user:hunter2").decode()
+    auths = json.dumps(
+        {"auths": {h: {"auth": secret} for h in ("example.com", "https://example.com")}}
+    )
+    env: dict[str, str] = {"SSL_CERT_FILE": str(tls_ca.ca_path)}
+    if where == "REGISTRY_AUTH_FILE":
+        (tmp_path / "auth.json").write_text(auths)
+        env["REGISTRY_AUTH_FILE"] = str(tmp_path / "auth.json")
+    else:
+        (fetchd.home / ".docker").mkdir()
+        (fetchd.home / ".docker/config.json").write_text(auths)
+    addr = _free_443()
+    with serve_peer(tmp_path / "tls443", tls_ca, addr, 443) as p:
+        template = "https://example.com/i/{name}-{version}-{os}-{arch}.{ext}"
+        page = AppcSite.meta(("ac-discovery", "example.com", template)).encode()
+        p.routes["/"] = ok(page, "text/html")
+        p.routes["/i" + PEER_ACI] = ok(aci.read_bytes())
+        p.routes["/i" + PEER_ACI + ".asc"] = ok(sig, "application/pgp-signature")
+        trust(fetchd, tmp_path, pgp_cases, "ed")
+        got = fetchd(
+            "pull",
+            "--trust-dir",
+            str(tmp_path / "trust"),
+            "--resolve",
+            f"example.com:443:{addr}",
+            f"{NAME}:1.0.0",
+            env=env,
+            timeout=BOUND * 2,
+        )
+    assert got.returncode == 0, got.stderr
+    paths = [path for path, _ in p.seen]
+    assert paths[:2] == ["/hello", "/"] and paths[-1] == "/i" + PEER_ACI, paths
+    assert [h for h in p.headers if "authorization" in h] == [], p.headers
+
+
+def test_trust_dir_reads_an_rkt_keystore_as_it_is(
+    fetchd: Fetchd, appc_site: AppcSite, tmp_path: Path, pgp_cases: PgpCases
+) -> None:
+    """DIR/trustedkeys/prefix.d/example.com/hello/<fingerprint> laid out as `rkt trust`
+    writes it (armored key, no fetchd command involved): `fetchd pull --trust-dir DIR` uses
+    it. (The vendor dir is only /usr/lib/rkt behind --trust-dir /etc/rkt, so the masking
+    of a vendor key by an empty local file is tested in tests/test_keystore.py.)"""
+    publish(appc_site, tmp_path, pgp_cases)
+    root_page(appc_site)
+    d = tmp_path / "trust/trustedkeys/prefix.d/example.com/hello"
+    d.mkdir(parents=True)
+    (d / pgp_cases.fingerprint("ed")).write_bytes(pgp_cases.key("ed").read_bytes())
+    got, _took = pull(fetchd, appc_site, tmp_path, f"{NAME}:1.0.0")
+    assert got.returncode == 0, got.stderr
+    assert fetchd.entry(f"{NAME}:1.0.0")["annotations"]["io.fetchd.appc.signer"] == (
+        pgp_cases.fingerprint("ed")
+    )
