@@ -379,6 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--stall-timeout", type=_positive_seconds, default=30.0, metavar="SECONDS")
     trust_dir_option(sp)
     sp.add_argument(
+        "--lookaside",
+        metavar="URL",
+        help="where simple signatures of OCI images live (registries.d's lookaside: "
+        "URL/REPO@sha256=HEX/signature-N)",
+    )
+    sp.add_argument(
         "--public-status",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -728,6 +734,7 @@ def cmd_serve(args: argparse.Namespace, store: Store) -> int:
         insecure=parse_insecure(args.insecure_options),
         stall_timeout=args.stall_timeout,
         trust_dir=args.trust_dir,
+        lookaside=args.lookaside,
         **_bt_config(args),
     )
     token = read_token(args.token_file)

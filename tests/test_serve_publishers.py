@@ -4,13 +4,19 @@ upstream resolved only with a signature over that digest by a trusted key, as ``
 pull`` requires; else the OCI error DENIED (403) naming what was looked for, nothing
 stored and no blob asked of the upstream, and the next request asks again.
 
+For a prefix trusted by an OpenPGP key, serve reads containers/image simple signatures
+from its ``--lookaside URL`` as pull does; without one such a prefix is always refused, the
+refusal naming ``--lookaside``.
+
 Real peers only: the distribution registry (docker-registry) as the upstream, skopeo as the
-LAN client (and to push images and cosign-format attachments, tests/support/cosign.py).
+LAN client (and to push images and cosign-format attachments, tests/support/cosign.py; and
+``skopeo copy --sign-by`` with a gpg key into a registries.d lookaside that nginx serves).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +35,7 @@ from tests.support.images import (
     push,
     registry_manifest_digest,
 )
+from tests.support.nginx import Nginx, start_nginx
 from tests.support.registry import Registry, start_registry
 from tests.support.serve import ServeProcess, start_serve
 
@@ -264,3 +271,144 @@ def test_untrusted_names_pass_as_before(
         for n, repo in enumerate(("elsewhere/app", "pub/signedness/app")):
             ok(skopeo_pull(cache, f"{repo}:1", tmp_path / f"pulled-{n}"))
             assert pulled_digest(tmp_path / f"pulled-{n}") == images.built["one"].digest
+
+
+# --- simple signing (skopeo copy --sign-by, a lookaside over nginx) -------------------------
+
+
+@dataclass(frozen=True)
+class Gpg:
+    home: Path
+    fingerprint: str
+    key: Path  # the armored public key
+
+    def skopeo(self, *args: str) -> None:
+        env = dict(os.environ, GNUPGHOME=str(self.home))
+        r = subprocess.run(
+            ["skopeo", *args], env=env, capture_output=True, text=True, timeout=CLIENT_TIMEOUT
+        )
+        assert r.returncode == 0, f"skopeo {' '.join(args)}: exit {r.returncode}\n{r.stderr}"
+
+
+@pytest.fixture(scope="module")
+def gpg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gpg]:
+    root = tmp_path_factory.mktemp("serve-gpg")
+    home = root / "home"
+    home.mkdir(mode=0o700)
+    env = dict(os.environ, GNUPGHOME=str(home))
+
+    def run(*args: str) -> str:
+        return subprocess.run(
+            ["gpg", "--batch", *args], env=env, check=True, capture_output=True, text=True
+        ).stdout
+
+    uid = "Image Signer <signer@example.com>"
+    run("--passphrase", "", "--quick-gen-key", uid, "ed25519", "sign", "never")
+    listing = run("--with-colons", "--list-keys", uid)
+    fpr = next(ln.split(":")[9] for ln in listing.splitlines() if ln.startswith("fpr:"))
+    key = root / "signer.asc"
+    key.write_text(run("--armor", "--export", uid))
+    try:
+        yield Gpg(home, fpr, key)
+    finally:
+        subprocess.run(["gpgconf", "--kill", "gpg-agent"], env=env, check=False)
+
+
+@dataclass(frozen=True)
+class Lookaside:
+    dir: Path  # what skopeo writes (registries.d lookaside-staging) and nginx serves
+    regd: Path  # the registries.d directory
+    nginx: Nginx
+
+
+@pytest.fixture
+def lookaside(tmp_path: Path, upstream: Registry) -> Iterator[Lookaside]:
+    root = tmp_path / "lookaside"
+    root.mkdir()
+    regd = tmp_path / "registries.d"
+    regd.mkdir()
+    (regd / "default.yaml").write_text(
+        f"docker:\n  {upstream.host}:\n    lookaside-staging: file://{root}\n"
+    )
+    with start_nginx(tmp_path / "nginx", root) as nginx:
+        yield Lookaside(root, regd, nginx)
+
+
+def sign_by(images: Images, gpg: Gpg, lookaside: Lookaside, upstream: Registry, repo: str) -> str:
+    """Push image "one" to REPO:1 with ``skopeo copy --sign-by``; the digest it serves."""
+    gpg.skopeo(
+        "copy",
+        "--quiet",
+        "--dest-tls-verify=false",
+        "--preserve-digests",
+        "--registries.d",
+        str(lookaside.regd),
+        "--sign-by",
+        gpg.fingerprint,
+        f"oci:{images.layout}:one",
+        f"docker://{upstream.host}/{repo}:1",
+    )
+    digest = registry_manifest_digest(upstream.host, repo, "1")
+    assert (lookaside.dir / f"{repo}@{digest.replace(':', '=')}" / "signature-1").is_file()
+    return digest
+
+
+def test_a_skopeo_signed_image_pulls_through_serve_with_lookaside(
+    tmp_path: Path,
+    fetchd: Fetchd,
+    upstream: Registry,
+    images: Images,
+    trust_dir: Path,
+    gpg: Gpg,
+    lookaside: Lookaside,
+) -> None:
+    repo = "pub/simple/app"
+    digest = sign_by(images, gpg, lookaside, upstream, repo)
+    bare = "pub/simple/bare"
+    unsigned = publish(images, upstream, bare, "two")
+    trust(fetchd, trust_dir, f"docker://{upstream.host}/pub/simple", gpg.key)
+    with serve(fetchd, upstream, trust_dir, "--lookaside", lookaside.nginx.url) as cache:
+        ok(skopeo_pull(cache, f"{repo}:1", tmp_path / "signed"))
+        assert pulled_digest(tmp_path / "signed") == digest
+        for blob in image_blobs(images.built["one"]):
+            assert blob_file(fetchd, blob).exists(), blob
+        signature = f"/{repo}@{digest.replace(':', '=')}/signature-1"
+        assert [r.status for r in lookaside.nginx.requests(signature)] == [200]
+        # Unsigned, under the same prefix: refused, nothing of it stored or asked.
+        result = skopeo_pull(cache, f"{bare}:1", tmp_path / "unsigned")
+        assert result.returncode != 0, result
+        assert "denied" in result.stderr.lower(), result.stderr
+        assert_denied(
+            cache,
+            bare,
+            f"docker://{upstream.host}/{bare}:1 is not signed",
+            f"{lookaside.nginx.url}/{bare}@sha256={unsigned[7:19]}…/signature-N: "
+            "signature-1: not found",
+        )
+        assert_nothing_of(fetchd, upstream, images.built["two"])
+
+
+def test_a_skopeo_signed_image_is_denied_without_lookaside(
+    tmp_path: Path,
+    fetchd: Fetchd,
+    upstream: Registry,
+    images: Images,
+    trust_dir: Path,
+    gpg: Gpg,
+    lookaside: Lookaside,
+) -> None:
+    repo = "pub/simple/app"
+    sign_by(images, gpg, lookaside, upstream, repo)
+    trust(fetchd, trust_dir, f"docker://{upstream.host}/pub/simple", gpg.key)
+    with serve(fetchd, upstream, trust_dir) as cache:
+        result = skopeo_pull(cache, f"{repo}:1", tmp_path / "signed")
+        assert result.returncode != 0, result
+        assert "denied" in result.stderr.lower(), result.stderr
+        assert_denied(
+            cache,
+            repo,
+            f"docker://{upstream.host}/{repo}:1 is not signed",
+            "no lookaside for simple signatures: OpenPGP keys are trusted, pass --lookaside URL",
+        )
+        assert_nothing_of(fetchd, upstream, images.built["one"])
+    assert lookaside.nginx.requests() == []
