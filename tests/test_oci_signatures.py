@@ -432,6 +432,27 @@ def test_openpgp_key_without_lookaside_says_so(
     assert_refused(fetchd, world, repo, pull(fetchd, trust_dir, world.ref(repo)), "--lookaside URL")
 
 
+def test_unsigned_image_with_a_lookaside_names_where_it_looked(
+    fetchd: Fetchd, world: World, trust_dir: Path
+) -> None:
+    """An OpenPGP key trusted for the prefix, --lookaside URL given, no signature-1 there
+    (nginx: 404): refused naming the lookaside URL looked at; no blob asked, nothing stored."""
+    repo = "ocisig/simple-unsigned/app"
+    digest = world.push(repo)
+    trust(fetchd, trust_dir, f"docker://{world.registry.host}/ocisig", world.gpg.signer_key)
+    before = world.layer_gets()
+    # the digest is shortened in the line: the URL up to it, and which file was missing
+    where = f"looked for {world.nginx.url.rstrip('/')}/{repo}@sha256={digest[7:19]}…/signature-N"
+    line = assert_refused(
+        fetchd,
+        world,
+        repo,
+        pull(fetchd, trust_dir, world.ref(repo), "--lookaside", world.nginx.url),
+    )
+    assert where in line and "signature-1: not found" in line, line
+    assert world.layer_gets() == before
+
+
 # --- outside trusted prefixes, and --insecure-options image ----------------------------
 
 
