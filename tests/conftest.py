@@ -13,7 +13,12 @@ import pytest
 from tests.support.cli import Fetchd
 from tests.support.stage1 import Stage1
 
-pytest_plugins = ["tests.support.fixtures", "tests.support.appc", "tests.support.pgp"]
+pytest_plugins = [
+    "tests.support.fixtures",
+    "tests.support.appc",
+    "tests.support.pgp",
+    "tests.support.ocigpg",
+]
 
 
 @pytest.fixture

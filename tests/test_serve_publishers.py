@@ -16,7 +16,6 @@ LAN client (and to push images and cosign-format attachments, tests/support/cosi
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from tests.support.images import (
     registry_manifest_digest,
 )
 from tests.support.nginx import Nginx, start_nginx
+from tests.support.ocigpg import Gpg
 from tests.support.registry import Registry, start_registry
 from tests.support.serve import ServeProcess, start_serve
 
@@ -277,44 +277,6 @@ def test_untrusted_names_pass_as_before(
 
 
 @dataclass(frozen=True)
-class Gpg:
-    home: Path
-    fingerprint: str
-    key: Path  # the armored public key
-
-    def skopeo(self, *args: str) -> None:
-        env = dict(os.environ, GNUPGHOME=str(self.home))
-        r = subprocess.run(
-            ["skopeo", *args], env=env, capture_output=True, text=True, timeout=CLIENT_TIMEOUT
-        )
-        assert r.returncode == 0, f"skopeo {' '.join(args)}: exit {r.returncode}\n{r.stderr}"
-
-
-@pytest.fixture(scope="module")
-def gpg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gpg]:
-    root = tmp_path_factory.mktemp("serve-gpg")
-    home = root / "home"
-    home.mkdir(mode=0o700)
-    env = dict(os.environ, GNUPGHOME=str(home))
-
-    def run(*args: str) -> str:
-        return subprocess.run(
-            ["gpg", "--batch", *args], env=env, check=True, capture_output=True, text=True
-        ).stdout
-
-    uid = "Image Signer <signer@example.com>"
-    run("--passphrase", "", "--quick-gen-key", uid, "ed25519", "sign", "never")
-    listing = run("--with-colons", "--list-keys", uid)
-    fpr = next(ln.split(":")[9] for ln in listing.splitlines() if ln.startswith("fpr:"))
-    key = root / "signer.asc"
-    key.write_text(run("--armor", "--export", uid))
-    try:
-        yield Gpg(home, fpr, key)
-    finally:
-        subprocess.run(["gpgconf", "--kill", "gpg-agent"], env=env, check=False)
-
-
-@dataclass(frozen=True)
 class Lookaside:
     dir: Path  # what skopeo writes (registries.d lookaside-staging) and nginx serves
     regd: Path  # the registries.d directory
@@ -344,7 +306,7 @@ def sign_by(images: Images, gpg: Gpg, lookaside: Lookaside, upstream: Registry, 
         "--registries.d",
         str(lookaside.regd),
         "--sign-by",
-        gpg.fingerprint,
+        gpg.signer,
         f"oci:{images.layout}:one",
         f"docker://{upstream.host}/{repo}:1",
     )
@@ -366,7 +328,7 @@ def test_a_skopeo_signed_image_pulls_through_serve_with_lookaside(
     digest = sign_by(images, gpg, lookaside, upstream, repo)
     bare = "pub/simple/bare"
     unsigned = publish(images, upstream, bare, "two")
-    trust(fetchd, trust_dir, f"docker://{upstream.host}/pub/simple", gpg.key)
+    trust(fetchd, trust_dir, f"docker://{upstream.host}/pub/simple", gpg.signer_key)
     with serve(fetchd, upstream, trust_dir, "--lookaside", lookaside.nginx.url) as cache:
         ok(skopeo_pull(cache, f"{repo}:1", tmp_path / "signed"))
         assert pulled_digest(tmp_path / "signed") == digest
@@ -399,7 +361,7 @@ def test_a_skopeo_signed_image_is_denied_without_lookaside(
 ) -> None:
     repo = "pub/simple/app"
     sign_by(images, gpg, lookaside, upstream, repo)
-    trust(fetchd, trust_dir, f"docker://{upstream.host}/pub/simple", gpg.key)
+    trust(fetchd, trust_dir, f"docker://{upstream.host}/pub/simple", gpg.signer_key)
     with serve(fetchd, upstream, trust_dir) as cache:
         result = skopeo_pull(cache, f"{repo}:1", tmp_path / "signed")
         assert result.returncode != 0, result
