@@ -471,6 +471,33 @@ def test_keys_over_unverified_channels_need_pubkey(
     assert (prefix_d / NAME / pgp_cases.fingerprint("ed")).is_file()
 
 
+def test_keys_named_by_a_page_an_https_redirect_sent_over_http_need_pubkey(
+    fetchd: Fetchd, appc_site: AppcSite, tmp_path: Path, pgp_cases: PgpCases
+) -> None:
+    """The page that named the keys came over http after an https redirect (the site's
+    /downgrade: https -> http://HOST/?ac-discovery=1, followed with --insecure-options
+    http): the keys are not trusted without pubkey, whatever URL the walk started from."""
+    name = "example.com/downgrade"
+    prefix_d = tmp_path / "trust/trustedkeys/prefix.d"
+    publish(appc_site, tmp_path, pgp_cases, name=name)
+    root_page(appc_site, ("ac-discovery-pubkeys", "example.com", "https://example.com/pubkeys.gpg"))
+    appc_site.put("/pubkeys.gpg", pgp_cases.key("ed"))
+    got = pull(
+        fetchd,
+        appc_site,
+        tmp_path,
+        "--insecure-options",
+        "http",
+        "--trust-keys-from-https",
+        f"{name}:1.0.0",
+    )
+    assert got.returncode == 1, got.stderr
+    line = error_line(got)
+    assert "plain http" in line and "pubkey" in line, line
+    assert not prefix_d.exists()
+    assert not any(r.split()[1].endswith(".aci") for r in appc_site.requests())
+
+
 def test_dependency_without_os_arch_labels_says_what_is_missing(
     fetchd: Fetchd, appc_site: AppcSite, tmp_path: Path, pgp_cases: PgpCases
 ) -> None:

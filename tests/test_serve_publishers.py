@@ -205,6 +205,23 @@ def test_an_unsigned_image_is_denied_and_asked_again(
         assert pulled_digest(tmp_path / "signed") == digest
 
 
+def test_an_image_under_an_attachment_shaped_tag_is_checked(
+    tmp_path: Path, fetchd: Fetchd, upstream: Registry, images: Images, trust_dir: Path
+) -> None:
+    """A tag that looks like a cosign attachment (sha256-HEX.sig) gets no exemption: an
+    unsigned image pushed under one is denied like under any other tag."""
+    repo = "pub/attached/app"
+    tag = "sha256-" + "ab" * 32 + ".sig"
+    push(images.layout, "one", f"{upstream.host}/{repo}:{tag}")
+    trust(fetchd, trust_dir, f"docker://{upstream.host}/pub", images.a.pub)
+    with serve(fetchd, upstream, trust_dir) as cache:
+        got = cache.get(f"/v2/{repo}/manifests/{tag}", headers={"Accept": ACCEPT})
+        assert (got.status, got.oci_codes) == (403, ["DENIED"]), got
+        result = skopeo_pull(cache, f"{repo}:{tag}", tmp_path / "out")
+        assert result.returncode != 0, result
+        assert_nothing_of(fetchd, upstream, images.built["one"])
+
+
 def test_a_tag_moved_to_an_unsigned_image_is_denied_not_served_stale(
     tmp_path: Path, fetchd: Fetchd, upstream: Registry, images: Images, trust_dir: Path
 ) -> None:
@@ -220,6 +237,25 @@ def test_a_tag_moved_to_an_unsigned_image_is_denied_not_served_stale(
         assert_nothing_of(fetchd, upstream, images.built["two"])
         # The verified digest stays pullable by digest.
         ok(skopeo_pull(cache, f"{repo}@{first}", tmp_path / "by-digest"))
+
+
+def test_a_keystore_that_cannot_be_read_is_not_hidden_by_a_stale_copy(
+    tmp_path: Path, fetchd: Fetchd, upstream: Registry, images: Images, trust_dir: Path
+) -> None:
+    """When re-checking a verified tag fails for a trust reason (here the trusted key file
+    no longer holds the key it is named after), serve refuses instead of serving the copy
+    it verified before, which would hide the problem for as long as it lasted."""
+    repo = "pub/keyfile/app"
+    digest = publish(images, upstream, repo, "one")
+    sign_and_push(images.work, upstream.host, repo, digest, images.a)
+    trust(fetchd, trust_dir, f"docker://{upstream.host}/{repo}", images.a.pub)
+    (stored,) = trust_dir.glob("trustedkeys/oci.d/**/cosign-*.pub")
+    with serve(fetchd, upstream, trust_dir, "--tag-ttl", "0") as cache:
+        ok(skopeo_pull(cache, f"{repo}:1", tmp_path / "first"))
+        stored.write_bytes(images.b.pub.read_bytes())
+        got = cache.get(f"/v2/{repo}/manifests/1", headers={"Accept": ACCEPT})
+        assert got.status != 200, got
+        assert b"fingerprint mismatch" in got.body, got.body
 
 
 def test_a_signed_index_serves_its_platform_manifests(

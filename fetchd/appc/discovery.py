@@ -229,9 +229,12 @@ def _reason(exc: BaseException, url: str, config: Config) -> str:
     return text.removeprefix(f"{what}: ")
 
 
-async def _get_page(url: str, config: Config, session: aiohttp.ClientSession) -> bytes:
-    """GET url (redirects followed by hand, bounded), the body bounded; _LevelFailed."""
+async def _get_page(url: str, config: Config, session: aiohttp.ClientSession) -> tuple[str, bytes]:
+    """GET url (redirects followed by hand, bounded), the body bounded; _LevelFailed.
+    Returns (the URL that answered, or the first plain-http one on the way; the body): a
+    caller that must know whether anyone could have changed the page looks at it."""
     allow_http = "http" in config.insecure
+    plain = url if url.startswith("http://") else None
     for _ in range(MAX_REDIRECTS + 1):
         async with session.get(
             url,
@@ -252,6 +255,8 @@ async def _get_page(url: str, config: Config, session: aiohttp.ClientSession) ->
                 if scheme not in ("http", "https"):
                     raise _LevelFailed(f"redirected to a {scheme or 'relative'} URL")
                 url = target
+                if scheme == "http" and plain is None:
+                    plain = url
                 continue
             if resp.status != 200:
                 raise _LevelFailed(f"{resp.status}")
@@ -265,7 +270,7 @@ async def _get_page(url: str, config: Config, session: aiohttp.ClientSession) ->
             while len(body) <= MAX_PAGE:
                 chunk = await resp.content.read(MAX_PAGE + 1 - len(body))
                 if not chunk:
-                    return bytes(body)
+                    return plain or url, bytes(body)
                 body += chunk
             raise _LevelFailed("page is larger than 1 MiB")
     raise _LevelFailed(f"more than {MAX_REDIRECTS} redirects")
@@ -279,14 +284,14 @@ async def _level(
 
     url = f"https://{prefix}?ac-discovery=1"
     try:
-        page = await _get_page(url, config, session)
+        url, page = await _get_page(url, config, session)
     except (aiohttp.ClientError, OSError) as exc:
         if "http" not in config.insecure:
             raise _LevelFailed(_reason(exc, url, config)) from exc
         first = _reason(exc, url, config)
         url = f"http://{prefix}?ac-discovery=1"
         try:
-            page = await _get_page(url, config, session)
+            url, page = await _get_page(url, config, session)
         except (aiohttp.ClientError, OSError) as exc2:
             raise _LevelFailed(f"{first}; over http: {_reason(exc2, url, config)}") from exc2
         except _LevelFailed as exc2:

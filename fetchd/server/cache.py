@@ -41,7 +41,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -59,9 +58,11 @@ from fetchd.errors import (
     ManifestInvalid,
     ManifestNotFound,
     NotTrusted,
+    SignatureInvalid,
     StoreError,
     TransferFailed,
     TransferTimeout,
+    TrustError,
     UnsupportedMediaType,
     unwrap,
 )
@@ -100,7 +101,6 @@ STREAM_FLUSH = 0.2  # ... or what arrived, once this many seconds passed since t
 #: platform manifest of a verified index), remembered so that a cached tag or a child
 #: manifest is not checked again on every request
 MAX_VOUCHED = 16384
-_ATTACHMENT = re.compile(r"sha256-[0-9a-f]{64}\.sig")
 
 
 @dataclass
@@ -204,7 +204,10 @@ class Cache:
         cannot answer, the last known digest is served. Under a trusted publisher's prefix,
         only what this process verified is served without a check (the module docstring).
         """
-        checked = not _ATTACHMENT.fullmatch(reference) and await self._publisher_checked(route)
+        # No exemption for tags shaped like cosign attachments (sha256-HEX.sig): their
+        # manifests are not images serve can parse anyway, and an image pushed under such
+        # a tag would otherwise pass unsigned (review finding).
+        checked = await self._publisher_checked(route)
         if reference.startswith(("sha256:", "sha512:")):
             digest = Digest.parse(reference)
             if self.store.has(digest) and (not checked or self._is_vouched(route, digest)):
@@ -250,7 +253,9 @@ class Cache:
             exc = outcome
             # A tag now resolving to an image its publisher did not sign is refused, not
             # answered with the older verified copy (as a tag that is gone).
-            if isinstance(exc, ManifestNotFound | NotTrusted) or not isinstance(
+            # Any trust-class failure (a refused key, an unreadable keystore) is refused
+            # too: serving the stale copy would hide it for as long as it lasts.
+            if isinstance(exc, ManifestNotFound | SignatureInvalid | TrustError) or not isinstance(
                 exc, FetchdError | TimeoutError
             ):
                 raise exc
