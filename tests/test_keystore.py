@@ -265,6 +265,10 @@ def test_a_docker_hub_prefix_guards_what_the_pull_looks_up(
     assert found("docker://team/app") == {rsa, sub}
     assert found("docker://index.docker.io/team/app") == {rsa, sub}
     assert found("docker://quay.io/library/busybox") == set()
+    # https's default port is no part of the name (serve's upstream host:port)
+    assert {
+        k.fingerprint for k in store.oci_keys_for("registry-1.docker.io:443", "library/busybox")[0]
+    } == {ed, sub}
     assert store.oci_keys_for("docker.io", "library/team")[1] == [pem]
     assert store.oci_keys_for("docker.io", "team/app")[1] == []
     # a key stored under an alias directory (as before the fix) still counts for docker.io

@@ -127,8 +127,9 @@ def oci_prefix(prefix: str) -> tuple[str, str]:
 
 
 def canonical_host(host: str) -> str:
-    """The registry host as keys are stored: the Docker Hub's aliases are docker.io."""
-    host = host.lower()
+    """The registry host as keys are stored: the Docker Hub's aliases are docker.io, and
+    https's own port is no part of the name (``registry-1.docker.io:443`` is the Hub)."""
+    host = host.lower().removesuffix(":443")
     return DOCKER_HUB if host in DOCKER_HUB_ALIASES else host
 
 
