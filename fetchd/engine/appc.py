@@ -462,9 +462,10 @@ class _Pull:
                             try:
                                 self._check_scheme(target, key=key)
                             except InsecureRefused:
+                                need = "pubkey" if "http" in self.config.insecure else "http"
                                 raise InsecureRefused(
                                     f"{what}: {redact(url)} redirected to plain HTTP "
-                                    f"({redact(target)}); pass --insecure-options http to "
+                                    f"({redact(target)}); pass --insecure-options {need} to "
                                     "allow it"
                                 ) from None
                             url = target
