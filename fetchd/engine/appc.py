@@ -731,8 +731,9 @@ class _Pull:
                     url, headers={"Accept": TORRENT_TYPE}, max_redirects=5
                 ) as resp,
             ):
-                if resp.url.scheme == "http" and "http" not in self.config.insecure:
-                    raise InsecureRefused(f"{what}: redirected to plain HTTP")
+                hops = [*(h.url for h in resp.history), resp.url]
+                if "http" not in self.config.insecure and any(u.scheme == "http" for u in hops):
+                    raise InsecureRefused(f"{what}: redirected through plain HTTP")
                 if resp.status != 200 or resp.content_type != TORRENT_TYPE:
                     log.info(
                         "%s: HTTP %d, %s, not a torrent; fetching over HTTP",
