@@ -582,18 +582,7 @@ class _Pull:
             size = rec.size
         else:
             digest, size, meta, checked = await self._download(aci_url, check)
-            self.records.append(
-                UrlRecord(
-                    aci_url,
-                    str(digest),
-                    size,
-                    meta.get("etag"),
-                    meta.get("last_modified"),
-                    meta.get("max_age"),
-                    now,
-                    now,
-                )
-            )
+            self.records.append(UrlRecord.fetched(aci_url, str(digest), size, meta, now))
         if deferred and sig is not None:
             log.info("%s: the deferred signature came after the image", want.shown)
         return self._aci(digest, size, checked, sig, aci_url)

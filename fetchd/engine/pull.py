@@ -815,16 +815,7 @@ class Engine:
                 await self.fill_url(url, ingest, Sources(fetchers, fetchers[0], peers=True))
                 got, size, fetched = ingest.digest, ingest.size or 0, True
                 meta = dict(ingest.meta)
-            record = UrlRecord(
-                url,
-                str(got),
-                size,
-                meta.get("etag"),
-                meta.get("last_modified"),
-                meta.get("max_age"),
-                now,
-                now,
-            )
+            record = UrlRecord.fetched(url, str(got), size, meta, now)
             await asyncio.to_thread(record_url, self.store, record)
             return got, size, fetched
 

@@ -28,7 +28,7 @@ import os
 import sqlite3
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -96,6 +96,23 @@ class UrlRecord:
 
     def fresh(self, now: float) -> bool:
         return self.max_age is not None and now - self.checked_at < self.max_age
+
+    @classmethod
+    def fetched(
+        cls, url: str, digest: str, size: int, meta: Mapping[str, Any], now: float
+    ) -> UrlRecord:
+        """The record of a download of ``url`` that just ended: its validators from the
+        ingest's ``meta`` (ETag, Last-Modified, max-age), checked and used ``now``."""
+        return cls(
+            url,
+            digest,
+            size,
+            meta.get("etag"),
+            meta.get("last_modified"),
+            meta.get("max_age"),
+            now,
+            now,
+        )
 
 
 def _holds(store: Store, digest_text: str) -> bool:
