@@ -59,6 +59,18 @@ MAX_BLOB_SIZE = (1 << 63) - 1
 # --- JSON from a peer ----------------------------------------------------------------
 
 
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` for documents read "paranoid" (signature payloads, appc
+    manifests): a key given twice in one object is an error (ValueError), not the last
+    value silently winning, so two readers cannot see two different documents."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the key {json.dumps(key)} appears twice in one object")
+        out[key] = value
+    return out
+
+
 def load_json(raw: bytes, what: str, error: type[FetchdError] = ManifestInvalid) -> Any:
     """``raw`` (UTF-8 JSON, as the OCI specs require) parsed, or ``error`` with one line.
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fetchd.errors import ImageInvalid
+from fetchd.model import unique_keys
 
 log = logging.getLogger(__name__)
 
@@ -124,15 +125,6 @@ class AppcManifest:
 
 
 # --- parsing -------------------------------------------------------------------------
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _Bad(f"the key {json.dumps(key)} appears twice in one object")
-        out[key] = value
-    return out
 
 
 class _Bad(Exception):
@@ -254,7 +246,7 @@ def parse_manifest(raw: bytes, what: str) -> AppcManifest:
     if len(raw) > MAX_MANIFEST_BYTES:
         raise ImageInvalid(f"{what}: the image manifest is larger than 1 MiB")
     try:
-        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
         top = _obj(doc, "the manifest")
         if top.get("acKind") != "ImageManifest":
             raise _Bad(f'acKind must be "ImageManifest", not {json.dumps(top.get("acKind"))}')

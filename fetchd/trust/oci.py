@@ -57,7 +57,7 @@ from fetchd.errors import (
     TransferFailed,
     UsageError,
 )
-from fetchd.model import DOCKER_HUB, Descriptor, Digest, Reference, load_json
+from fetchd.model import DOCKER_HUB, Descriptor, Digest, Reference, load_json, unique_keys
 from fetchd.sources.http import redact, translate
 
 if TYPE_CHECKING:
@@ -433,22 +433,13 @@ def _read_file(path: Path, what: str) -> bytes | None:
 # --- payloads -------------------------------------------------------------------------
 
 
-def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
-
-
 def _claims_problem(
     payload: bytes, kind: str, ref: Reference, digest: Digest, *, exact: bool
 ) -> str | None:
     """Why a verified payload does not vouch for ``digest`` as ``ref``, or None if it does.
     ``exact``: the reference must be ``HOST/REPO:TAG`` (a tag pull, simple signing)."""
     try:
-        doc = json.loads(payload.decode("utf-8"), object_pairs_hook=_unique)
+        doc = json.loads(payload.decode("utf-8"), object_pairs_hook=unique_keys)
     except (ValueError, RecursionError) as exc:
         return f"is not a strict JSON payload ({str(exc)[:80]})"
     crit = doc.get("critical") if isinstance(doc, dict) else None
