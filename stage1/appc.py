@@ -35,17 +35,23 @@ AC_IDENTIFIER = re.compile(r"^[a-z0-9]+([-._~/][a-z0-9]+)*$")
 _MAX_LABELS = 64
 _MAX_LABELS_JSON = 64 * 1024
 
-# os.uname().machine -> appc's arch name (appc types.ToAppcOSArch)
+# os.uname().machine -> appc's arch name (appc types.ToAppcOSArch); the same table as
+# fetchd/appc/names.py _MACHINE_ARCH (stage1 imports nothing from fetchd), so the arch
+# label fetchd adds at pull is the one stage1 asks for at run
 _APPC_ARCH = {
     "x86_64": "amd64",
     "amd64": "amd64",
     "aarch64": "aarch64",
     "arm64": "aarch64",
     "i386": "i386",
+    "i486": "i386",
+    "i586": "i386",
     "i686": "i386",
-    "armv7l": "armv7l",
     "armv6l": "armv6l",
+    "armv7l": "armv7l",
+    "armv8l": "armv7l",
     "ppc64le": "ppc64le",
+    "ppc64": "ppc64",
     "s390x": "s390x",
 }
 

@@ -448,3 +448,12 @@ def test_no_version_without_latest_takes_the_newest(stage1: Stage1) -> None:
     assert (r.returncode, r.stdout) == (0, "2\n"), r.stderr
     r = stage1.run("run", "example.com/newest,os=linux")
     assert (r.returncode, r.stdout) == (0, "2\n"), r.stderr
+
+
+def test_stage1_and_fetchd_name_this_machine_alike() -> None:
+    """The arch label fetchd adds at pull (fetchd.appc.names) is the one stage1 asks for at
+    run (stage1.appc keeps its own copy: stage1 imports nothing from fetchd)."""
+    from fetchd.appc.names import _MACHINE_ARCH
+    from stage1.appc import _APPC_ARCH
+
+    assert _APPC_ARCH == _MACHINE_ARCH
