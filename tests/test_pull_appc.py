@@ -358,7 +358,7 @@ def test_tampered_aci_discarded(
     trust(fetchd, tmp_path, pgp_cases, "ed")
     got = pull(fetchd, appc_site, tmp_path, appc_site.url(aci_path(NAME, "1.0.0")))
     assert got.returncode == 1
-    error_line(got)
+    assert "does not match the data" in error_line(got)
     assert_nothing_stored(fetchd)
 
 

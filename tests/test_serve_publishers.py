@@ -242,9 +242,11 @@ def test_a_tag_moved_to_an_unsigned_image_is_denied_not_served_stale(
 def test_a_keystore_that_cannot_be_read_is_not_hidden_by_a_stale_copy(
     tmp_path: Path, fetchd: Fetchd, upstream: Registry, images: Images, trust_dir: Path
 ) -> None:
-    """When re-checking a verified tag fails for a trust reason (here the trusted key file
-    no longer holds the key it is named after), serve refuses instead of serving the copy
-    it verified before, which would hide the problem for as long as it lasted."""
+    """A guard, not a proof of the stale-copy rule: when the trusted key file no longer
+    holds the key it is named after, a verified tag is refused (with --tag-ttl 0), not
+    served from the copy verified before. This failure is raised before the revalidation
+    (so it passed before that rule too); the rule itself (a SignatureInvalid/TrustError
+    from check_publisher during revalidation is refused) has no test of its own."""
     repo = "pub/keyfile/app"
     digest = publish(images, upstream, repo, "one")
     sign_and_push(images.work, upstream.host, repo, digest, images.a)

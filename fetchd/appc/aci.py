@@ -128,7 +128,6 @@ class _Hashing:
         self.total = 0  # bytes fetched from the decompressor
         self.eof = False
         self._buf = memoryview(b"")
-        self._served = 0  # bytes handed to tarfile
         self._empty_reads = 0
         # the last two chunks with their start offsets: covers tarfile's read-ahead
         self._tail: list[tuple[int, bytes]] = []
@@ -162,7 +161,6 @@ class _Hashing:
             return b""
         out = bytes(self._buf[:n])
         self._buf = self._buf[n:]
-        self._served += len(out)
         return out
 
     def readable(self) -> bool:

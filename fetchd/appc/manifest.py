@@ -39,7 +39,6 @@ from fetchd.model import unique_keys
 log = logging.getLogger(__name__)
 
 APPC_MANIFEST_MEDIA_TYPE = "application/vnd.fetchd.appc.manifest.v1+json"
-OCI_CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
 
 #: The largest manifest fetchd reads (the ACI member and any manifest blob).
 MAX_MANIFEST_BYTES = 1 << 20

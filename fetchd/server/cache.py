@@ -21,9 +21,9 @@ to; a digest is checked over itself, unless this process already verified it for
 repository — the top digest of a tag that passed, or a platform manifest of an index that
 passed (signatures cover the top digest, as for ``fetchd pull``). A refusal is
 :class:`~fetchd.errors.NotTrusted` (the OCI ``DENIED``, naming each place looked): nothing
-is stored, the tag keeps its old digest, and the next request asks again. cosign's
-attachment tags (``sha256-<hex>.sig``) are signatures, not images: passed through unchecked
-(the client checks them).
+is stored, the tag keeps its old digest, and the next request asks again. Tags shaped like
+cosign's attachments (``sha256-<hex>.sig``) get no exemption: their real manifests are not
+images serve parses, and an image pushed under such a tag is checked like any other.
 
 Cached copies: within ``tag_ttl`` a tag of a trusted repository is served from the store
 without asking again only if this process verified its digest for that repository (at most
