@@ -259,6 +259,16 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="local service discovery (multicast on the listen interface; off by default)",
         )
+        if not client:
+            g.add_argument(
+                "--bt-seeds",
+                type=_positive_int,
+                default=64,
+                metavar="N",
+                help="blobs loaded in the seeding session at once (default 64; the others "
+                "are loaded when a peer asks for their torrent or announces their swarm, "
+                "the least recently used unloaded first)",
+            )
         if client:
             g.add_argument(
                 "--seed-linger",
@@ -500,6 +510,7 @@ def _bt_config(args: argparse.Namespace) -> dict[str, Any]:
         "bt_listen": args.bt_listen,
         "bt_allow": allow,
         "lsd": args.lsd,
+        "bt_seeds": getattr(args, "bt_seeds", 64),
     }
 
 

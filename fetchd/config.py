@@ -114,6 +114,9 @@ class Config:
     bt_listen: str | None = None
     #: ``--bt-allow CIDR,…``: peers outside these networks are refused
     bt_allow: tuple[str, ...] = BT_ALLOW_DEFAULT
+    #: ``serve --bt-seeds``: blobs loaded in the seeding session at once (the others are
+    #: loaded when a peer asks for them, least recently used out first)
+    bt_seeds: int = 64
     #: ``--lsd``: local service discovery (multicast on the listen interface)
     lsd: bool = False
     #: seconds without a verified piece before a swarm download is handed to HTTP

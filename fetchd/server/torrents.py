@@ -15,12 +15,17 @@ writes a blob. A piece that fails its hash while seeding means the stored blob i
 it is re-hashed and quarantined as ``fetchd fsck`` does (or, if it is good, the torrent
 row was wrong and is forgotten).
 
-Seeding: at start every blob with a torrent row that still exists; then, one at a time
-in the background, blobs of at least ``torrent_min_size`` that have none yet; blobs of
-that size as pull-through commits them; any blob whose torrent a client asked for. gc
-unseeds a blob (and waits for libtorrent to let go of it) before deleting it
-(:meth:`Torrents.before_delete`); a blob deleted by another process (``fetchd gc``) is
-unseeded by a check every CHECK_INTERVAL seconds.
+Seeding: every blob of at least ``torrent_min_size`` gets a torrent (at start, one at a
+time in the background, for blobs that have none yet; as pull-through commits them), and
+is seeded *on demand*: libtorrent holds at most ``bt_seeds`` (``--bt-seeds``) of them at
+once, least recently used out first. A blob is loaded into the session when a client asks
+for its torrent, its slices, or announces its swarm to the tracker (the announce waits for
+the load, so its answer lists this server's seed); one just committed is loaded too. Each
+seed costs libtorrent memory (200 of them 3.4 MiB here), and a store of many thousand
+blobs must not cost a session of many thousand torrents. gc unseeds a blob (and waits for
+libtorrent to let go of it) before deleting it (:meth:`Torrents.before_delete`); a blob
+deleted by another process (``fetchd gc``) is unseeded by a check every CHECK_INTERVAL
+seconds.
 """
 
 from __future__ import annotations
@@ -83,6 +88,8 @@ MAX_QUERY = 2048  # bytes of an announce's query string (clients send about 300)
 MAX_PARAMS = 32  # parameters of an announce
 
 CHECK_INTERVAL = 10.0  # seconds between two looks for seeded blobs that vanished
+#: seconds an announce waits for its blob's seed to be loaded (then it is answered anyway)
+LOAD_WAIT = 10.0
 BUILD_CONCURRENCY = 2  # torrents built at once (each reads its blob whole)
 DELETE_WAIT = 60.0  # seconds gc waits for the unseeding of the blobs it will delete
 HASH_CHUNK = 1 << 20  # read into one buffer per build: 200 blobs at start cost 2 MiB of RSS
@@ -308,6 +315,10 @@ class Torrents:
         self.swarm = swarm
         self.tracker = Tracker(cache.config.bt_allow)
         self._hashes: dict[str, bytes] = {}  # hex → info-hash of every torrent known
+        self._seedable: set[str] = set()  # hexes of those at least min_size: seeded on demand
+        self.max_seeds = max(1, cache.config.bt_seeds)
+        self._loaded: collections.OrderedDict[str, None] = collections.OrderedDict()  # LRU first
+        self._loading = asyncio.Lock()  # one eviction + load at a time: the bound holds
         self._slicers: dict[str, Slicer] = {}  # hex → its slices (handle_slice)
         self.slices_handed = 0  # by slicers cleared since
         self._building: dict[str, asyncio.Future[Torrent]] = {}
@@ -349,20 +360,19 @@ class Torrents:
         task.add_done_callback(self._tasks.discard)
 
     async def _start_seeding(self) -> None:
-        """Seed every blob with a torrent row (the rows of vanished blobs are dropped),
-        then build the torrents of blobs of at least min_size that have none, one by one
-        (each is one pass over the blob)."""
+        """Know every blob with a torrent row (the rows of vanished blobs are dropped;
+        the others are seeded on demand), then build the torrents of blobs of at least
+        min_size that have none, one by one (each is one pass over the blob)."""
         loaded, missing = await asyncio.to_thread(self._load_rows)
         for t in loaded:
             self._know(t)
-            await self._seed(t)
         if loaded:
             log.info("BitTorrent: %d torrents from the store", len(loaded))
         if self.swarm is None:
             return
         for digest in missing:
             try:
-                await self.torrent(digest)
+                await self.torrent(digest, load=False)
             except FetchdError as exc:
                 log.warning("BitTorrent: no torrent for %s: %s", digest.short, exc)
 
@@ -412,11 +422,12 @@ class Torrents:
 
     # --- torrents -------------------------------------------------------------------------
 
-    async def torrent(self, digest: Digest) -> Torrent:
+    async def torrent(self, digest: Digest, *, load: bool = True) -> Torrent:
         """The blob's canonical torrent (from fetchd.db, else built from the blob on a
-        thread and stored), allowed at the tracker and seeded. BlobNotFound when the blob
-        is not committed. One build per blob at a time, owned by the server: a client
-        that goes away does not stop it."""
+        thread and stored), allowed at the tracker, and (``load``) loaded into the
+        seeding session. BlobNotFound when the blob is not committed. One build per blob
+        at a time, and the load, owned by the server: a client that goes away does not
+        stop them."""
         fut = self._building.get(digest.hex)
         if fut is None:
             fut = asyncio.get_running_loop().create_future()
@@ -425,14 +436,19 @@ class Torrents:
                 raise FetchdError("the server is shutting down")
             self._building[digest.hex] = fut
             self._spawn(self._make(digest, fut), f"build-{digest.hex}")
-        return await asyncio.shield(fut)
+        t = await asyncio.shield(fut)
+        if load and self.swarm is not None and self._tg is not None:
+            seeding = self._tg.create_task(self._seed(t), name=f"fetchd-torrent-load-{t.hex}")
+            self._tasks.add(seeding)
+            seeding.add_done_callback(self._tasks.discard)
+            await asyncio.shield(seeding)
+        return t
 
     async def _make(self, digest: Digest, fut: asyncio.Future[Torrent]) -> None:
         try:
             async with self._build_slots:
                 t = await asyncio.to_thread(self._load_or_build, digest)
             self._know(t)
-            await self._seed(t)
             fut.set_result(t)
         except asyncio.CancelledError:
             fut.cancel()
@@ -477,22 +493,73 @@ class Torrents:
     def _know(self, t: Torrent) -> None:
         self._hashes[t.hex] = t.info_hash
         self.tracker.allow(t.info_hash, t.hex)
+        if t.size >= self.min_size:
+            self._seedable.add(t.hex)
 
     async def _seed(self, t: Torrent) -> None:
-        """Seed ``t`` unless it is below min_size: anyone may ask for any blob's torrent
-        (its web seed works for every client), but only the big ones cost a seed's
-        memory and a read of the whole blob."""
+        """Load ``t`` into the seeding session unless it is below min_size: anyone may
+        ask for any blob's torrent (its web seed works for every client), but only the
+        big ones cost a seed's memory and a read of the whole blob. At most ``max_seeds``
+        are loaded: the least recently used one is unseeded first."""
         if self.swarm is None or t.hex in self._doomed or t.size < self.min_size:
             return
-        try:
-            await self.swarm.seed(t, self.store.blob_path(Digest("sha256", t.hex)).parent)
-        except FetchdError as exc:
-            log.warning("BitTorrent: cannot seed %s: %s", t.hex[:12], exc)
+        async with self._loading:
+            if t.hex in self._loaded and t.hex in self.swarm.seeding():
+                self._loaded.move_to_end(t.hex)
+                return
+            self._loaded.pop(t.hex, None)
+            while len(self._loaded) >= self.max_seeds:
+                old, _ = self._loaded.popitem(last=False)
+                await self._unload(old)
+            try:
+                await self.swarm.seed(t, self.store.blob_path(Digest("sha256", t.hex)).parent)
+            except FetchdError as exc:
+                log.warning("BitTorrent: cannot seed %s: %s", t.hex[:12], exc)
+                return
+            self._loaded[t.hex] = None
+            self.tracker.own(t.info_hash, self.swarm.address)
+
+    async def _unload(self, hex: str) -> None:
+        """Take ``hex`` out of the session (it stays known: loaded again on demand)."""
+        ih = self._hashes.get(hex)
+        if ih is not None:
+            self.tracker.own(ih, None)
+        if self.swarm is not None and hex in self.swarm.seeding():
+            await self.swarm.unseed(hex)
+
+    async def _load_for(self, raw_query: str) -> None:
+        """Before an announce is answered: load the seed of the swarm it names if this
+        server holds the blob but has not loaded it (at most LOAD_WAIT seconds; a failure
+        is logged and the announce answered without it). Not for fetchd's own hosts,
+        which take slices over HTTP instead, nor for seeds, nor for ``stopped``."""
+        if self.swarm is None:
             return
-        self.tracker.own(t.info_hash, self.swarm.address)
+        try:
+            q = _parse_query(raw_query)
+        except _Refused:
+            return  # the tracker answers it with the reason
+        hex = self.tracker.allowed.get(q.get("info_hash", b""))
+        if (
+            hex is None
+            or hex not in self._seedable
+            or q.get("left") == b"0"
+            or q.get("event") == b"stopped"
+            or q.get("peer_id", b"").startswith(FETCHD_PEER_ID)
+        ):
+            return
+        if hex in self._loaded and hex in self.swarm.seeding():
+            self._loaded.move_to_end(hex)
+            return
+        try:
+            async with asyncio.timeout(LOAD_WAIT):
+                await self.torrent(Digest("sha256", hex))
+        except (FetchdError, TimeoutError) as exc:
+            log.warning("BitTorrent: cannot load the seed of %s: %s", hex[:12], exc or "timeout")
 
     async def _drop(self, hex: str) -> None:
         """Stop seeding ``hex`` (waits until libtorrent let go) and refuse its swarm."""
+        self._loaded.pop(hex, None)
+        self._seedable.discard(hex)
         if self.swarm is not None and hex in self.swarm.seeding():
             await self.swarm.unseed(hex)
         ih = self._hashes.pop(hex, None)
@@ -547,6 +614,8 @@ class Torrents:
         hexes = {d.hex for d in doomed if d.algorithm == "sha256"}
         self._doomed |= hexes
         assert self.swarm is not None
+        for hex in hexes:
+            self._loaded.pop(hex, None)
         for hex in sorted(hexes & self.swarm.seeding()):
             await self.swarm.unseed(hex)
             ih = self._hashes.get(hex)
@@ -623,7 +692,9 @@ class Torrents:
 
     async def handle_announce(self, request: web.Request) -> web.Response:
         """``GET /announce``: always 200 with a bencoded body, as trackers answer."""
-        body = self.tracker.announce(request.rel_url.raw_query_string, request.remote)
+        raw = request.rel_url.raw_query_string
+        await self._load_for(raw)
+        body = self.tracker.announce(raw, request.remote)
         return web.Response(body=body, content_type="text/plain")
 
     # --- metrics and status -------------------------------------------------------------
@@ -644,10 +715,17 @@ class Torrents:
 
     def metrics(self) -> list[str]:
         """Prometheus text lines."""
-        seeded = len(self.swarm.seeding()) if self.swarm is not None else 0
+        seeded = len(self._seedable) if self.swarm is not None else 0
+        loaded = len(self.swarm.seeding()) if self.swarm is not None else 0
         lines: list[str] = []
         for name, kind, value, text in (
-            ("fetchd_torrents", "gauge", seeded, "Blobs seeded over BitTorrent."),
+            (
+                "fetchd_torrents",
+                "gauge",
+                seeded,
+                "Blobs seeded over BitTorrent (on demand: at most --bt-seeds loaded at once).",
+            ),
+            ("fetchd_bt_seeds_loaded", "gauge", loaded, "Seeds in the BitTorrent session now."),
             (
                 "fetchd_bt_uploaded_bytes_total",
                 "counter",
@@ -676,7 +754,8 @@ class Torrents:
         """For the status JSON: counters for everyone; the swarms (which name blobs this
         cache holds) only for those who may see what it holds."""
         doc: dict[str, Any] = {
-            "torrents": len(self.swarm.seeding()) if self.swarm is not None else 0,
+            "torrents": len(self._seedable) if self.swarm is not None else 0,
+            "seeds_loaded": len(self.swarm.seeding()) if self.swarm is not None else 0,
             "bt_uploaded": self.uploaded(),
             "tracker_peers": self.tracker.peers,
         }
