@@ -40,7 +40,7 @@ import fetchd
 from fetchd.errors import DigestMismatch, SizeMismatch, StoreError
 from fetchd.model import Digest
 from fetchd.store import Ingest, Store
-from fetchd.store.cas import UNKNOWN_END, ResumedDataBad, SegmentedIngest
+from fetchd.store.cas import UNKNOWN_END, ResumedDataBad, SegmentedIngest, _add_range, _merge
 
 T = TypeVar("T")
 
@@ -679,16 +679,21 @@ def test_also_is_fed_every_byte_in_order_across_a_resume(tmp_path: Path, segment
     assert bytes(fed[-1]) == data
 
 
+def _swarm_file(tmp_path: Path, seed: int) -> tuple[Store, bytes, Digest, Path]:
+    """A store, a blob's bytes and digest, and a file holding them (and more past the
+    end), as libtorrent's download file holds a swarm's pieces."""
+    data = content(seed)
+    other = tmp_path / "swarm"
+    other.write_bytes(data + b"past the end")
+    return Store.open(tmp_path / "store"), data, Digest.of(data), other
+
+
 def test_a_segmented_ingest_copies_from_another_file_and_refuses_past_its_size(
     tmp_path: Path,
 ) -> None:
     """copy_at (the swarm's verified pieces, copied in the kernel): the bytes count as
     written; a copy that would run past the size drops everything (SizeMismatch)."""
-    store = Store.open(tmp_path / "store")
-    data = content(19)
-    digest = Digest.of(data)
-    other = tmp_path / "swarm"
-    other.write_bytes(data + b"past the end")
+    store, data, digest, other = _swarm_file(tmp_path, 19)
 
     async def go() -> None:
         async with store.ingest(digest, SIZE, segmented=True) as ing:
@@ -707,6 +712,54 @@ def test_a_segmented_ingest_copies_from_another_file_and_refuses_past_its_size(
 
     run(go)
     assert store.blob_path(digest).read_bytes() == data
+
+
+def test_copy_gaps_copies_only_what_is_missing_and_refuses_past_its_size(
+    tmp_path: Path,
+) -> None:
+    """copy_gaps (a batch of the swarm's pieces, one job): only the missing parts of the
+    spans are copied (bytes already written by another writer stay as they are, and are
+    not counted twice); a span past the size drops everything (SizeMismatch)."""
+    store, data, digest, other = _swarm_file(tmp_path, 23)
+
+    async def go() -> None:
+        async with store.ingest(digest, SIZE, segmented=True) as ing:
+            assert isinstance(ing, SegmentedIngest)
+            await ing.write_at(Q, [data[Q : 2 * Q]])  # another writer's bytes
+            fd = os.open(other, os.O_RDONLY)
+            try:
+                with pytest.raises(SizeMismatch):
+                    await ing.copy_gaps(fd, [(0, Q), (SIZE - Q, SIZE + 1)])
+                assert ing.gaps() == [(0, SIZE)]
+                await ing.write_at(Q, [data[Q : 2 * Q]])
+                copied = await ing.copy_gaps(fd, [(0, 2 * Q), (3 * Q, SIZE)])
+                assert copied == Q + (SIZE - 3 * Q)
+                assert ing.gaps() == [(2 * Q, 3 * Q)]
+                assert await ing.copy_gaps(fd, [(0, SIZE)]) == Q
+                assert ing.offset == SIZE and not ing.gaps()
+            finally:
+                os.close(fd)
+            await ing.commit()
+
+    run(go)
+    assert store.blob_path(digest).read_bytes() == data
+
+
+def test_add_range_equals_sorting_and_merging() -> None:
+    """The segmented ingest's in-place range insert gives what re-sorting and merging
+    every range gave (the function it replaced in record), and counts only new bytes."""
+    rng = random.Random(4711)
+    for _ in range(300):
+        ranges: list[tuple[int, int]] = []
+        covered = 0
+        for _ in range(rng.randrange(1, 40)):
+            a = rng.randrange(0, 200)
+            b = a + rng.randrange(1, 30)
+            expect = _merge([*ranges, (a, b)])
+            added = _add_range(ranges, a, b)
+            assert ranges == expect
+            assert added == sum(y - x for x, y in expect) - covered
+            covered += added
 
 
 @pytest.mark.parametrize("segmented", KINDS)

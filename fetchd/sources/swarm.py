@@ -418,16 +418,21 @@ class PieceCopier:
         self._queue.put_nowait(index)
 
     async def _run(self) -> None:
-        while (index := await self._queue.get()) is not None:
-            start, end = self.torrent.span(index)
-            for a, b in self.sink.gaps():
-                lo, hi = max(a, start), min(b, end)
-                if lo < hi:
-                    if self._fd < 0:
-                        self._fd = os.open(self.work, os.O_RDONLY | os.O_CLOEXEC)
-                    await self.sink.copy_at(self._fd, lo, hi - lo)
-                    self.copied += hi - lo
-                    self.on_bytes(hi - lo)
+        stop = False
+        while not stop:
+            # every piece reported meanwhile in one job: one thread handoff, not one each
+            batch = [await self._queue.get()]
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            stop = None in batch
+            spans = [self.torrent.span(i) for i in batch if i is not None]
+            if spans:
+                if self._fd < 0:
+                    self._fd = os.open(self.work, os.O_RDONLY | os.O_CLOEXEC)
+                n = await self.sink.copy_gaps(self._fd, spans)
+                if n:
+                    self.copied += n
+                    self.on_bytes(n)
             if time.monotonic() - self._saved > SAVE_EVERY:
                 self._saved = time.monotonic()
                 await finish(run_in("store", self.sink.save_state))
