@@ -26,6 +26,7 @@ import time
 import urllib.parse
 import zlib
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,6 +218,7 @@ def total_blob_bytes(image: BuiltImage) -> int:
 # --- a slow upstream ------------------------------------------------------------------------
 
 CHUNK = 64 * 1024
+GATE_TIMEOUT = 30.0  # seconds a held manifest request waits for the test at most
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length"})
 _BLOB_PATH = re.compile(r"/v2/.+/blobs/(sha256:[a-f0-9]{64})")
 
@@ -227,6 +229,10 @@ class _ThrottleHandler(QuietHandler):
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
         upstream = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=30)
         try:
+            if "/manifests/" in self.path:
+                with proxy.lock:
+                    proxy.manifest_asks += 1
+                proxy.manifest_gate.wait(GATE_TIMEOUT)
             upstream.request(self.command, self.path, headers=headers)
             resp = upstream.getresponse()
             match = _BLOB_PATH.fullmatch(urllib.parse.urlsplit(self.path).path)
@@ -267,14 +273,21 @@ class ThrottleProxy(ServerThread):
     """The real registry's answers, blob bodies paced at 64 KiB per `pause` seconds.
 
     `sent[digest]` is how many body bytes of a blob have gone out so far, `finished[digest]`
-    the monotonic time its last byte was written.
+    the monotonic time its last byte was written. Manifest requests wait for
+    `manifest_gate` (set from the start unless `hold_manifests`), at most GATE_TIMEOUT
+    seconds; `manifest_asks` counts them as they arrive.
     """
 
-    def __init__(self, registry: Registry, pause: float) -> None:
+    def __init__(self, registry: Registry, pause: float, hold_manifests: bool = False) -> None:
         self.upstream_port = registry.port
         self.pause = pause
         self.sent: dict[str, int] = {}
         self.finished: dict[str, float] = {}
+        self.lock = threading.Lock()
+        self.manifest_asks = 0
+        self.manifest_gate = threading.Event()
+        if not hold_manifests:
+            self.manifest_gate.set()
         super().__init__(_ThrottleHandler)
 
 
@@ -409,6 +422,42 @@ def test_16_concurrent_cold_pulls_fetch_each_layer_once(
     # The clients really overlapped: more of them asked for a layer than the store had.
     assert metrics["fetchd_cache_misses_total"] > len(images.four.layers) + 1, metrics
     assert metrics["fetchd_upstream_bytes_total"] == total_blob_bytes(images.four)
+
+
+def test_concurrent_cold_clients_of_one_tag_make_one_upstream_manifest_request(
+    upstream: Registry, images: Images, fetchd: Fetchd
+) -> None:
+    """Single flight for manifests too: 8 clients ask a cold cache for one tag (and 8
+    for one digest) while upstream has not answered; upstream is asked once for each and
+    every client gets the manifest (before, each client's request went upstream)."""
+    want = publish(images, "small", upstream, "flight/small")
+    accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+    for reference in ("1", want):
+        with (
+            ThrottleProxy(upstream, pause=0.0, hold_manifests=True) as slow,
+            start_serve(fetchd, [slow.url]) as cache,
+            ThreadPoolExecutor(8) as pool,
+        ):
+            path = f"/v2/flight/small/manifests/{reference}"
+            replies = [pool.submit(cache.get, path, headers=accept) for _ in range(8)]
+            # every client is waiting in serve (a miss each) while upstream is held
+            wait_until(
+                lambda: cache.metrics()["fetchd_cache_misses_total"] >= 8,
+                30,
+                "8 clients to wait for the manifest",
+                cache.log_path,
+            )
+            assert slow.manifest_asks == 1, slow.manifest_asks
+            slow.manifest_gate.set()
+            for reply in replies:
+                got = reply.result(timeout=60)
+                assert got.status == 200, got
+                assert "sha256:" + hashlib.sha256(got.body).hexdigest() == want
+            assert slow.manifest_asks == 1, slow.manifest_asks
+        shutil.rmtree(fetchd.store)  # cold again for the digest round
+    gets = upstream.requests("GET", path_contains="/v2/flight/small/manifests/")
+    ours = [g.path.rsplit("/", 1)[1] for g in gets if g.user_agent.startswith("fetchd/")]
+    assert ours == ["1", want], gets
 
 
 def test_a_blob_still_arriving_is_streamed_before_the_upstream_finishes(

@@ -160,8 +160,9 @@ class Cache:
         self.serving: collections.Counter[Digest] = collections.Counter()
         self._fetches: dict[Digest, asyncio.Future[BaseException | None]] = {}
         self._fetch_tasks: set[asyncio.Task[Any]] = set()
-        #: a tag being asked upstream again, one task per tag; it goes on past the
-        #: REVALIDATE_TIMEOUT after which the cached copy is served
+        #: a manifest being asked upstream (a tag again, or one not stored), one task per
+        #: reference; a revalidation goes on past the REVALIDATE_TIMEOUT after which the
+        #: cached copy is served
         self._revalidations: dict[tuple[str, str], asyncio.Task[Manifest | Exception]] = {}
         self._registries: dict[Upstream, Registry] = {}
         self._tg: asyncio.TaskGroup | None = None
@@ -215,7 +216,7 @@ class Cache:
                 return await asyncio.to_thread(self._stored, digest, route)
             self.stats.misses += 1
             ref = Reference(route.upstream.host, route.repository, None, digest)
-            return await self._fetch_manifest(route, ref, None, checked)
+            return await self._fetch_once(route, ref, reference, None, checked)
         known = await asyncio.to_thread(self.meta.tag, route.key, reference)
         stored: Manifest | None = None
         last = Digest.parse(known[0]) if known else None
@@ -232,15 +233,8 @@ class Cache:
         self.stats.misses += 1
         ref = Reference(route.upstream.host, route.repository, reference, None)
         if stored is None:
-            return await self._fetch_manifest(route, ref, reference, checked)
-        key = (route.key, reference)
-        task = self._revalidations.get(key)
-        if task is None:
-            assert self._tg is not None, "Cache used outside running()"
-            task = self._tg.create_task(self._revalidate(route, ref, reference, checked))
-            self._revalidations[key] = task
-            self._fetch_tasks.add(task)
-            task.add_done_callback(lambda t: self._revalidated(key, t))
+            return await self._fetch_once(route, ref, reference, reference, checked)
+        task = self._upstream_task(route, ref, reference, reference, checked)
         outcome: Manifest | Exception
         try:
             async with asyncio.timeout(REVALIDATE_TIMEOUT):
@@ -298,13 +292,41 @@ class Cache:
         while len(self._vouched) > MAX_VOUCHED:
             self._vouched.popitem(last=False)
 
+    def _upstream_task(
+        self, route: Route, ref: Reference, reference: str, tag: str | None, checked: bool
+    ) -> asyncio.Task[Manifest | Exception]:
+        """The one upstream request for ``reference`` of ``route`` now: a new one, or the
+        one clients already wait for (single flight, as for blobs: 8 cold clients of one
+        tag asked upstream 8 times). The server's task: a client that goes away does not
+        stop it."""
+        key = (route.key, reference)
+        task = self._revalidations.get(key)
+        if task is None:
+            assert self._tg is not None, "Cache used outside running()"
+            task = self._tg.create_task(self._revalidate(route, ref, tag, checked))
+            self._revalidations[key] = task
+            self._fetch_tasks.add(task)
+            task.add_done_callback(lambda t: self._revalidated(key, t))
+        return task
+
+    async def _fetch_once(
+        self, route: Route, ref: Reference, reference: str, tag: str | None, checked: bool
+    ) -> Manifest:
+        """A manifest the store does not hold, from upstream: one request however many
+        clients ask at once; its error reaches each of them."""
+        outcome = await asyncio.shield(self._upstream_task(route, ref, reference, tag, checked))
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
     async def _revalidate(
-        self, route: Route, ref: Reference, reference: str, checked: bool
+        self, route: Route, ref: Reference, tag: str | None, checked: bool
     ) -> Manifest | Exception:
-        """Ask upstream for a tag again, with the full retry budget; the error is returned,
-        not raised (this task belongs to the server's task group, not to one request)."""
+        """Ask upstream for a manifest (a tag again, or one not stored), with the full
+        retry budget; the error is returned, not raised (this task belongs to the server's
+        task group, not to one request)."""
         try:
-            fetched = await self._fetch_manifest(route, ref, reference, checked)
+            fetched = await self._fetch_manifest(route, ref, tag, checked)
         except Exception as exc:
             return exc
         self._dark_since.pop(route.upstream, None)
