@@ -153,8 +153,10 @@ class Flight:
 
     ``ingest.contiguous`` bytes from the start are in ``path`` (whose inode becomes the
     blob at commit, so an fd opened on it stays valid). :meth:`wait` returns when more
-    bytes arrived or the flight ended; ``done`` holds the outcome (None: verified and
-    committed; an exception: failed, and what was read must not be trusted).
+    bytes arrived, when they verified (``ingest.verified``: size and digest checked, the
+    store's fsync and rename may still be going on) or the flight ended; ``done`` holds
+    the outcome (None: verified and committed; an exception: failed, and what was read
+    must not be trusted).
     """
 
     def __init__(self, digest: Digest, size: int, ingest: Ingest) -> None:
@@ -166,6 +168,8 @@ class Flight:
         self.generation = ingest.generation
         self.done: asyncio.Future[BaseException | None] = loop.create_future()
         self._tick: asyncio.Future[None] = loop.create_future()
+        # commit's thread says when the bytes verified (before its fsync): wake readers
+        ingest.on_verified = self._verified
 
     @property
     def contiguous(self) -> int:
@@ -175,6 +179,10 @@ class Flight:
     def reset(self) -> bool:
         """The data was thrown away and refetched since this flight began."""
         return self.ingest.generation != self.generation
+
+    def _verified(self) -> None:
+        """From commit's thread: wake the readers on the loop."""
+        self.done.get_loop().call_soon_threadsafe(self.advanced)
 
     def advanced(self) -> None:
         tick, self._tick = self._tick, asyncio.get_running_loop().create_future()

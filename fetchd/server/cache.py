@@ -611,12 +611,15 @@ class Cache:
                 outcome = flight.done.result() if flight.done.done() else False
                 if outcome is not None and outcome is not False:
                     raise StoreError(f"blob {flight.digest.short} failed: {outcome}")
-                limit = flight.size if outcome is None else min(flight.contiguous, flight.size - 1)
+                # Verified (size and digest checked) is enough for the last byte: the
+                # store's own fsync and rename need not hold up the clients.
+                whole = outcome is None or (
+                    flight.ingest.verified and flight.contiguous >= flight.size
+                )
+                limit = flight.size if whole else min(flight.contiguous, flight.size - 1)
                 ready = limit - sent
                 now = loop.time()
-                if ready > 0 and (
-                    ready >= STREAM_BATCH or outcome is None or now - flushed >= STREAM_FLUSH
-                ):
+                if ready > 0 and (ready >= STREAM_BATCH or whole or now - flushed >= STREAM_FLUSH):
                     await send(f, sent, ready)
                     self.stats.bytes_served += ready
                     sent = limit

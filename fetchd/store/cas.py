@@ -227,6 +227,11 @@ class Ingest:
         self.algorithm = digest.algorithm if digest else "sha256"
         #: the blob's digest once known: the expected one, or what commit computed
         self.digest = digest or Digest("sha256", "0" * 64)
+        #: set by commit once size and digest checked, before its fsync and rename (a
+        #: reader streaming the data may send the last byte then); ``on_verified`` is
+        #: called then, on commit's thread
+        self.verified = False
+        self.on_verified: Callable[[], None] | None = None
         self.size = size
         self.path = path
         self.data_path = path / "data"
@@ -379,6 +384,9 @@ class Ingest:
             self._discard()
             raise DigestMismatch(what, str(self.expected), str(actual))
         self.digest = actual
+        self.verified = True
+        if self.on_verified is not None:
+            self.on_verified()
         target = self.store.blob_path(actual)
         if not target.exists():
             os.fsync(self._fd)
