@@ -438,7 +438,10 @@ class Torrents:
             self._spawn(self._make(digest, fut), f"build-{digest.hex}")
         t = await asyncio.shield(fut)
         if load and self.swarm is not None and self._tg is not None:
-            seeding = self._tg.create_task(self._seed(t), name=f"fetchd-torrent-load-{t.hex}")
+            # _logged: an unexpected error while loading must not stop the server
+            seeding = self._tg.create_task(
+                _logged(self._seed(t), f"load-{t.hex[:12]}"), name=f"fetchd-torrent-load-{t.hex}"
+            )
             self._tasks.add(seeding)
             seeding.add_done_callback(self._tasks.discard)
             await asyncio.shield(seeding)
