@@ -600,6 +600,29 @@ def test_seeds_load_on_demand_and_stay_within_bt_seeds(
         assert after["fetchd_torrents"] == 4
 
 
+def test_an_announce_from_outside_bt_allow_loads_no_seed(
+    tmp_path: Path, fetchd: Fetchd, registry: Registry
+) -> None:
+    """A peer the tracker refuses (outside --bt-allow) cannot make serve load seeds (and
+    so unload others): the announce is refused and nothing is loaded."""
+    blobs = fetchd.store / "layout" / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    data = random.Random(7403).randbytes(MIB)
+    hex = hashlib.sha256(data).hexdigest()
+    (blobs / hex).write_bytes(data)
+    ok(fetchd("fsck"))
+    extra = (*BT, "--bt-allow", "127.0.0.1/32")
+    with start_serve(fetchd, [registry.url], extra=extra) as serve:
+        wait_until(lambda: serve.metrics()["fetchd_torrents"] == 1, 60, "1 torrent", serve.log_path)
+        ih = canonical_hash(blobs / hex)  # not asked of serve: that would load the seed
+        refused = announce(serve, ih, free_port(), source="127.0.0.2")
+        assert b"outside the networks" in refused[b"failure reason"], refused
+        assert serve.metrics()["fetchd_bt_seeds_loaded"] == 0
+        listed = announce(serve, ih, free_port(), source="127.0.0.1")
+        assert b"failure reason" not in listed, listed
+        assert serve.metrics()["fetchd_bt_seeds_loaded"] == 1
+
+
 def test_the_status_lists_swarms(cache: Cache) -> None:
     digest = cache.layer(1)
     cache.pull_through(digest)

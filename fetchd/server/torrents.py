@@ -507,8 +507,7 @@ class Torrents:
         if self.swarm is None or t.hex in self._doomed or t.size < self.min_size:
             return
         async with self._loading:
-            if t.hex in self._loaded and t.hex in self.swarm.seeding():
-                self._loaded.move_to_end(t.hex)
+            if self._touch(t.hex):
                 return
             self._loaded.pop(t.hex, None)
             while len(self._loaded) >= self.max_seeds:
@@ -522,6 +521,13 @@ class Torrents:
             self._loaded[t.hex] = None
             self.tracker.own(t.info_hash, self.swarm.address)
 
+    def _touch(self, hex: str) -> bool:
+        """Whether ``hex`` is loaded now (then it becomes the most recently used)."""
+        if hex in self._loaded and self.swarm is not None and hex in self.swarm.seeding():
+            self._loaded.move_to_end(hex)
+            return True
+        return False
+
     async def _unload(self, hex: str) -> None:
         """Take ``hex`` out of the session (it stays known: loaded again on demand)."""
         ih = self._hashes.get(hex)
@@ -530,13 +536,17 @@ class Torrents:
         if self.swarm is not None and hex in self.swarm.seeding():
             await self.swarm.unseed(hex)
 
-    async def _load_for(self, raw_query: str) -> None:
+    async def _load_for(self, raw_query: str, remote: str | None) -> None:
         """Before an announce is answered: load the seed of the swarm it names if this
         server holds the blob but has not loaded it (at most LOAD_WAIT seconds; a failure
-        is logged and the announce answered without it). Not for fetchd's own hosts,
-        which take slices over HTTP instead, nor for seeds, nor for ``stopped``."""
+        is logged and the announce answered without it). Only for peers the tracker
+        serves (``--bt-allow``: others must not churn the loaded seeds); not for fetchd's
+        own hosts, which take slices over HTTP instead, nor for seeds, nor ``stopped``."""
         if self.swarm is None:
             return
+        ip = _peer_address(remote)
+        if ip is None or not any(ip in net for net in self.tracker.networks):
+            return  # the tracker refuses it with the reason
         try:
             q = _parse_query(raw_query)
         except _Refused:
@@ -550,8 +560,7 @@ class Torrents:
             or q.get("peer_id", b"").startswith(FETCHD_PEER_ID)
         ):
             return
-        if hex in self._loaded and hex in self.swarm.seeding():
-            self._loaded.move_to_end(hex)
+        if self._touch(hex):
             return
         try:
             async with asyncio.timeout(LOAD_WAIT):
@@ -696,7 +705,7 @@ class Torrents:
     async def handle_announce(self, request: web.Request) -> web.Response:
         """``GET /announce``: always 200 with a bencoded body, as trackers answer."""
         raw = request.rel_url.raw_query_string
-        await self._load_for(raw)
+        await self._load_for(raw, request.remote)
         body = self.tracker.announce(raw, request.remote)
         return web.Response(body=body, content_type="text/plain")
 
