@@ -17,9 +17,9 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fetchd import __version__
 from fetchd.config import (
@@ -32,7 +32,7 @@ from fetchd.config import (
     parse_resolve,
 )
 from fetchd.engine import Engine, PullResult
-from fetchd.errors import DiskFull, FetchdError, StoreCorrupt, UsageError
+from fetchd.errors import DiskFull, FetchdError, StoreCorrupt, Terminated, UsageError
 from fetchd.model import Digest, Platform
 from fetchd.progress import Progress, TerminalBars, current_image
 from fetchd.store import Store, layout
@@ -569,6 +569,36 @@ async def _pull_all(
             return await every()
 
 
+T = TypeVar("T")
+
+
+async def _until_sigterm(work: Coroutine[Any, Any, T]) -> T:
+    """``work``, cancelled by a SIGTERM as Ctrl-C cancels it (asyncio.run's SIGINT): its
+    cleanup runs (an ingest's state saved, the swarm's "stopped" announce, each cache
+    told that this pull no longer seeds), then Terminated (exit 143). A second SIGTERM
+    kills at once (the default action is back)."""
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    terminated = False
+
+    def on_sigterm() -> None:
+        nonlocal terminated
+        terminated = True
+        loop.remove_signal_handler(signal.SIGTERM)
+        task.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if terminated:
+            raise Terminated("terminated (SIGTERM)") from None
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
 def cmd_pull(args: argparse.Namespace, store: Store, prefetch: bool = False) -> int:
     refs = list(args.refs)
     if prefetch and args.from_file:
@@ -592,7 +622,9 @@ def cmd_pull(args: argparse.Namespace, store: Store, prefetch: bool = False) -> 
     if mirror_only and not mirrors:
         raise UsageError("--mirror-only needs --mirror")
     progress = Progress(count_images=True)
-    results = asyncio.run(_pull_all(store, config, progress, refs, digest, mirrors, mirror_only))
+    results = asyncio.run(
+        _until_sigterm(_pull_all(store, config, progress, refs, digest, mirrors, mirror_only))
+    )
     failed = 0
     pulled: list[dict[str, Any]] = []
     for ref, res in zip(refs, results, strict=True):

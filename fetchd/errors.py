@@ -29,6 +29,12 @@ class UsageError(FetchdError):
     exit_code = 2
 
 
+class Terminated(FetchdError):
+    """SIGTERM stopped the command after it cleaned up (exit 143, as a shell reports it)."""
+
+    exit_code = 143
+
+
 # --- input that does not parse -------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ from fetchd.bt.metainfo import bdecode, bencode, build_from_file
 from tests.support.badcache import bad_cache
 from tests.support.cli import Fetchd, ok
 from tests.support.images import BuiltImage, build_image, push, random_layer
-from tests.support.procs import Proc, wait_until
+from tests.support.procs import Proc, log_tail, wait_until
 from tests.support.registry import Registry
 from tests.support.serve import ServeProcess, start_serve
 
@@ -139,6 +139,59 @@ def test_a_second_host_gets_the_layers_from_the_first_not_from_the_cache(
     assert "ok" in ok(fetchd("fsck"))
     # The manifest and config came over HTTP from the cache; the layers did not.
     assert served < LAYER, res.stderr
+
+
+def test_once_every_pull_of_a_round_ended_the_next_pull_gets_slices_at_once(
+    registry: Registry, warm_cache: tuple[ServeProcess, BuiltImage, Fetchd], fetchd: Fetchd
+) -> None:
+    """A pull that took slices tells the cache when it ends (it no longer takes nor seeds
+    the blob); then the next pull of the blob (a new rollout) gets slices at once, not
+    only SLICE_ROUND (8 s) after the last one was handed out. A pull that gives no name
+    for itself, or one still running, keeps the round going (the 204)."""
+    cache, image, _ = warm_cache
+    ref = f"docker://{registry.host}/bt/app:1"
+    ok(run(fetchd, "pull", *HTTP, *TORRENT, "--mirror", cache.url, ref))
+    for layer in image.layers:
+        # No name: nobody can tell that this one ended, so it does not start a round.
+        assert cache.get(f"/fetchd/v1/slices/{layer.digest}").status == 204
+        got = cache.get(f"/fetchd/v1/slices/{layer.digest}?pull=next-rollout-1")
+        assert got.status == 200, got
+        assert got.json()["first"] == 0
+        # The new round's taker has not ended: a third pull waits for the swarm.
+        rest = [
+            cache.get(f"/fetchd/v1/slices/{layer.digest}?pull=next-rollout-2") for _ in range(64)
+        ]
+        assert rest[-1].status == 204
+        assert cache.request("DELETE", f"/fetchd/v1/slices/{layer.digest}").status == 400
+        assert cache.get(f"/fetchd/v1/slices/{layer.digest}?pull=next-rollout-3").status == 204
+
+
+def test_a_seed_stopped_by_sigterm_ends_its_round_of_slices(
+    registry: Registry,
+    warm_cache: tuple[ServeProcess, BuiltImage, Fetchd],
+    tmp_path: Path,
+) -> None:
+    """While a pull lingers as a seed its round of slices goes on (the next pull gets
+    the blob from it); stopped with SIGTERM it says it ended, and the next pull gets
+    slices at once."""
+    cache, image, _ = warm_cache
+    host = Fetchd(tmp_path / "host-a", tmp_path / "host-a-home")
+    host.home.mkdir()
+    argv = host.argv(
+        "-v", "pull", *HTTP, *TORRENT, "--seed-linger", "600", "--mirror", cache.url,
+        f"docker://{registry.host}/bt/app:1",
+    )  # fmt: skip
+    log_path = tmp_path / "host-a.log"
+    with Proc(argv, log_path, env=host.env()) as host_a:
+        wait_until(lambda: "seeding for" in log_path.read_text(), 60, "host A to linger")
+        for layer in image.layers:
+            got = cache.get(f"/fetchd/v1/slices/{layer.digest}?pull=next-rollout")
+            assert got.status == 204, "a new round began while host A seeds"
+        assert host_a.stop() == 143, log_tail(log_path)
+    for layer in image.layers:
+        got = cache.get(f"/fetchd/v1/slices/{layer.digest}?pull=next-rollout")
+        assert got.status == 200, (got, log_tail(log_path))
+        assert got.json()["first"] == 0
 
 
 def test_a_non_canonical_torrent_is_refused_and_the_blob_comes_over_http(

@@ -25,6 +25,7 @@ from urllib.parse import quote_from_bytes
 import pytest
 
 from fetchd.bt.metainfo import bdecode, bencode, build_from_file
+from fetchd.server.torrents import SLICE_ROUND, Slicer
 from tests.support.cli import Fetchd, ok
 from tests.support.images import BuiltImage, build_image, push, random_layer
 from tests.support.procs import Proc, free_port, http_status, wait_until
@@ -339,6 +340,38 @@ def aria2c(torrent: dict[bytes, Any], work: Path) -> Path:
     assert done.returncode == 0, done.stdout + done.stderr
     name: bytes = torrent[b"info"][b"name"]
     return work / "dl" / name.decode()
+
+
+def test_a_round_of_slices_starts_over_when_every_taker_ended_or_by_time() -> None:
+    """The Slicer's rounds: each piece once per round; a new round at once for a pull
+    new to the round when every pull that took a slice said it ended, else only
+    SLICE_ROUND after the last slice (a taker that gave no name, or is still running,
+    may still hold pieces the swarm needs)."""
+    now = [100.0]
+    slicer = Slicer(64, clock=lambda: now[0])  # 64 pieces: slices of 2
+
+    def drain(pull: str | None) -> list[tuple[int, int]]:
+        got = []
+        while (s := slicer.take(pull)) is not None:
+            got.append(s)
+            assert len(got) <= 64
+        return got
+
+    first = [slicer.take(p) for p in ("pull-aaaaaaaa", "pull-bbbbbbbb") * 16]
+    assert [s[0] for s in first if s is not None] == list(range(0, 64, 2))  # each piece once
+    assert slicer.take("pull-cccccccc") is None  # a and b still run: c waits for the swarm
+    slicer.done("pull-aaaaaaaa")
+    assert slicer.take("pull-cccccccc") is None  # b still runs
+    slicer.done("pull-bbbbbbbb")
+    slicer.done("pull-unknown1")  # not a taker of this round: no effect
+    assert slicer.take("pull-bbbbbbbb") is None  # an old taker asking again starts nothing
+    assert slicer.take(None) is None  # nor does a pull with no name
+    assert slicer.take("pull-cccccccc") == (0, 2)  # a new pull: a new round at once
+    drain(None)  # the rest goes to a pull with no name: nobody can say when it ends
+    slicer.done("pull-cccccccc")
+    assert slicer.take("pull-dddddddd") is None
+    now[0] += SLICE_ROUND + 0.1  # ... so this round ends by time only
+    assert slicer.take("pull-dddddddd") == (0, 2)
 
 
 def test_aria2c_leeches_from_the_servers_seed_through_announce(

@@ -172,6 +172,7 @@ class Server:
         r.add_get("/fetchd/v1/torrents/{digest}", self.torrents.handle_torrent)
         r.add_get("/announce", self.torrents.handle_announce)
         r.add_get("/fetchd/v1/slices/{digest}", self.torrents.handle_slice)
+        r.add_delete("/fetchd/v1/slices/{digest}", self.torrents.handle_slice_done)
         r.add_get("/v2/", self.base)
         r.add_route("*", "/v2/{tail:.*}", self.v2)
         app.cleanup_ctx.append(self._lifetime)

@@ -100,8 +100,13 @@ FETCHD_PEER_ID = b"-FD"
 SLICE_PIECES = 16
 SLICES_PER_BLOB = 32
 #: seconds after its last slice was handed out that a blob's slicing starts over (the
-#: hosts that took them are done or gone; a new round of pulls gets slices again)
+#: hosts that took them are done or gone; a new round of pulls gets slices again), unless
+#: every pull that took one said it is done (then it starts over at once)
 SLICE_ROUND = 8.0
+#: pulls one round of a blob's slices keeps track of (more: the round ends by time only)
+MAX_TAKERS = 1024
+#: a pull's token in ``?pull=`` (the client's random name for itself)
+_PULL_TOKEN = re.compile(r"[A-Za-z0-9_-]{8,64}")
 
 
 class Slicer:
@@ -118,18 +123,52 @@ class Slicer:
         self.next = 0
         self.last = 0.0
         self.handed = 0  # slices handed out in all (metrics)
+        #: the pulls that took a slice in this round (their ``?pull=`` token) → done
+        self.takers: dict[str, bool] = {}
+        #: whether a slice of this round went to a pull that gave no token (or one past
+        #: MAX_TAKERS): nobody can tell when that one is done, so the round ends by time
+        self.untracked = False
 
-    def take(self) -> tuple[int, int] | None:
+    def take(self, pull: str | None = None) -> tuple[int, int] | None:
+        """The next slice for the pull named ``pull`` (None: it gave no token), or None
+        when every piece was handed out in this round.
+
+        A round starts over once every piece was handed out and either SLICE_ROUND
+        seconds passed since the last one, or a pull new to the round asks while every
+        pull that took a slice said it is done (:meth:`done`): the next pull of the blob
+        (a new rollout) gets slices at once, while a late host of a rollout still under
+        way or still seeding gets its pieces from the swarm, not from the cache again."""
         now = self.clock()
-        if self.next >= self.num_pieces and now - self.last > SLICE_ROUND:
+        if self.next >= self.num_pieces and (now - self.last > SLICE_ROUND or self._finished(pull)):
             self.next = 0  # a new round
+            self.takers.clear()
+            self.untracked = False
         if self.next >= self.num_pieces:
             return None
         first = self.next
         self.next = min(self.num_pieces, first + self.size)
         self.last = now
         self.handed += 1
+        if pull is not None and (pull in self.takers or len(self.takers) < MAX_TAKERS):
+            self.takers[pull] = False
+        else:
+            self.untracked = True
         return first, self.next
+
+    def done(self, pull: str) -> None:
+        """The pull named ``pull`` neither takes slices of this blob nor seeds it any more
+        (it ended): what it took is no longer in the swarm through it."""
+        if pull in self.takers:
+            self.takers[pull] = True
+
+    def _finished(self, pull: str | None) -> bool:
+        return (
+            pull is not None
+            and pull not in self.takers
+            and bool(self.takers)
+            and not self.untracked
+            and all(self.takers.values())
+        )
 
 
 @dataclass(slots=True)
@@ -258,6 +297,12 @@ class Tracker:
 
 class _Refused(Exception):
     """An announce answered with a ``failure reason``."""
+
+
+def _pull_token(request: web.Request) -> str | None:
+    """The ``?pull=`` token of a slice request, None when absent or not a token."""
+    pull = request.query.get("pull")
+    return pull if pull is not None and _PULL_TOKEN.fullmatch(pull) else None
 
 
 def _parse_query(raw: str) -> dict[str, bytes]:
@@ -675,7 +720,8 @@ class Torrents:
     async def handle_slice(self, request: web.Request) -> web.Response:
         """``GET /fetchd/v1/slices/sha256:HEX``: the next pieces of the blob nobody took in
         this round, as ``{"first": i, "end": j}`` (piece indices of its canonical torrent),
-        or 204 when every piece was handed out; 404 when the blob is not committed."""
+        or 204 when every piece was handed out; 404 when the blob is not committed.
+        ``?pull=TOKEN`` names the asking pull (see :meth:`Slicer.take`)."""
         digest = Digest.parse(request.match_info["digest"])
         if digest.algorithm != "sha256":
             raise DigestInvalid("slices are made for sha256 blobs only")
@@ -688,10 +734,24 @@ class Torrents:
                 self.slices_handed += sum(x.handed for x in self._slicers.values())
                 self._slicers.clear()
             slicer = self._slicers.setdefault(digest.hex, Slicer(t.num_pieces))
-        got = slicer.take()
+        got = slicer.take(_pull_token(request))
         if got is None:
             return web.Response(status=204)
         return web.json_response({"first": got[0], "end": got[1]})
+
+    async def handle_slice_done(self, request: web.Request) -> web.Response:
+        """``DELETE /fetchd/v1/slices/sha256:HEX?pull=TOKEN``: that pull ended, it neither
+        takes nor seeds the blob any more (204; also when the cache knows nothing of it)."""
+        digest = Digest.parse(request.match_info["digest"])
+        pull = _pull_token(request)
+        if pull is None:
+            return web.Response(
+                status=400, text="?pull= must name the pull (8 to 64 of A-Z a-z 0-9 _ -)\n"
+            )
+        slicer = self._slicers.get(digest.hex)
+        if slicer is not None:
+            slicer.done(pull)
+        return web.Response(status=204)
 
     def default_name(self) -> str:
         """A repository name the /v2/ blob route answers for any committed blob: one the

@@ -28,6 +28,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import socket
 import time
 from pathlib import Path
@@ -63,6 +64,8 @@ MAX_SLICE = 256
 #: how many such asks at most (the download's end stops them first)
 SLICE_POLL = 2.0
 MAX_SLICE_POLLS = 3600
+#: seconds a pull waits for the cache to hear that it took its last slice of a blob
+DONE_BUDGET = 5.0
 #: bytes/s below which a swarm download is handed to HTTP (as segments.py's floor), and
 #: the windows it is measured over at most
 SWARM_FLOOR = 64 << 10
@@ -100,6 +103,10 @@ class Swarms:
         self._swarm = swarm
         self._own = swarm is None
         self._lock = asyncio.Lock()
+        #: this process's name for itself when it takes a cache's slices (``?pull=``)
+        self.pull = secrets.token_urlsafe(16)
+        #: the slice URLs this process took from (with the session to tell them by)
+        self._took: dict[str, aiohttp.ClientSession] = {}
 
     async def get(self, towards: str) -> Swarm:
         async with self._lock:
@@ -128,6 +135,30 @@ class Swarms:
                 stats.get("downloaded", 0),
             )
             await swarm.close()
+            await self._done_slicing()
+
+    def took(self, url: str, session: aiohttp.ClientSession) -> None:
+        """This process takes slices at ``url`` (a cache's ``/fetchd/v1/slices/…?pull=``)."""
+        self._took.setdefault(url, session)
+
+    async def _done_slicing(self) -> None:
+        """Tell each cache this process took slices from that it neither takes nor seeds
+        them any more (``DELETE``): once every pull of a round said so, the cache hands
+        the next pull of the blob slices at once instead of SLICE_ROUND later. Best
+        effort, bounded: a cache that does not hear it starts its next round by time."""
+        took, self._took = self._took, {}
+
+        async def tell(url: str, session: aiohttp.ClientSession) -> None:
+            try:
+                async with session.delete(url, allow_redirects=False):
+                    pass
+            except (_client_error(), OSError) as exc:
+                log.debug("%s did not hear that the slices are done: %s", redact(url), exc)
+
+        if took:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(DONE_BUDGET):
+                    await asyncio.gather(*(tell(u, s) for u, s in took.items()))
 
 
 def _local_address(url: str) -> str:
@@ -274,7 +305,9 @@ class SwarmFetcher:
         to the other hosts). So the cache sends each piece about once, and the hosts trade
         the rest among themselves. Anything going wrong here only ends the taking: the
         swarm and the engine's HTTP fallback still finish the blob."""
-        url = f"{self.mirror}/fetchd/v1/slices/{quote(str(desc.digest), safe=':')}"
+        digest = quote(str(desc.digest), safe=":")
+        url = f"{self.mirror}/fetchd/v1/slices/{digest}?pull={self.swarms.pull}"
+        self.swarms.took(url, self.session)
         try:
             for _ in range(torrent.num_pieces + MAX_SLICE_POLLS):
                 async with asyncio.timeout(self.config.request_budget):
