@@ -32,9 +32,11 @@ from fetchd.config import (
     parse_resolve,
 )
 from fetchd.engine import Engine, PullResult
+from fetchd.engine.pull import is_url
 from fetchd.errors import DiskFull, FetchdError, StoreCorrupt, Terminated, UsageError
 from fetchd.model import Digest, Platform
 from fetchd.progress import Progress, TerminalBars, current_image
+from fetchd.sources.http import preload_aiohttp
 from fetchd.store import Store, layout
 from fetchd.store import maintenance as mt
 from fetchd.store.diskfull import is_full, is_read_only
@@ -622,6 +624,8 @@ def cmd_pull(args: argparse.Namespace, store: Store, prefetch: bool = False) -> 
     if mirror_only and not mirrors:
         raise UsageError("--mirror-only needs --mirror")
     progress = Progress(count_images=True)
+    if config.torrent or not all(is_url(r) for r in refs):
+        preload_aiohttp()  # a registry, appc or the swarm: aiohttp; a plain URL never
     results = asyncio.run(
         _until_sigterm(_pull_all(store, config, progress, refs, digest, mirrors, mirror_only))
     )
@@ -762,6 +766,7 @@ def cmd_trust(args: argparse.Namespace, store: Store) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, store: Store) -> int:
+    preload_aiohttp()  # before fetchd.server imports it, while this is the one thread
     from fetchd.server.app import Server, read_token, serve
     from fetchd.server.cache import Cache
     from fetchd.server.upstreams import Upstream, Upstreams
