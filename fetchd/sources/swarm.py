@@ -64,7 +64,7 @@ MAX_SLICE = 256
 #: how many such asks at most (the download's end stops them first)
 SLICE_POLL = 2.0
 MAX_SLICE_POLLS = 3600
-#: seconds a pull waits for the cache to hear that it took its last slice of a blob
+#: seconds a pull waits, as it ends, for the caches it took slices from to hear it
 DONE_BUDGET = 5.0
 #: bytes/s below which a swarm download is handed to HTTP (as segments.py's floor), and
 #: the windows it is measured over at most
