@@ -624,8 +624,8 @@ def cmd_pull(args: argparse.Namespace, store: Store, prefetch: bool = False) -> 
     if mirror_only and not mirrors:
         raise UsageError("--mirror-only needs --mirror")
     progress = Progress(count_images=True)
-    if config.torrent or not all(is_url(r) for r in refs):
-        preload_aiohttp()  # a registry, appc or the swarm: aiohttp; a plain URL never
+    if config.torrent or not all(is_url(r) and not r.endswith(".aci") for r in refs):
+        preload_aiohttp()  # a registry, appc or the swarm: aiohttp; a file's URL never
     results = asyncio.run(
         _until_sigterm(_pull_all(store, config, progress, refs, digest, mirrors, mirror_only))
     )

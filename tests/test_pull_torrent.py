@@ -156,12 +156,12 @@ def test_once_every_pull_of_a_round_ended_the_next_pull_gets_slices_at_once(
     ok(run(fetchd, "pull", *HTTP, *TORRENT, "--mirror", cache.url, ref))
     # The pull's last slice went out after `started`: until SLICE_ROUND after it, only
     # the pull's saying it ended can start a new round (later, time does too).
-    within_round = time.monotonic() - started < SLICE_ROUND - 1
     for layer in image.layers:
-        if within_round:
-            # No name: nobody can tell that this one ended, so it does not start a round.
-            assert cache.get(f"/fetchd/v1/slices/{layer.digest}").status == 204
+        # No name: nobody can tell that this one ended, so it does not start a round.
+        unnamed = cache.get(f"/fetchd/v1/slices/{layer.digest}")
         got = cache.get(f"/fetchd/v1/slices/{layer.digest}?pull=next-rollout-1")
+        _within_round(started)
+        assert unnamed.status == 204
         assert got.status == 200, got
         assert got.json()["first"] == 0
         # The new round's taker has not ended: a third pull waits for the swarm.
@@ -192,15 +192,24 @@ def test_a_seed_stopped_by_sigterm_ends_its_round_of_slices(
     started = time.monotonic()
     with Proc(argv, log_path, env=host.env()) as host_a:
         wait_until(lambda: "seeding for" in log_path.read_text(), 60, "host A to linger")
-        if time.monotonic() - started < SLICE_ROUND - 1:  # else time alone starts one
-            for layer in image.layers:
-                got = cache.get(f"/fetchd/v1/slices/{layer.digest}?pull=next-rollout")
-                assert got.status == 204, "a new round began while host A seeds"
+        for layer in image.layers:
+            got = cache.get(f"/fetchd/v1/slices/{layer.digest}?pull=next-rollout")
+            _within_round(started)
+            assert got.status == 204, "a new round began while host A seeds"
         assert host_a.stop() == 143, log_tail(log_path)
     for layer in image.layers:
         got = cache.get(f"/fetchd/v1/slices/{layer.digest}?pull=next-rollout")
+        _within_round(started)
         assert got.status == 200, (got, log_tail(log_path))
         assert got.json()["first"] == 0
+
+
+def _within_round(started: float) -> None:
+    """Skip (saying why) when SLICE_ROUND passed since ``started``, the start of the pull
+    whose slices these are: then time alone may have started a new round, and what was
+    just seen proves nothing about the pull's saying it ended."""
+    if time.monotonic() - started > SLICE_ROUND - 0.5:
+        pytest.skip(f"this machine took over {SLICE_ROUND} s: the round may have ended by time")
 
 
 def test_a_non_canonical_torrent_is_refused_and_the_blob_comes_over_http(

@@ -237,10 +237,12 @@ class Engine:
                 log.info("seeding for %.0f s more (--seed-linger)", self.config.seed_linger)
                 await asyncio.sleep(self.config.seed_linger)
         finally:
-            await self.swarms.close()
-            if self._session is not None:
-                await self._session.close()
-                self._session = None
+            try:
+                await self.swarms.close()
+            finally:  # also when a SIGTERM cancels the close itself
+                if self._session is not None:
+                    await self._session.close()
+                    self._session = None
 
     def _registry(self, host: str) -> Registry:
         reg = self._registries.get(host)

@@ -127,6 +127,8 @@ class ClientContext(ssl.SSLContext):
     def __init__(self, protocol: int) -> None:
         self._loaded = False
         self._lock = threading.Lock()
+        if sys.version_info >= (3, 13):  # as create_default_context() since 3.13
+            self.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN | ssl.VERIFY_X509_STRICT
         keylog = os.environ.get("SSLKEYLOGFILE")
         if keylog and not sys.flags.ignore_environment:
             self.keylog_filename = keylog

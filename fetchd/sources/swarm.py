@@ -134,12 +134,17 @@ class Swarms:
                 stats.get("uploaded", 0),
                 stats.get("downloaded", 0),
             )
-            await swarm.close()
-            await self._done_slicing()
+            try:
+                await swarm.close()
+            finally:  # also when a SIGTERM cancels the close: the caches still hear it
+                await self._done_slicing()
 
     def took(self, url: str, session: aiohttp.ClientSession) -> None:
-        """This process takes slices at ``url`` (a cache's ``/fetchd/v1/slices/…?pull=``)."""
-        self._took.setdefault(url, session)
+        """This process takes slices at ``url`` (a cache's ``/fetchd/v1/slices/…?pull=``).
+        Kept only when the session is this process's own: one handed in (``fetchd
+        serve``'s) keeps seeding, and the cache's time rule is right for it."""
+        if self._own:
+            self._took.setdefault(url, session)
 
     async def _done_slicing(self) -> None:
         """Tell each cache this process took slices from that it neither takes nor seeds
