@@ -56,7 +56,7 @@ def test_the_ca_store_is_loaded_at_the_first_handshake_from_ssl_cert_file(
 
 
 PRELOAD = """
-import os, sys, threading
+import os, sys
 from fetchd.sources.http import preload_aiohttp
 preload_aiohttp()
 print("aiohttp" in sys.modules, os.environ.get("SSL_CERT_FILE"))

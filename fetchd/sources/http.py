@@ -76,7 +76,8 @@ def _pinned_resolver() -> Callable[[Mapping[tuple[str, int], str]], AbstractReso
 def ssl_context(config: Config) -> ssl.SSLContext | bool:
     """Verified TLS with the system CAs (and ``SSL_CERT_FILE``), unless ``tls`` is insecure.
 
-    Built at call time, not at import, so ``SSL_CERT_FILE`` set by the caller counts.
+    One per ``SSL_CERT_FILE``/``SSL_CERT_DIR`` pair as set at the call; the CA store is
+    read at the context's first handshake (:class:`ClientContext`), not at import.
     """
     if "tls" in config.insecure:
         return False
