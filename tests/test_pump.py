@@ -1,0 +1,74 @@
+"""fetchd.sources.registry.pump: a body paced by its sender is read in gathered pieces,
+and the connection it came on is fit for the next response.
+
+The server is a few lines of our own: a sender that writes its body 1 KiB at a time
+(as a rate-limited link delivers packets). Without the low water mark each write woke
+the client's loop: about one piece per KiB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+
+import aiohttp
+
+from fetchd.sources.registry import LOW_WATER, pump
+from tests.support.servers import QuietHandler, ServerThread
+
+SIZE = 2 << 20
+STEP = 1024
+PACE = 0.0005  # seconds between the sender's writes
+
+
+def body() -> bytes:
+    return hashlib.sha256(b"paced").digest() * (SIZE // 32)
+
+
+class _Paced(QuietHandler):
+    def do_GET(self) -> None:
+        data = body() if self.path == "/big" else b"small body"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.flush()
+        for i in range(0, len(data), STEP):
+            self.wfile.write(data[i : i + STEP])
+            self.wfile.flush()
+            if self.path == "/big":
+                time.sleep(PACE)
+        self.owner.served += 1
+
+
+class Paced(ServerThread):
+    def __init__(self) -> None:
+        self.served = 0
+        super().__init__(_Paced)
+
+
+def test_a_paced_body_arrives_in_gathered_pieces_and_the_connection_is_reused() -> None:
+    async def pull() -> tuple[bytes, int, bytes]:
+        pieces: list[bytes] = []
+
+        async def sink(batch: list[bytes], n: int) -> None:
+            pieces.extend(batch)
+
+        connector = aiohttp.TCPConnector(limit=1)  # one connection: the second GET reuses it
+        async with asyncio.timeout(60), aiohttp.ClientSession(connector=connector) as session:
+            async with session.get(f"{server.url}/big") as resp:
+                assert resp.status == 200
+                await pump(resp, sink)
+            # A low water mark left on the socket would keep this small answer (and its
+            # head) from ever waking the loop: it would hang until the timeout.
+            async with asyncio.timeout(10), session.get(f"{server.url}/small") as resp:
+                small = await resp.read()
+        return b"".join(pieces), len(pieces), small
+
+    with Paced() as server:
+        data, count, small = asyncio.run(pull())
+        assert server.served == 2
+    assert data == body()
+    assert small == b"small body"
+    # about SIZE / LOW_WATER pieces (32), and never one per write (2048)
+    assert count <= 4 * SIZE // LOW_WATER, count
