@@ -120,6 +120,7 @@ class Rig:
     serve: subprocess.Popen[Any] | None = None
     skips: dict[str, str] = field(default_factory=dict)
     first_client: int = 1  # --wan: host 0 is the origin, 1 the cache, the clients from 2
+    upstream_blobs: int = 1  # --wan: serve's --upstream-blobs
 
     @property
     def clients(self) -> range:
@@ -581,7 +582,8 @@ def wan_arm(rig: Rig, arm: str, round_: int) -> Run:
         cache_proc = lan.popen(
             1,
             fetchd_argv(fresh / "store", "serve", "--listen", host, "--insecure-options", "http",
-                        "--upstream", f"http://{origin}", "--bt-listen", f"{cache}:{BT_PORT}"),
+                        "--upstream", f"http://{origin}", "--bt-listen", f"{cache}:{BT_PORT}",
+                        "--upstream-blobs", str(rig.upstream_blobs)),
             env=rig.env, stdout=rig.log("wan-serve.log"), stderr=subprocess.STDOUT,
         )  # fmt: skip
     poll(lambda: lan.run(2, ["curl", "-sf", f"http://{host}/v2/"]).returncode == 0, 60, host)
@@ -735,6 +737,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="item 8: origin behind --wan-rate, cache + clients at --rate (1gbit)",
     )
     p.add_argument("--wan-rate", default="100mbit", help="the origin's link (default 100mbit)")
+    p.add_argument(
+        "--upstream-blobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="--wan: `fetchd serve --upstream-blobs N` (default 1, as serve; 0: all at once)",
+    )
     p.add_argument("--json", action="store_true", help="also print a JSON summary line")
     args = p.parse_args(argv)
     known = WAN_ARMS if args.wan else ARMS
@@ -772,6 +781,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with Lan(hosts, args.rate, cache_uplink=args.wan_rate if args.wan else None) as lan:
         if args.wan:
             rig = wan_setup(lan, work, layout, image)
+            rig.upstream_blobs = args.upstream_blobs
         else:
             rig = setup(lan, work, layout, image, args.rate)
         arms = list(args.arm_list)

@@ -97,14 +97,23 @@ _positive_seconds = _seconds(0.0, strict=True)
 _seconds_or_zero = _seconds(0.0, strict=False)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text[:40]!r}: give at least 1")
-    return value
+def _whole(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r}: give at least {minimum}")
+        if value > 1 << 20:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r}: give at most {1 << 20}")
+        return value
+
+    return parse
+
+
+_positive_int = _whole(1)
+_count_arg = _whole(0)
 
 
 def _global_options(p: argparse.ArgumentParser, after: bool) -> None:
@@ -389,6 +398,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--insecure-options", default="none", metavar="LIST")
     sp.add_argument("--stall-timeout", type=_positive_seconds, default=30.0, metavar="SECONDS")
+    sp.add_argument(
+        "--upstream-blobs",
+        type=_count_arg,
+        default=1,
+        metavar="N",
+        help="blobs of 16 MiB or more fetched from one upstream at once, in the order "
+        "clients asked (default 1: each has the whole link, and the first is done first; "
+        "the next starts as one ends or idles, or after 20 s); 0: all at once",
+    )
     trust_dir_option(sp)
     sp.add_argument(
         "--lookaside",
@@ -787,7 +805,7 @@ def cmd_serve(args: argparse.Namespace, store: Store) -> int:
     )
     token = read_token(args.token_file)
     swarm = _serve_swarm(config, host.strip("[]"), lambda hex: server.torrents.corrupt(hex))
-    cache = Cache(store, config, upstreams, args.tag_ttl, swarm)
+    cache = Cache(store, config, upstreams, args.tag_ttl, swarm, args.upstream_blobs)
     server = Server(cache, token, args.max_size, args.grace, args.public_status, swarm=swarm)
 
     def ready(url: str) -> None:

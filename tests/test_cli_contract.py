@@ -282,6 +282,11 @@ MISTAKES: dict[str, Mistake] = {
         2,
         ("--max-connections", "at least 1"),
     ),
+    "serve --upstream-blobs -1": Mistake(
+        lambda p, d: ["serve", "--upstream-blobs", "-1", "--upstream", p.registry.url],
+        2,
+        ("--upstream-blobs", "at least 0"),
+    ),
     "serve --grace -1": Mistake(
         lambda p, d: ["serve", "--grace", "-1", "--upstream", p.registry.url],
         2,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import itertools
 import json
 import os
 import re
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import pytest
 
+from fetchd.server import link
 from tests.support.cli import REPO, Fetchd, failed, ok
 from tests.support.faultproxy import FaultProxy
 from tests.support.images import (
@@ -255,6 +257,9 @@ class _ThrottleHandler(QuietHandler):
                 chunk = resp.read(min(CHUNK, length - sent))
                 if not chunk:
                     break
+                if digest is not None and resp.status == 200 and not sent:
+                    with proxy.lock:  # what every other blob had sent as this one began
+                        proxy.began[digest] = dict(proxy.sent)
                 self.wfile.write(chunk)
                 sent += len(chunk)
                 if digest is not None and resp.status == 200:
@@ -273,7 +278,8 @@ class ThrottleProxy(ServerThread):
     """The real registry's answers, blob bodies paced at 64 KiB per `pause` seconds.
 
     `sent[digest]` is how many body bytes of a blob have gone out so far, `finished[digest]`
-    the monotonic time its last byte was written. Manifest requests wait for
+    the monotonic time its last byte was written, `began[digest]` a copy of `sent` as
+    the blob's first byte went out (in the order the blobs began). Manifest requests wait for
     `manifest_gate` (set from the start unless `hold_manifests`), at most GATE_TIMEOUT
     seconds; `manifest_asks` counts them as they arrive.
     """
@@ -283,6 +289,7 @@ class ThrottleProxy(ServerThread):
         self.pause = pause
         self.sent: dict[str, int] = {}
         self.finished: dict[str, float] = {}
+        self.began: dict[str, dict[str, int]] = {}
         self.lock = threading.Lock()
         self.manifest_asks = 0
         self.manifest_gate = threading.Event()
@@ -422,6 +429,71 @@ def test_16_concurrent_cold_pulls_fetch_each_layer_once(
     # The clients really overlapped: more of them asked for a layer than the store had.
     assert metrics["fetchd_cache_misses_total"] > len(images.four.layers) + 1, metrics
     assert metrics["fetchd_upstream_bytes_total"] == total_blob_bytes(images.four)
+
+
+@pytest.mark.parametrize("at_once", [False, True], ids=["default", "upstream-blobs-0"])
+def test_big_layers_come_from_the_upstream_one_after_another(
+    tmp_path: Path, upstream: Registry, fetchd: Fetchd, at_once: bool
+) -> None:
+    """serve fetches blobs of 16 MiB or more from an upstream one after another, in the
+    order asked (the next one as the one before nears its end), a small one at once;
+    ``--upstream-blobs 0`` fetches them all at once (before: always all at once)."""
+    layout = tmp_path / "layout"
+    big = [random_layer(16 * MIB, 5801 + i) for i in range(3)]
+    image = build_image(layout, "big3", [*big, random_layer(MIB, 5811)])
+    push(layout, "big3", f"{upstream.host}/link/big3:1")
+    want = registry_manifest_digest(upstream.host, "link/big3", "1")
+    extra = ("--upstream-blobs", "0") if at_once else ()
+    # 16 MiB in 256 chunks at ~8 ms: about 2 s a layer, each on its own connection.
+    with (
+        ThrottleProxy(upstream, pause=0.008) as slow,
+        start_serve(fetchd, [slow.url], extra=extra) as cache,
+    ):
+        assert skopeo_pull(cache, "link/big3:1", tmp_path / "oci") == want
+        began = dict(slow.began)
+    layers = image.layers[:3]
+    size = {layer.digest: layer.size for layer in image.layers}
+    order = [d for d in began if d in {layer.digest for layer in layers}]
+    assert sorted(order) == sorted(layer.digest for layer in layers), began
+    # How much of the blob that began before had gone out when the next one began.
+    before = [began[b].get(a, 0) / size[a] for a, b in itertools.pairwise(order)]
+    if at_once:
+        assert max(before) < 0.25, before
+    else:
+        assert min(before) >= 0.25, before
+        small = image.layers[3].digest
+        assert sum(began[small].get(d, 0) for d in order) < sum(size[d] for d in order), began
+    for layer in image.layers:  # still one upstream copy each
+        gets = upstream.blob_gets(layer.digest)
+        assert [(g.status, g.bytes) for g in gets] == [(200, layer.size)], gets
+
+
+def test_a_stalled_upstream_transfer_does_not_hold_up_the_next_big_blob(
+    tmp_path: Path, upstream: Registry, fetchd: Fetchd
+) -> None:
+    """The link's slot belongs to a transfer that moves: one whose upstream went silent
+    gives it up after link.IDLE, and the next big blob comes meanwhile (without that
+    rule, only after link.MAX_WAIT)."""
+    layout = tmp_path / "layout"
+    image = build_image(layout, "two", [random_layer(16 * MIB, 5821 + i) for i in range(2)])
+    push(layout, "two", f"{upstream.host}/link/two:1")
+    stuck, next_one = image.layers
+    with (
+        ThreadPoolExecutor(1) as pool,
+        FaultProxy(upstream.url) as proxy,
+        start_serve(fetchd, [proxy.url], extra=("--stall-timeout", "120")) as cache,
+    ):
+        proxy.set_mode("stall-after", digests=[stuck.digest], after=4 * MIB)
+        first = pool.submit(read_blob, cache.port, f"/v2/link/two/blobs/{stuck.digest}")
+        assert proxy.stalled.wait(60), "the first blob never reached its stall"
+        asked = time.monotonic()
+        status, data, broke = read_blob(cache.port, f"/v2/link/two/blobs/{next_one.digest}")
+        took = time.monotonic() - asked
+        assert (status, broke, len(data)) == (200, None, next_one.size)
+        assert "sha256:" + sha256_hex(data) == next_one.digest
+        assert not first.done(), "the stalled blob's request ended: nothing was held up"
+        assert took < link.MAX_WAIT / 2, f"the next blob waited {took:.1f} s"
+    assert proxy.bytes_sent(digest=next_one.digest) == next_one.size
 
 
 def test_concurrent_cold_clients_of_one_tag_make_one_upstream_manifest_request(

@@ -69,6 +69,7 @@ from fetchd.errors import (
 from fetchd.manifest import ImageIndex, ImageManifest, parse_manifest
 from fetchd.model import MAX_MANIFEST_SIZE, Descriptor, Digest, Platform, Reference
 from fetchd.progress import Progress
+from fetchd.server.link import Link
 from fetchd.server.upstreams import Route, Upstream, Upstreams
 from fetchd.sources.base import Fetcher
 from fetchd.sources.registry import Registry
@@ -86,6 +87,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 FLIGHT_START_TIMEOUT = 60.0
+#: seconds between looks for a blob's first bytes: at first, and at most
+FIRST_LOOK = 0.01
+LAST_LOOK = 0.1
 # Seconds a cached tag waits for the upstream to confirm it before the cached digest is
 # served: a miss gets the whole retry budget, a hit only this (an upstream that accepts
 # connections and never answers cost 5 attempts × 30 s per request).
@@ -144,6 +148,7 @@ class Cache:
         upstreams: Upstreams,
         tag_ttl: float,
         swarm: Swarm | None = None,
+        upstream_blobs: int = 1,
     ) -> None:
         self.store = store
         self.config = config
@@ -165,6 +170,10 @@ class Cache:
         #: cached copy is served
         self._revalidations: dict[tuple[str, str], asyncio.Task[Manifest | Exception]] = {}
         self._registries: dict[Upstream, Registry] = {}
+        #: each upstream's queue of big blobs (link.py), ``upstream_blobs`` at a time
+        self._links: collections.defaultdict[Upstream, Link] = collections.defaultdict(
+            lambda: Link(upstream_blobs)
+        )
         self._tg: asyncio.TaskGroup | None = None
         #: when each upstream last failed to revalidate a tag (monotonic)
         self._dark_since: dict[Upstream, float] = {}
@@ -461,6 +470,7 @@ class Cache:
     async def _first_bytes(
         self, digest: Digest, fetch: asyncio.Future[BaseException | None]
     ) -> Flight | None:
+        pause = FIRST_LOOK
         async with asyncio.timeout(FLIGHT_START_TIMEOUT):
             while True:
                 flight = self.engine.flights.get(digest)
@@ -476,7 +486,16 @@ class Cache:
                     if self.store.has(digest):
                         return None
                     raise BlobNotFound(f"blob {digest.short} vanished after its fetch")
-                await asyncio.sleep(0.01)
+                if flight is not None:  # started: its first bytes wake us
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(LAST_LOOK):
+                            await flight.wait()
+                    continue
+                # Not started yet (its upstream's queue, a slow request): looked at less
+                # and less often, so that 24 requests waiting for their layers' turn do
+                # not wake 100 times a second each (2 s of serve's CPU in lan_swarm.py).
+                await asyncio.sleep(pause)
+                pause = min(LAST_LOOK, pause * 1.5)
 
     async def _fetch_blob(
         self, route: Route, desc: Descriptor, outcome: asyncio.Future[BaseException | None]
@@ -516,9 +535,16 @@ class Cache:
                     builders.append(TorrentBuilder(desc.digest.hex, desc.size))
                     return builders[-1]
 
-            await self.engine.ensure_blob(
-                desc, Sources(fetchers, upstream), segmented=swarm, also=also
-            )
+            def placed() -> int:
+                flight = self.engine.flights.get(desc.digest)
+                return flight.contiguous if flight is not None else 0
+
+            # A swarm's pieces come from many hosts, not over this upstream link.
+            link = self._links[route.upstream]
+            async with contextlib.nullcontext() if swarm else link.turn(desc.size, placed):
+                await self.engine.ensure_blob(
+                    desc, Sources(fetchers, upstream), segmented=swarm, also=also
+                )
             outcome.set_result(None)
             if builders:
                 await self._keep_torrent(desc, builders[-1])
