@@ -165,18 +165,23 @@ def test_no_blob_waits_longer_than_max_wait(monkeypatch: pytest.MonkeyPatch) -> 
 
     async def test() -> None:
         on, order = Link(1), []
-        a, b = Transfer("a"), Transfer("b")
-        tasks = [asyncio.create_task(t.hold(on, order)) for t in (a, b)]
-        async with flowing(a, BIG):  # moving and far from its end: never lets go
+        a, b, c = Transfer("a"), Transfer("b"), Transfer("c")
+        ta = asyncio.create_task(a.hold(on, order))
+        # a and b move and are far from their ends: neither ever lets go
+        async with flowing(a, BIG), flowing(b, BIG):
             await a.entered.wait()
             loop = asyncio.get_running_loop()
             start = loop.time()
+            tb, tc = (asyncio.create_task(t.hold(on, order)) for t in (b, c))
             await b.entered.wait()
             assert loop.time() - start >= 0.5 - 0.05
-            assert a.placed < a.size
-        a.leave.set()
-        b.leave.set()
-        await asyncio.gather(*tasks)
+            # c asked with b: it waits 0.5 s from then too, not 0.5 s after b's turn
+            await c.entered.wait()
+            assert loop.time() - start < 0.9, loop.time() - start
+            assert order == ["a", "b", "c"]
+        for t in (a, b, c):
+            t.leave.set()
+        await asyncio.gather(ta, tb, tc)
 
     run(test)
 

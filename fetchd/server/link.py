@@ -99,8 +99,8 @@ class Link:
             yield
             return
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + MAX_WAIT  # from the request, not from the queue's head
         async with self._turns:
-            deadline = loop.time() + MAX_WAIT
             while self._held(loop.time()) >= self.parallel and loop.time() < deadline:
                 self._ended.clear()
                 with contextlib.suppress(TimeoutError):
