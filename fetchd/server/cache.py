@@ -87,6 +87,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 FLIGHT_START_TIMEOUT = 60.0
+#: the most seconds a request waits for a verified blob's commit (fsync, rename) to end
+COMMIT_WAIT = 30.0
 #: seconds between looks for a blob's first bytes: at first, and at most
 FIRST_LOOK = 0.01
 LAST_LOOK = 0.1
@@ -429,6 +431,20 @@ class Cache:
             )
             self.sizes[digest] = size
         return size
+
+    async def committed(self, digest: Digest) -> bool:
+        """Whether the store holds ``digest``, once a commit under way ended: a blob whose
+        bytes verified was sent whole to its clients before its fsync and rename, and a
+        client that read it may ask for its torrent at once (a 404 for that was a race
+        CI caught: test_aria2c_leeches_from_the_servers_seed_through_announce)."""
+        if self.store.has(digest):
+            return True
+        flight = self.engine.flights.get(digest)
+        if flight is not None and flight.ingest.verified:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(COMMIT_WAIT):
+                    await asyncio.shield(flight.done)
+        return self.store.has(digest)
 
     async def blob(self, route: Route, digest: Digest) -> Flight | None:
         """None if the blob is in the store (now, or after a fetch that ended while we

@@ -710,7 +710,7 @@ class Torrents:
             name = self.default_name()
         elif not is_valid_repository_name(name) or self.cache.upstreams.route(name, None) is None:
             raise ReferenceInvalid(f"name={name[:100]!r} is no repository this cache serves")
-        if not self.store.has(digest):
+        if not await self.cache.committed(digest):
             raise BlobNotFound(f"blob {digest.short} is not in this cache")
         t = await self.torrent(digest)
         base = _base(request)
@@ -725,7 +725,7 @@ class Torrents:
         digest = Digest.parse(request.match_info["digest"])
         if digest.algorithm != "sha256":
             raise DigestInvalid("slices are made for sha256 blobs only")
-        if not self.store.has(digest):
+        if not await self.cache.committed(digest):
             raise BlobNotFound(f"blob {digest.short} is not in this cache")
         slicer = self._slicers.get(digest.hex)
         if slicer is None:
