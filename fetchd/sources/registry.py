@@ -581,8 +581,11 @@ def _low_water(resp: aiohttp.ClientResponse) -> Iterator[Callable[[int], None]]:
     four layers shared it (benchmarks/lan_swarm.py --wan). The kernel still ACKs as
     the bytes come, and wakes the reader early when the receive window runs out. The
     low water mark follows the bytes left, so the body's last bytes wake it; it is set
-    back to 1 before the connection goes back to the pool."""
-    left = resp.content_length
+    back to 1 before the connection goes back to the pool. Not for an encoded body
+    (``Content-Encoding``): its pieces are decoded, its length is not, and a mark above
+    what is left of the encoded bytes would never wake the reader."""
+    encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+    left = resp.content_length if encoding in ("", "identity") else None
     transport = resp.connection.transport if resp.connection is not None else None
     sock = transport.get_extra_info("socket") if transport is not None else None
     mark = 1
