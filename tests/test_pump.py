@@ -12,11 +12,12 @@ import asyncio
 import gzip
 import hashlib
 import random
+import threading
 import time
 
 import aiohttp
 
-from fetchd.sources.registry import LOW_WATER, pump
+from fetchd.sources.registry import LOW_WATER, WRITE_BATCH, pump
 from tests.support.servers import QuietHandler, ServerThread
 
 SIZE = 2 << 20
@@ -30,6 +31,9 @@ def body() -> bytes:
 
 class _Paced(QuietHandler):
     def do_GET(self) -> None:
+        if self.path == "/held":
+            self._held()
+            return
         data = body() if self.path == "/big" else b"small body"
         gzipped = self.path == "/gzip"
         if gzipped:  # random bytes: the encoded body is longer than the decoded one
@@ -47,10 +51,23 @@ class _Paced(QuietHandler):
                 time.sleep(PACE)
         self.owner.served += 1
 
+    def _held(self) -> None:
+        """WRITE_BATCH bytes of a longer body, 1 KiB at a time; the rest once released."""
+        data = body()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        for i in range(0, len(data), STEP):
+            if i == WRITE_BATCH:
+                self.owner.release.wait(30)
+            self.wfile.write(data[i : i + STEP])
+            self.wfile.flush()
+
 
 class Paced(ServerThread):
     def __init__(self) -> None:
         self.served = 0
+        self.release = threading.Event()
         super().__init__(_Paced)
 
 
@@ -103,3 +120,34 @@ def test_an_encoded_body_is_read_to_its_end() -> None:
 
     with Paced() as server:
         assert asyncio.run(pull()) == random.Random(7).randbytes(SIZE // 8)
+
+
+def test_the_bytes_a_sender_holds_back_after_are_read_while_it_holds() -> None:
+    """A sender that stops for a while (a held or stalled answer): what it sent is read
+    within GATHER_FOR, not kept in the socket under the low water mark until more comes
+    (the engine's cancellation test saw an empty ingest for 20 s)."""
+
+    async def pull() -> int:
+        handed: list[int] = []
+        first = asyncio.Event()
+
+        async def sink(batch: list[bytes], n: int) -> None:
+            handed.append(n)
+            first.set()
+
+        async with asyncio.timeout(60), aiohttp.ClientSession() as session:
+            resp = await session.get(f"{server.url}/held")
+            task = asyncio.create_task(pump(resp, sink))
+            try:
+                async with asyncio.timeout(10):
+                    await first.wait()  # the first batch, while the sender holds
+                got = sum(handed)
+            finally:
+                server.release.set()
+            await task
+            resp.release()
+        assert sum(handed) == SIZE
+        return got
+
+    with Paced() as server:
+        assert asyncio.run(pull()) == WRITE_BATCH

@@ -543,6 +543,8 @@ WRITE_BATCH = 1 << 20
 MAX_PIECES = 256  # pieces per batch: pwritev takes at most IOV_MAX (1024) buffers
 #: bytes the kernel gathers before the loop is woken for a body (SO_RCVLOWAT; see pump)
 LOW_WATER = 64 << 10
+#: seconds without a piece after which what waits in the socket is read however little
+GATHER_FOR = 0.05
 
 
 async def pump(
@@ -581,35 +583,48 @@ def _low_water(resp: aiohttp.ClientResponse) -> Iterator[Callable[[int], None]]:
     four layers shared it (benchmarks/lan_swarm.py --wan). The kernel still ACKs as
     the bytes come, and wakes the reader early when the receive window runs out. The
     low water mark follows the bytes left, so the body's last bytes wake it; it is set
-    back to 1 before the connection goes back to the pool. Not for an encoded body
+    back to 1 before the connection goes back to the pool, and for GATHER_FOR s after
+    the last piece whenever none came (a sender that pauses, or holds its last bytes,
+    has what it sent read within that time). Not for an encoded body
     (``Content-Encoding``): its pieces are decoded, its length is not, and a mark above
     what is left of the encoded bytes would never wake the reader."""
     encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
     left = resp.content_length if encoding in ("", "identity") else None
     transport = resp.connection.transport if resp.connection is not None else None
     sock = transport.get_extra_info("socket") if transport is not None else None
+    loop = asyncio.get_running_loop()
     mark = 1
+    timer: asyncio.TimerHandle | None = None
+
+    def set_mark(want: int) -> None:
+        nonlocal left, mark
+        if sock is None or want == mark:
+            return
+        try:
+            # Linux signals readiness at once if the new mark is already met.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
+            mark = want
+        except OSError:  # not a TCP socket here: nothing gathered
+            left = None
 
     def arrived(n: int) -> None:
-        nonlocal left, mark
+        nonlocal left, timer
         if left is None or sock is None:
             return
         left -= n
-        want = max(1, min(LOW_WATER, left))
-        if want != mark:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
-                mark = want
-            except OSError:  # not a TCP socket here: nothing gathered
-                left = None
+        set_mark(max(1, min(LOW_WATER, left)))
+        if timer is not None:
+            timer.cancel()
+        timer = loop.call_later(GATHER_FOR, set_mark, 1) if mark > 1 else None
 
     arrived(0)
     try:
         yield arrived
     finally:
-        if mark != 1 and sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        if timer is not None:
+            timer.cancel()
+        with contextlib.suppress(OSError):
+            set_mark(1)
 
 
 def oci_error_detail(body: bytes) -> str:
