@@ -512,9 +512,12 @@ def test_concurrent_cold_clients_of_one_tag_make_one_upstream_manifest_request(
         ):
             path = f"/v2/flight/small/manifests/{reference}"
             replies = [pool.submit(cache.get, path, headers=accept) for _ in range(8)]
-            # every client is waiting in serve (a miss each) while upstream is held
+            # every client is waiting in serve (a miss each) while upstream is held, and
+            # serve's request reached the upstream (a miss is counted before it is sent)
             wait_until(
-                lambda: cache.metrics()["fetchd_cache_misses_total"] >= 8,
+                lambda: (
+                    cache.metrics()["fetchd_cache_misses_total"] >= 8 and slow.manifest_asks >= 1
+                ),
                 30,
                 "8 clients to wait for the manifest",
                 cache.log_path,
