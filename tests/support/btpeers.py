@@ -31,6 +31,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -306,11 +307,15 @@ def _recv_exact(s: socket.socket, n: int) -> bytes:
 
 
 class Liar:
-    """A raw BEP 3 peer on (host, 0) that claims every piece and answers each request
-    with random bytes; counts connections and the blocks it lied with."""
+    """A raw BEP 3 peer on (host, 0) that claims every piece (or only those of
+    ``pieces``) and answers each request with random bytes; counts connections and the
+    blocks it lied with."""
 
-    def __init__(self, host: str, info_hash: bytes, num_pieces: int) -> None:
+    def __init__(
+        self, host: str, info_hash: bytes, num_pieces: int, pieces: Iterable[int] | None = None
+    ) -> None:
         self.ih, self.n = info_hash, num_pieces
+        self.pieces = sorted(range(num_pieces) if pieces is None else pieces)
         self.connections = 0
         self.bad_blocks = 0
         self._stop = threading.Event()
@@ -343,7 +348,7 @@ class Liar:
                 return
             c.sendall(PSTR + bytes(8) + self.ih + b"-XX0001-" + os.urandom(6).hex().encode())
             bits = bytearray((self.n + 7) // 8)
-            for i in range(self.n):
+            for i in self.pieces:
                 bits[i // 8] |= 0x80 >> (i % 8)
             c.sendall(_msg(5, bytes(bits)) + _msg(1))  # bitfield, unchoke
             while not self._stop.is_set():
