@@ -20,7 +20,7 @@ typecheck: deps
 	$(VENV)/bin/mypy --strict fetchd stage1
 
 pytest: deps
-	$(VENV)/bin/pytest -q tests
+	bash scripts/pytest-backtrace.sh
 
 test: lint typecheck pytest
 

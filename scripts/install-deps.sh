@@ -9,7 +9,7 @@ APT_PACKAGES=(docker-registry skopeo umoci nginx aria2 opentracker busybox-stati
   bubblewrap uidmap zstd apache2-utils runc iproute2 procps openssl curl ca-certificates
   python3-venv time podman chromium gcc libc6-dev
   mktorrent qbittorrent-nox transmission-cli
-  appc-spec gpg gpgv sqv sq)
+  appc-spec gpg gpgv sqv sq gdb)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
