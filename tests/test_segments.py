@@ -438,6 +438,7 @@ def test_an_interrupted_tls_transfer_records_only_body_bytes(
     class Recorder:
         def __init__(self, path: Path) -> None:
             self.data_path = path
+            self.write_lock = threading.Lock()
             self.ranges: list[tuple[int, int]] = []
 
         def record(self, offset: int, n: int) -> None:
@@ -809,12 +810,28 @@ def test_a_retry_after_wait_is_no_slow_connection(tmp_path: Path) -> None:
 # --- the transport's keep-alive hygiene (R2 #9) ---------------------------------------------
 
 
+class _CountingLock:
+    """A lock that counts how often it was held."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.entries = 0
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        self.entries += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
 class Recorder:
     """A sink for Response.read_into: the file it writes, the ranges recorded."""
 
     def __init__(self, path: Path) -> None:
         path.write_bytes(b"")
         self.data_path = path
+        self.write_lock = _CountingLock()
         self.ranges: list[tuple[int, int]] = []
 
     def record(self, offset: int, n: int) -> None:
@@ -833,6 +850,8 @@ def fetch_range(transport: object, url: str, start: int, end: int, out: Path) ->
         transfer.cursor = start
         sink = Recorder(out)
         resp.read_into(transfer, sink, lambda n: None)
+        # every write into the file held the sink's write lock (one write per record)
+        assert sink.write_lock.entries == len(sink.ranges) > 0
     finally:
         resp.release()
     return out.read_bytes()[start:end]

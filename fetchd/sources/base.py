@@ -21,6 +21,7 @@ dropped for the rest of the pull).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -43,6 +44,13 @@ class Sink(Protocol):
     data_path: Path
     #: validators of the content being written (ETag, Last-Modified, max-age, size)
     meta: dict[str, Any]
+
+    @property
+    def write_lock(self) -> AbstractContextManager[Any]:
+        """Held around each write into ``data_path`` by a writer with an fd of its own (the
+        sink's own writes hold it too): concurrent buffered writes to one file otherwise
+        spin on the kernel's inode lock."""
+        ...
 
     def gaps(self) -> list[tuple[int, int]]:
         """The ``[start, end)`` ranges still missing (of ``size``; unknown size: from the

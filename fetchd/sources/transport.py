@@ -67,7 +67,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 from urllib.parse import urljoin, urlsplit
 
 from fetchd.config import Config
@@ -75,10 +75,11 @@ from fetchd.errors import InsecureRefused, TransferFailed
 from fetchd.sources.base import Location
 from fetchd.sources.http import USER_AGENT, redact, ssl_context
 from fetchd.sources.retry import REDIRECT_STATUSES
-from fetchd.store.cas import WRITE_CHUNK, pwrite_all
+from fetchd.store.cas import pwrite_all
 
-#: the most bytes one write carries (see fetchd.store.cas.WRITE_CHUNK): one buffer, one write
-BUFFER = WRITE_CHUNK
+#: bytes read from a connection before they are written (in pieces of
+#: fetchd.store.cas.WRITE_CHUNK): fewer, larger hand-overs to the sink per TLS record read
+BUFFER = 256 << 10
 #: redirects followed for one request
 MAX_REDIRECTS = 5
 #: the longest response head accepted
@@ -117,6 +118,9 @@ class RecordingSink(Protocol):
 
     @property
     def data_path(self) -> os.PathLike[str] | str: ...
+
+    @property
+    def write_lock(self) -> contextlib.AbstractContextManager[Any]: ...
 
     def record(self, offset: int, n: int) -> None: ...
 
@@ -482,7 +486,8 @@ class Response:
         take = min(got, transfer.end - at)  # end as it is now: stolen meanwhile?
         if take <= 0:
             return
-        pwrite_all(fd, [view[:take]], at)
+        with sink.write_lock:
+            pwrite_all(fd, [view[:take]], at)
         transfer.cursor = at + take
         sink.record(at, take)
         moved(take)

@@ -238,6 +238,12 @@ class Ingest:
         self.offset = 0
         self.resumed_from = 0
         self._fd = -1
+        #: held around every write into the data file, by whichever thread writes (each
+        #: with an fd of its own may take it too): ext4 serializes buffered writes to one
+        #: inode on its i_rwsem, and writers waiting there spin on the CPU
+        #: (rwsem_spin_on_owner was 6-14 % of all CPU time with 8 range connections on
+        #: 2 cores, and more when the holder's copy faulted on the host); here they sleep
+        self.write_lock = threading.Lock()
         self._hasher: Any = None
         self._pending: asyncio.Future[None] | None = None
         self._done = False
@@ -351,7 +357,8 @@ class Ingest:
         # Explicit offsets (pwritev): the fd's own position is not part of the state.
         for p in pieces:
             self._hasher.update(p)
-        pwrite_all(self._fd, pieces, at)
+        with self.write_lock:
+            pwrite_all(self._fd, pieces, at)
         start_writeback(self._fd, at, sum(len(p) for p in pieces))
 
     async def restart(self) -> None:
@@ -493,11 +500,14 @@ start_writeback = _load_sync_file_range()
 
 
 #: The most bytes one write call carries. The kernel sizes new page-cache folios by the
-#: write: a 1 MiB write gets large folios, which on a VM with free page reporting come
-#: from memory the host has taken back, so every page of them faults on the host too.
-#: Measured here after a few idle seconds: 1 GiB in 1 MiB writes took 0.8-1.2 s of
-#: system time, in 256 KiB writes 0.2-0.3 s (aria2c and curl write 16 KiB at a time).
-WRITE_CHUNK = 256 << 10
+#: write, and on a VM with free page reporting (virtio-balloon, reporting order 5 here:
+#: free blocks of 128 KiB and more go back to the host after 2 s) a large folio comes
+#: from memory the host has taken back, so every page of it faults on the host too.
+#: Measured here (1 GiB, 4 s after the last 1 GiB was freed): 256 KiB writes took
+#: 1.4-2.9 s of system time, 16 KiB writes 0.8-1.9 s; 1 MiB writes were worse again.
+#: fetchd's HTTPS range download of 1 GiB took 3.5 s (median of 6) in 256 KiB writes and
+#: 2.7 s in 64 KiB ones, alternating on one machine (aria2c and curl write 16 KiB).
+WRITE_CHUNK = 64 << 10
 
 
 def pwrite_all(fd: int, pieces: Sequence[bytes | memoryview | bytearray], at: int) -> None:
@@ -659,7 +669,8 @@ class SegmentedIngest(Ingest):
     def _copy_sync(self, src: int, offset: int, n: int) -> None:
         done = 0
         while done < n:
-            got = os.copy_file_range(src, self._fd, n - done, offset + done, offset + done)
+            with self.write_lock:
+                got = os.copy_file_range(src, self._fd, n - done, offset + done, offset + done)
             if got == 0:
                 raise StoreError(f"{self._what}: the source file ends at {offset + done}")
             done += got
@@ -667,7 +678,8 @@ class SegmentedIngest(Ingest):
 
     def write_at_sync(self, offset: int, pieces: Sequence[bytes | memoryview]) -> None:
         """:meth:`write_at` for a worker thread (callers check the room themselves)."""
-        pwrite_all(self._fd, pieces, offset)
+        with self.write_lock:
+            pwrite_all(self._fd, pieces, offset)
         self.record(offset, sum(len(p) for p in pieces))
 
     def record(self, offset: int, n: int) -> None:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import logging
@@ -276,6 +277,7 @@ class _MemorySink:
         self.size: int | None = size
         self.offset = 0
         self.data_path = Path(os.devnull)  # no writer of its own ever writes here
+        self.write_lock = contextlib.nullcontext()  # nor does anyone else
         self.meta: dict[str, Any] = {}
         self._what = what
         self._limit = size
