@@ -37,6 +37,7 @@ class Exited:
     max_rss_kib: int  # the tool's peak RSS, from GNU time; 0 if it reported none
     stdout: str
     stderr: str
+    system: float = 0.0  # the system part of ``cpu`` (seconds)
 
     @property
     def max_rss_mib(self) -> float:
@@ -93,7 +94,9 @@ def run_child(argv: Sequence[str], env: Mapping[str, str], logs: Path, timeout: 
     match = re.search(r"maxrss_kib=(\d+)", rss_file.read_text() if rss_file.exists() else "")
     cpu = usage.ru_utime + usage.ru_stime
     max_rss_kib = int(match[1]) if match else 0
-    return Exited(proc.returncode, wall, cpu, max_rss_kib, out.read_text(), err.read_text())
+    return Exited(
+        proc.returncode, wall, cpu, max_rss_kib, out.read_text(), err.read_text(), usage.ru_stime
+    )
 
 
 def check_exit(tool: str, exited: Exited) -> None:

@@ -14,6 +14,14 @@ did in alternating order):
 - curl: `curl -sS --cacert CA -o DIR/out URL`, then a separate in-process hashlib sha256 of the
   file, timed on its own: "curl+sha256" is the sum, the one-stream-then-verify anchor.
 
+Before the counted rounds, ``--warmup`` rounds (default 1) run every tool the same way and
+are printed as "warm-up", not counted: the first downloads after the file is made ran 1.3-1.9x
+slower for whichever tool came first (aria2c 4.36 s then 3.44 s; fetchd 4.4-5.2 s then
+2.4-3.1 s). On this VM (virtio-balloon with free page reporting) the page cache those first runs
+write into is memory the host has taken back, and every page of it faults on the host: the
+kernel's copy into the page cache (copy_folio_from_iter_atomic) was 29 % of all samples in
+such a run and 8-11 % in the next ones. Each line's "sys" is that cost, mostly.
+
 A fetchd run that fails (nonzero exit, wrong or missing digest) is reported with its stderr and
 not counted; the other tools go on (`--skip-fetchd` leaves it out). aria2c or curl failing
 aborts the benchmark: an anchor that did not work measures nothing.
@@ -25,8 +33,8 @@ Output directories are deleted, and `sync` run, between runs, outside the timed 
 cache is not dropped (the served file stays warm for everyone). Each run's line also says how
 many body bytes nginx sent for it (from its access log, read after the run).
 
-    python benchmarks/ranges_https.py [--rounds N] [--size-mib N] [--skip-fetchd] [--json]
-                                      [--baseline DIR]
+    python benchmarks/ranges_https.py [--rounds N] [--warmup N] [--size-mib N] [--skip-fetchd]
+                                      [--json] [--baseline DIR]
 
 ``--baseline DIR`` adds one more arm in every round: fetchd from another checkout (say
 ``git worktree add /tmp/base REV``), run the same way with ``PYTHONPATH=DIR``, and prints
@@ -82,6 +90,7 @@ class Run:
     max_rss_mib: float
     sha_wall: float = 0.0  # curl only: the separate sha256 afterwards
     served: int = 0  # body bytes nginx sent during this run
+    system: float = 0.0  # the system part of cpu
 
     @property
     def total(self) -> float:
@@ -91,9 +100,10 @@ class Run:
     def line(self, size_mib: int) -> str:
         name = "curl+sha256" if self.tool == "curl" else self.tool
         split = f" (curl {self.wall:.2f} + sha256 {self.sha_wall:.2f})" if self.sha_wall else ""
+        which = f"round {self.round}" if self.round > 0 else "warm-up"
         return (
-            f"round {self.round}  {name:<11}  {self.total:6.2f} s  "
-            f"{size_mib / self.total:6.0f} MiB/s  cpu {self.cpu:5.2f} s  "
+            f"{which}  {name:<11}  {self.total:6.2f} s  "
+            f"{size_mib / self.total:6.0f} MiB/s  cpu {self.cpu:5.2f} s (sys {self.system:4.2f})  "
             f"peak RSS {self.max_rss_mib:6.1f} MiB  nginx sent {self.served / MIB:5.0f} MiB{split}"
         )
 
@@ -112,7 +122,9 @@ def sha256_file(path: Path) -> str:
 
 
 def _measured(tool: str, round_: int, exited: Exited, sha_wall: float = 0.0) -> Run:
-    return Run(tool, round_, exited.wall, exited.cpu, exited.max_rss_mib, sha_wall)
+    return Run(
+        tool, round_, exited.wall, exited.cpu, exited.max_rss_mib, sha_wall, system=exited.system
+    )
 
 
 def _check_file(tool: str, path: Path, digest: str) -> None:
@@ -262,6 +274,12 @@ def print_summary(result: Mapping[str, object], fetchd: str) -> None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--rounds", type=int, default=3, help="rounds of all tools (default 3)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="rounds of all tools run first and not counted (default 1)",
+    )
     parser.add_argument("--size-mib", type=int, default=1024, help="file size (default 1024)")
     parser.add_argument("--skip-fetchd", action="store_true", help="run the anchors only")
     parser.add_argument(
@@ -277,6 +295,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name in ("rounds", "size_mib", "nginx_workers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be at least 0")
     return args
 
 
@@ -307,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     # Under /tmp, and without ':' in the path (tools that split at ':' stay happy).
     workdir = Path(tempfile.mkdtemp(prefix="fetchd-bench-ranges-", dir="/tmp"))
-    fetchd_failures = 0
+    fetchd_failures = warmup_failures = 0
     try:
         (workdir / "home").mkdir()
         runs_dir = workdir / "runs"
@@ -325,7 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.baseline is not None:
                 tools.insert(1, ("baseline", pull_baseline(args.baseline.resolve())))
             runs: list[Run] = []
-            for round_ in range(1, args.rounds + 1):
+            # Rounds up to 0 are the warm-up: printed, not counted.
+            for round_ in range(1 - args.warmup, args.rounds + 1):
                 # Rotated each round: the first run of a round follows the previous
                 # round's 1 GiB delete + sync, which costs whoever comes next.
                 turn = (round_ - 1) % len(tools)
@@ -335,13 +356,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                     try:
                         run = pull(setup, dest, round_)
                         served = nginx.bytes_sent(f"/{FILE}") - before
-                        runs.append(dataclasses.replace(run, served=served))
-                        print(runs[-1].line(args.size_mib), flush=True)
+                        run = dataclasses.replace(run, served=served)
+                        if round_ > 0:
+                            runs.append(run)
+                        print(run.line(args.size_mib), flush=True)
                     except BenchmarkFailed as exc:
                         if tool not in ("fetchd", "baseline"):
                             raise
-                        fetchd_failures += 1
-                        print(f"round {round_}  fetchd  FAILED, not counted: {exc}", flush=True)
+                        if round_ > 0:
+                            fetchd_failures += 1
+                        else:
+                            warmup_failures += 1
+                        print(f"round {round_}  {tool}  FAILED, not counted: {exc}", flush=True)
                     finally:
                         shutil.rmtree(dest, ignore_errors=True)
                         os.sync()
@@ -357,9 +383,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_summary(result, fetchd_state)
         if fetchd_failures:
             print(f"fetchd failed in {fetchd_failures} of {args.rounds} rounds", file=sys.stderr)
+        if warmup_failures:
+            print(f"fetchd failed in {warmup_failures} warm-up runs", file=sys.stderr)
         if args.json:
             print(json.dumps(result))
-        return 1 if fetchd_failures else 0
+        return 1 if fetchd_failures or warmup_failures else 0
     except BenchmarkFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
