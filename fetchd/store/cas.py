@@ -241,8 +241,9 @@ class Ingest:
         #: held around every write into the data file, by whichever thread writes (each
         #: with an fd of its own may take it too): ext4 serializes buffered writes to one
         #: inode on its i_rwsem, and writers waiting there spin on the CPU
-        #: (rwsem_spin_on_owner was 6-14 % of all CPU time with 8 range connections on
-        #: 2 cores, and more when the holder's copy faulted on the host); here they sleep
+        #: (rwsem_spin_on_owner was 6-15 % of all CPU samples with the range connections
+        #: of one download on 2 cores, most when the holder's copy faulted on the host);
+        #: here they sleep
         self.write_lock = threading.Lock()
         self._hasher: Any = None
         self._pending: asyncio.Future[None] | None = None
@@ -503,10 +504,10 @@ start_writeback = _load_sync_file_range()
 #: write, and on a VM with free page reporting (virtio-balloon, reporting order 5 here:
 #: free blocks of 128 KiB and more go back to the host after 2 s) a large folio comes
 #: from memory the host has taken back, so every page of it faults on the host too.
-#: Measured here (1 GiB, 4 s after the last 1 GiB was freed): 256 KiB writes took
-#: 1.4-2.9 s of system time, 16 KiB writes 0.8-1.9 s; 1 MiB writes were worse again.
-#: fetchd's HTTPS range download of 1 GiB took 3.5 s (median of 6) in 256 KiB writes and
-#: 2.7 s in 64 KiB ones, alternating on one machine (aria2c and curl write 16 KiB).
+#: Measured here (1 GiB from one thread, 2-8 s after the previous GiB was freed): 256 KiB
+#: writes took 1.4-2.9 s of system time, 16 KiB writes 0.8-1.9 s. fetchd's HTTPS range
+#: download of 1 GiB took 3.5 s (median of 6) in 256 KiB writes and 2.7 s in 64 KiB ones,
+#: alternating on one machine (aria2c and curl write 16 KiB).
 WRITE_CHUNK = 64 << 10
 
 
