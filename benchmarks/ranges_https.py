@@ -367,7 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             fetchd_failures += 1
                         else:
                             warmup_failures += 1
-                        print(f"round {round_}  {tool}  FAILED, not counted: {exc}", flush=True)
+                        which = f"round {round_}" if round_ > 0 else "warm-up"
+                        print(f"{which}  {tool}  FAILED, not counted: {exc}", flush=True)
                     finally:
                         shutil.rmtree(dest, ignore_errors=True)
                         os.sync()

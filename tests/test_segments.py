@@ -32,6 +32,7 @@ from fetchd.model import Digest
 from fetchd.sources.base import Location
 from fetchd.sources.segments import SEGMENT, RangeSource, SegmentedDownload
 from fetchd.store.cas import SegmentedIngest, Store
+from tests.support.locks import CountingLock
 from tests.support.nginx import Nginx, NginxLogLine, make_file, start_nginx
 from tests.support.rangefaults import RangeServer
 from tests.support.servers import QuietHandler, ServerThread
@@ -810,28 +811,13 @@ def test_a_retry_after_wait_is_no_slow_connection(tmp_path: Path) -> None:
 # --- the transport's keep-alive hygiene (R2 #9) ---------------------------------------------
 
 
-class _CountingLock:
-    """A lock that counts how often it was held."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.entries = 0
-
-    def __enter__(self) -> None:
-        self._lock.acquire()
-        self.entries += 1
-
-    def __exit__(self, *exc: object) -> None:
-        self._lock.release()
-
-
 class Recorder:
     """A sink for Response.read_into: the file it writes, the ranges recorded."""
 
     def __init__(self, path: Path) -> None:
         path.write_bytes(b"")
         self.data_path = path
-        self.write_lock = _CountingLock()
+        self.write_lock = CountingLock()
         self.ranges: list[tuple[int, int]] = []
 
     def record(self, offset: int, n: int) -> None:

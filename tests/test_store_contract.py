@@ -41,6 +41,7 @@ from fetchd.errors import DigestMismatch, SizeMismatch, StoreError
 from fetchd.model import Digest
 from fetchd.store import Ingest, Store
 from fetchd.store.cas import UNKNOWN_END, ResumedDataBad, SegmentedIngest, _add_range, _merge
+from tests.support.locks import CountingLock
 
 T = TypeVar("T")
 
@@ -708,6 +709,38 @@ def test_a_segmented_ingest_copies_from_another_file_and_refuses_past_its_size(
                 await ing.copy_at(fd, 0, SIZE)
             finally:
                 os.close(fd)
+            await ing.commit()
+
+    run(go)
+    assert store.blob_path(digest).read_bytes() == data
+
+
+@pytest.mark.parametrize("segmented", KINDS)
+def test_every_write_into_the_data_file_holds_the_write_lock(
+    tmp_path: Path, segmented: bool
+) -> None:
+    """Writers of one file take turns on ``Ingest.write_lock`` (the Sink contract): the
+    ingest's own writes hold it, as do a segmented ingest's copies from another file
+    (ext4 makes writers waiting on the inode spin on the CPU; on the lock they sleep)."""
+    store, data, digest, other = _swarm_file(tmp_path, 29)
+
+    async def go() -> None:
+        async with store.ingest(digest, SIZE, segmented=segmented) as ing:
+            lock = CountingLock()
+            ing.write_lock = lock  # type: ignore[assignment]
+            await put(ing, data, [(0, Q), (Q, 2 * Q)])
+            await ing.flush()
+            assert lock.entries >= 2  # one or more per write call
+            written = lock.entries
+            if isinstance(ing, SegmentedIngest):
+                fd = os.open(other, os.O_RDONLY)
+                try:
+                    await ing.copy_at(fd, 2 * Q, SIZE - 2 * Q)
+                finally:
+                    os.close(fd)
+                assert lock.entries > written
+            else:
+                await put(ing, data, [(2 * Q, SIZE)])
             await ing.commit()
 
     run(go)
