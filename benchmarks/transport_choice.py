@@ -254,7 +254,7 @@ class _Sink:
     def __init__(self, path: Path) -> None:
         self.data_path = path
 
-    def record(self, offset: int, n: int) -> None:
+    def record(self, offset: int, n: int, pieces: object = None) -> None:
         pass
 
 

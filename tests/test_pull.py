@@ -22,6 +22,7 @@ from tests.support.images import (
     build_index,
     busybox_rootfs_layer,
     push,
+    random_layer,
     registry_manifest_digest,
 )
 from tests.support.registry import Registry
@@ -177,6 +178,27 @@ def test_unknown_platform_is_a_clear_error(
         "linux/amd64",
     )
     assert fetchd.blobs() == set()
+
+
+def test_big_layers_side_by_side_come_one_request_each(
+    registry: Registry, fetchd: Fetchd, tmp_path: Path
+) -> None:
+    """Two layers of over 64 MiB: neither dominates the image, so neither is cut into
+    8 MiB ranges (a registry serves those on twice the CPU): each comes in one ranged GET
+    of the whole layer, after the 1-byte GET that locates it."""
+    layout = tmp_path / "layout"
+    built = build_image(layout, "wide", [random_layer(64 << 20, seed=30 + i) for i in range(2)])
+    push(layout, "wide", f"{registry.host}/wide:1")
+
+    out = ok(fetchd("pull", *HTTP, f"docker://{registry.host}/wide:1"))
+
+    assert out.strip() == built.digest
+    for layer in built.layers:
+        assert layer.size > 64 << 20  # the tar header: at the segmented threshold or more
+        gets = registry.blob_gets(layer.digest)
+        assert sorted((g.status, g.bytes) for g in gets) == [(206, 1), (206, layer.size)], gets
+    assert "ok" in ok(fetchd("fsck"))
+    assert fetchd.ingests() == []
 
 
 def test_second_pull_of_present_image_makes_no_request(

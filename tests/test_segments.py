@@ -442,7 +442,7 @@ def test_an_interrupted_tls_transfer_records_only_body_bytes(
             self.write_lock = threading.Lock()
             self.ranges: list[tuple[int, int]] = []
 
-        def record(self, offset: int, n: int) -> None:
+        def record(self, offset: int, n: int, pieces: object = None) -> None:
             self.ranges.append((offset, n))
 
     bad = []
@@ -820,7 +820,7 @@ class Recorder:
         self.write_lock = CountingLock()
         self.ranges: list[tuple[int, int]] = []
 
-    def record(self, offset: int, n: int) -> None:
+    def record(self, offset: int, n: int, pieces: object = None) -> None:
         self.ranges.append((offset, n))
 
 

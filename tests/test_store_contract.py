@@ -30,6 +30,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -645,6 +646,41 @@ def test_a_segmented_ingest_counts_bytes_another_writer_placed(tmp_path: Path) -
             ing.record(Q, SIZE - Q)
             assert ing.gaps() == [(0, Q)]
             await fill_gaps(ing, data)
+            await ing.commit()
+
+    run(go)
+    assert store.blob_path(digest).read_bytes() == data
+
+
+def test_bytes_handed_over_where_hashing_stands_are_hashed_at_once(tmp_path: Path) -> None:
+    """``record(offset, n, pieces)`` where hashing has reached: the pieces are hashed on
+    the caller's thread before it returns (no follower, no re-read of the file). Bytes
+    placed ahead wait; the follower takes them once the prefix before them is there."""
+    store = Store.open(tmp_path / "store")
+    data = content(21)
+    digest = Digest.of(data)
+
+    def followers() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("fetchd-hash")]
+
+    async def go() -> None:
+        async with store.ingest(digest, SIZE, segmented=True) as ing:
+            assert isinstance(ing, SegmentedIngest)
+            fd = os.open(ing.data_path, os.O_WRONLY)  # as a transfer thread would
+
+            def place(a: int, b: int) -> None:
+                os.pwrite(fd, data[a:b], a)
+                ing.record(a, b - a, [memoryview(data)[a:b]])
+
+            try:
+                place(0, Q)
+                assert ing.hashed == Q and followers() == []
+                place(2 * Q, SIZE)  # ahead of the hash: left for the follower
+                assert ing.hashed == Q
+                place(Q, 2 * Q)  # hashed here; what follows it, by the follower
+                assert ing.hashed >= 2 * Q
+            finally:
+                os.close(fd)
             await ing.commit()
 
     run(go)

@@ -80,8 +80,12 @@ async def fill_and_commit(
     on_connections: Callable[[int], None],
     *,
     before_commit: Callable[[Ingest], Awaitable[None]] | None = None,
+    one_stream: bool = False,
 ) -> None:
     """Fill ``ingest`` from ``sources`` and commit it (verified against ``desc``).
+
+    ``one_stream``: a segmented ingest is filled over one connection, a request per gap
+    (see :class:`~fetchd.sources.segments.SegmentedDownload`), not over several.
 
     ``before_commit`` is awaited once the ingest holds every byte, before each commit:
     checks of the content itself (an ACI's signature and structure). If it raises, the
@@ -106,7 +110,10 @@ async def fill_and_commit(
             raise TransferFailed(
                 f"{what}: every source was dropped ({'; '.join(sources.dropped.values())})"
             )
-        for f in await _fill(desc, ingest, sources, live, config, on_bytes, on_connections):
+        filled = await _fill(
+            desc, ingest, sources, live, config, on_bytes, on_connections, one_stream
+        )
+        for f in filled:
             if f not in contributors:
                 contributors.append(f)
         if before_commit is not None:
@@ -148,6 +155,7 @@ async def _fill(
     config: Config,
     on_bytes: Callable[[int], None],
     on_connections: Callable[[int], None],
+    one_stream: bool = False,
 ) -> list[Fetcher]:
     """Every missing byte of ``ingest`` from ``live`` (in order); returns the fetchers
     that placed bytes in it now.
@@ -176,7 +184,9 @@ async def _fill(
         for i, f in enumerate(ranged)
     ]
     try:
-        await SegmentedDownload(ingest, ranges, config, on_bytes, on_connections).run()
+        await SegmentedDownload(
+            ingest, ranges, config, on_bytes, on_connections, one_stream=one_stream
+        ).run()
     finally:
         placed += [f for f, r in zip(ranged, ranges, strict=True) if r.wrote]
     return placed

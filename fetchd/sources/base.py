@@ -62,9 +62,13 @@ class Sink(Protocol):
         (and drops everything) rather than write past ``size``."""
         ...
 
-    def record(self, offset: int, n: int) -> None:
+    def record(
+        self, offset: int, n: int, pieces: Sequence[bytes | memoryview] | None = None
+    ) -> None:
         """``n`` bytes at ``offset`` were placed in ``data_path`` by another writer (a
-        thread with an fd of its own, or a BitTorrent session): count them as written."""
+        thread with an fd of its own, or a BitTorrent session): count them as written.
+        ``pieces``: those bytes, if the writer still holds them (valid only during the
+        call): the sink may hash them from there instead of reading the file again."""
         ...
 
     async def restart(self) -> None:

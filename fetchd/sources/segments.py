@@ -39,6 +39,10 @@ reached through the one transport (:mod:`fetchd.sources.transport`) on transfer 
   and on exit (``sink.save_state``): a kill -9 loses at most what was in flight.
 * The only source ignoring ``Range`` on the probe (200), or answering a wrong
   ``Content-Range``, gives one plain stream instead (its length, or at most the free disk).
+* ``one_stream``: one connection, and one request for each gap (not one per
+  :data:`SEGMENT`), for a blob fetched beside others that already fill the connections.
+  A registry served 1 GiB in 8 MiB ranges on 2.0 times the CPU it took for four whole
+  GETs (1.35 s against 0.65 s), on the machine it shares with the client.
 
 Who verifies: the ingest's commit, always. This module only places bytes, and counts
 what each source placed (:attr:`RangeSource.wrote`).
@@ -83,6 +87,8 @@ from fetchd.threads import finish, run_in
 log = logging.getLogger(__name__)
 
 SEGMENT = 8 << 20
+#: a segment that is never cut: one_stream asks for each gap whole
+UNCUT = 1 << 62
 MIN_SPLIT = 1 << 20
 STATE_INTERVAL = 2.0
 CONTROL_INTERVAL = 0.25
@@ -180,7 +186,8 @@ class _Plan:
     a connection asks), after any segment given back. Memory is O(gaps + given back),
     never O(size / SEGMENT): a server may claim 2^62 bytes."""
 
-    def __init__(self) -> None:
+    def __init__(self, segment: int = SEGMENT) -> None:
+        self._segment = segment
         self._returned: deque[Segment] = deque()
         self._gaps: deque[tuple[int, int]] = deque()
 
@@ -203,7 +210,7 @@ class _Plan:
         if self._returned:
             return self._returned.popleft()
         a, b = self._gaps.popleft()
-        e = min(b, a + SEGMENT)
+        e = min(b, a + self._segment)
         if e < b:
             self._gaps.appendleft((e, b))
         return Segment(a, e)
@@ -284,9 +291,14 @@ class SegmentedDownload:
         config: Config,
         on_bytes: Callable[[int], None] = _ignore,
         on_connections: Callable[[int], None] = _ignore,
+        *,
+        one_stream: bool = False,
     ) -> None:
         if not sources:
             raise ValueError("no sources")
+        #: the longest request: SEGMENT, or (one_stream) a whole gap
+        self.segment = UNCUT if one_stream else SEGMENT
+        self.max_connections = 1 if one_stream else max(1, config.max_connections)
         self.sink = sink
         self.sources = sorted(sources, key=lambda s: s.tier)  # stable: order within a tier
         self.config = config
@@ -297,7 +309,7 @@ class SegmentedDownload:
         #: the size the sink was created with (a descriptor's; None for a plain URL):
         #: what a restart goes back to (a first answer's total is the old content's)
         self._given_size = sink.size
-        self.queue = _Plan()
+        self.queue = _Plan(self.segment)
         self.active: set[Segment] = set()
         self.connections = 0
         self.transport = Transport(config)
@@ -306,6 +318,7 @@ class SegmentedDownload:
         self._saving = False
         self._save_again = False
         self._moved = 0  # bytes threads wrote that on_bytes has not heard of
+        self._unsaved = 0  # bytes threads wrote since a transfer thread saved the state
         self._moved_lock = threading.Lock()
         #: set when a connection ends: the control loop looks whether work is left
         self._ended = asyncio.Event()
@@ -343,9 +356,9 @@ class SegmentedDownload:
             return
         while True:
             first = self._first_gap()
-            probe = Segment(first, first + SEGMENT)
+            probe = Segment(first, first + self.segment)
             if self.size is not None:
-                probe.end = min(probe.end, self.size)
+                probe.end = min(probe.end, self._gap_end(first))
             got = await self._probe(probe)
             if got is None:
                 return  # nothing to fetch (an empty blob)
@@ -370,7 +383,7 @@ class SegmentedDownload:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._worker((got.source, probe, got.resp)))
-                for _ in range(min(INITIAL_CONNECTIONS, self.config.max_connections) - 1):
+                for _ in range(min(INITIAL_CONNECTIONS, self.max_connections) - 1):
                     if self.queue:
                         tg.create_task(self._worker(None))
                 tg.create_task(self._control(tg))
@@ -388,6 +401,11 @@ class SegmentedDownload:
     def _first_gap(self) -> int:
         gaps = self.sink.missing(self.size if self.size is not None else 1 << 62)
         return gaps[0][0] if gaps else (self.size or 0)
+
+    def _gap_end(self, at: int) -> int:
+        """The end of the gap that starts at ``at`` (the size is known)."""
+        assert self.size is not None
+        return next((b for a, b in self.sink.missing(self.size) if a == at), self.size)
 
     def _plan(self, skip: Segment) -> None:
         """Queue every gap but the probe's segment ``skip``."""
@@ -421,6 +439,14 @@ class SegmentedDownload:
             with self._moved_lock:
                 self._moved += n
                 source.wrote += n
+                self._unsaved += n
+                save = self._unsaved >= SEGMENT and self.segment > SEGMENT
+                if save:
+                    self._unsaved = 0
+            if save:
+                # A request longer than a segment: its state is saved as often as after
+                # each segment (a kill -9 loses at most about SEGMENT), from this thread.
+                self.sink.save_state()
 
         return moved
 
@@ -903,7 +929,7 @@ class SegmentedDownload:
 
     async def _control(self, tg: asyncio.TaskGroup) -> None:
         """Add connections while they help; cut far-slower ones; save progress."""
-        limit = max(1, self.config.max_connections)
+        limit = self.max_connections
         last_save = time.monotonic()
         growth = _Growth(last_save, self.sink.offset, self._hash_lag())
         while await self._tick():

@@ -65,7 +65,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 from urllib.parse import urljoin, urlsplit
@@ -122,7 +122,9 @@ class RecordingSink(Protocol):
     @property
     def write_lock(self) -> contextlib.AbstractContextManager[Any]: ...
 
-    def record(self, offset: int, n: int) -> None: ...
+    def record(
+        self, offset: int, n: int, pieces: Sequence[bytes | memoryview] | None = None
+    ) -> None: ...
 
 
 class Transfer:
@@ -486,10 +488,11 @@ class Response:
         take = min(got, transfer.end - at)  # end as it is now: stolen meanwhile?
         if take <= 0:
             return
+        placed = view[:take]
         with sink.write_lock:
-            pwrite_all(fd, [view[:take]], at)
+            pwrite_all(fd, [placed], at)
         transfer.cursor = at + take
-        sink.record(at, take)
+        sink.record(at, take, [placed])  # the sink may hash them from here
         moved(take)
 
     def drain(self) -> None:

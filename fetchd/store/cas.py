@@ -313,7 +313,9 @@ class Ingest:
             )
         await self.write(pieces)
 
-    def record(self, offset: int, n: int) -> None:
+    def record(
+        self, offset: int, n: int, pieces: Sequence[bytes | memoryview] | None = None
+    ) -> None:
         """Refused (:class:`StoreError`): a sequential ingest hashes what it writes, so
         bytes another writer placed in the file cannot be counted."""
         raise StoreError(
@@ -550,10 +552,13 @@ class SegmentedIngest(Ingest):
     on exit), so a kill -9 loses at most what was in flight. ``meta`` holds what the
     downloader needs to decide whether a resume is valid (size, ETag, Last-Modified).
 
-    Hashing needs the bytes in order: a follower in a thread of its own hashes the
-    contiguous prefix as it grows (re-reading it from the page cache), so verification
-    ends moments after the last byte arrives when segments are fetched roughly in
-    order. Calls to :meth:`write_at` may overlap (for different ranges).
+    Hashing needs the bytes in order. A write that lands where hashing has reached is
+    hashed there and then, from the writer's own buffer (:meth:`record` with
+    ``pieces``), on the writer's thread; what lands ahead of that waits, and a follower
+    in a thread of its own hashes it once the contiguous prefix reaches it (re-reading
+    it from the page cache). So verification ends moments after the last byte arrives
+    when segments are fetched roughly in order. Calls to :meth:`write_at` may overlap
+    (for different ranges).
 
     It remembers which ranges it resumed (found on disk at :meth:`open`) apart from
     those written since: on a digest mismatch, commit drops only the resumed ones (see
@@ -567,6 +572,8 @@ class SegmentedIngest(Ingest):
         #: what this writer placed since open (merged): kept when resumed data is bad
         self._fresh: list[tuple[int, int]] = []
         self.hashed = 0
+        #: where writeback was last started (see _writeback_to)
+        self._written_back = 0
         self._lock = threading.Lock()
         self._follower = ThreadPoolExecutor(1, thread_name_prefix="fetchd-hash")
         #: held by the follower while it maps and hashes a window, and by _reset around
@@ -681,11 +688,20 @@ class SegmentedIngest(Ingest):
         """:meth:`write_at` for a worker thread (callers check the room themselves)."""
         with self.write_lock:
             pwrite_all(self._fd, pieces, offset)
-        self.record(offset, sum(len(p) for p in pieces))
+        self.record(offset, sum(len(p) for p in pieces), pieces)
 
-    def record(self, offset: int, n: int) -> None:
+    def record(
+        self, offset: int, n: int, pieces: Sequence[bytes | memoryview] | None = None
+    ) -> None:
         """``n`` bytes at ``offset`` are in the data file (written by a thread with an fd
-        of its own): count them, and let the hash follower take them when in order."""
+        of its own): count them. ``pieces``: those bytes, still in the caller's hands.
+        If hashing has reached ``offset`` and no follower runs, they are hashed now, on
+        the caller's thread (the GIL is released while it hashes); otherwise the
+        follower takes them from the file once they are in order.
+
+        Hashing what was just written where it is saved re-reading it from the page
+        cache, and a thread handoff for each write: a range download of 1 GiB made
+        14-24 k voluntary context switches with the follower doing all the hashing."""
         if n <= 0:
             return
         with self._lock:
@@ -693,14 +709,44 @@ class SegmentedIngest(Ingest):
             # order, and re-sorting hundreds of ranges for each of them showed in profiles
             self.offset += _add_range(self.ranges, offset, offset + n)
             _add_range(self._fresh, offset, offset + n)
-            self._follow()
+            here = (
+                pieces is not None
+                and not self._following
+                and offset == self.hashed
+                and sum(len(p) for p in pieces) == n
+            )
+            if not here:
+                self._follow()
+                return
+            self._following = True  # the follower's turn is ours while we hash
+            generation = self.generation
+        assert pieces is not None
+        try:
+            with self._mapping:
+                if generation == self.generation:  # not reset meanwhile
+                    for piece in pieces:
+                        self._hasher.update(piece)
+                    self.hashed = offset + n
+                    self._writeback_to(self.hashed)
+        finally:
+            with self._lock:
+                self._following = False
+                self._follow()  # what others placed in order after ours, if anything
 
     def _follow(self) -> None:
-        """Start the hash follower unless it runs (one job at a time: it runs to the
-        frontier). Called with ``_lock`` held."""
-        if not self._following:
+        """Start the hash follower if the in-order prefix is ahead of the hash and it does
+        not run (one job at a time: it runs to the frontier). Called with ``_lock`` held."""
+        frontier = self.ranges[0][1] if self.ranges and self.ranges[0][0] == 0 else 0
+        if not self._following and frontier > self.hashed:
             self._following = True
             self._last_follow = self._follower.submit(self._hash_prefix)
+
+    def _writeback_to(self, upto: int) -> None:
+        """Hashing reached ``upto``: start writeback of what it passed, in steps of
+        :data:`_REHASH_CHUNK` (and the last step), not a syscall for every write."""
+        if upto - self._written_back >= _REHASH_CHUNK or upto == self.size:
+            start_writeback(self._fd, self._written_back, upto - self._written_back)
+            self._written_back = upto
 
     def room(self, offset: int, n: int) -> bool:
         """Whether ``n`` bytes at ``offset`` stay within the expected size."""
@@ -724,8 +770,8 @@ class SegmentedIngest(Ingest):
                     if generation != self.generation:
                         continue  # reset meanwhile: look at the ranges again
                     self._hash_window(at, n)
-                    start_writeback(self._fd, at, n)
                     self.hashed = at + n
+                    self._writeback_to(self.hashed)
         except BaseException:
             with self._lock:
                 self._following = False
@@ -773,7 +819,7 @@ class SegmentedIngest(Ingest):
             self.generation += 1
             os.ftruncate(self._fd, 0)
             self._hasher = self._new_hasher()
-            self.offset = self.resumed_from = self.hashed = 0
+            self.offset = self.resumed_from = self.hashed = self._written_back = 0
             self.ranges = []
             self._fresh = []
             self.meta = {}
@@ -792,7 +838,7 @@ class SegmentedIngest(Ingest):
             self.generation += 1
             self.ranges = list(self._fresh)
             self.offset = sum(b - a for a, b in self.ranges)
-            self.resumed_from = self.hashed = 0
+            self.resumed_from = self.hashed = self._written_back = 0
             self._hasher = self._new_hasher()
         log.warning(
             "%s: resumed data did not verify; kept the %d bytes written since, dropped the rest",
@@ -865,7 +911,10 @@ def atomic_write(path: Path, data: bytes, *, exclusive: bool = False, sync: bool
 
     On any failure (a full disk) the temporary file is removed and ``path`` unchanged."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    # unique per thread too: a transfer thread and the event loop's may save one state
+    tmp = path.with_name(
+        f".{path.name}.{os.getpid()}.{threading.get_ident()}.{time.monotonic_ns()}.tmp"
+    )
     try:
         with open(tmp, "wb") as f:
             f.write(data)

@@ -296,7 +296,9 @@ class _MemorySink:
             self._data += piece
         self.offset += n
 
-    def record(self, offset: int, n: int) -> None:
+    def record(
+        self, offset: int, n: int, pieces: Sequence[bytes | memoryview] | None = None
+    ) -> None:
         raise TransferFailed(f"{self._what}: only a registry's GET can fill this")
 
     async def restart(self) -> None:
