@@ -642,10 +642,8 @@ class Engine:
 
         async def worker() -> None:
             for desc in queue:  # shared: each blob goes to the next free worker
-                segmented = self._segment(desc, missing)
-                # A big blob among others: on a transfer thread, one request (see _segment)
-                stream = not segmented and desc.size >= self.config.segmented_threshold
-                await self.ensure_blob(desc, sources, segmented or stream, one_stream=stream)
+                segmented, stream = self._segment(desc, missing)
+                await self.ensure_blob(desc, sources, segmented, one_stream=stream)
 
         try:
             async with asyncio.TaskGroup() as tg:
@@ -654,20 +652,24 @@ class Engine:
         except BaseExceptionGroup as group:
             raise unwrap(group) from None
 
-    def _segment(self, desc: Descriptor, missing: int) -> bool:
-        """Fetch ``desc`` over several range requests? Only a big blob that dominates
-        the image (``missing``: the bytes of its blobs not in the store): when several
-        big blobs come at once they already fill the connections, and segmenting them
-        only costs requests (and the server CPU: a registry served 8 MiB ranges on twice
-        the CPU of whole GETs). Such a blob still goes through the transport, as one
-        request on one connection (``one_stream``): its thread reads, writes and hashes
+    def _segment(self, desc: Descriptor, missing: int) -> tuple[bool, bool]:
+        """How ``desc`` comes: (into a segmented ingest?, as one stream?).
+
+        Over several range requests only a big blob that dominates the image
+        (``missing``: the bytes of its blobs not in the store): when several big blobs
+        come at once they already fill the connections, and segmenting them only costs
+        requests (and the server CPU: a registry served 8 MiB ranges on twice the CPU
+        of whole GETs). Such a blob still goes through the transport, as one request on
+        one connection (``one_stream``): its thread reads, writes and hashes
         without the event loop, which the body of an aiohttp response passes through
         piece by piece. An image of four 256 MiB layers from a local registry, 8 pulls
         alternating: 1.87 s against 2.39 s through aiohttp (medians), 2.3 s of CPU
         against 2.9 s, 6.6 k context switches against 16.5 k."""
         if self.config.torrent and desc.size >= self.config.torrent_min_size:
-            return True  # a swarm writes pieces anywhere
-        return desc.size >= self.config.segmented_threshold and 2 * desc.size >= missing
+            return True, False  # a swarm writes pieces anywhere
+        if desc.size < self.config.segmented_threshold:
+            return False, False  # a small blob: one aiohttp GET into a sequential ingest
+        return True, 2 * desc.size < missing
 
     async def ensure_blob(
         self,
