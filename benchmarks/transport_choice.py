@@ -253,6 +253,10 @@ def aiohttp_loop(job: Job) -> None:
 class _Sink:
     def __init__(self, path: Path) -> None:
         self.data_path = path
+        self.write_lock = threading.Lock()
+
+    def hashes_at(self, offset: int) -> bool:
+        return False
 
     def record(self, offset: int, n: int, pieces: object = None) -> None:
         pass

@@ -71,6 +71,12 @@ class Sink(Protocol):
         call): the sink may hash them from there instead of reading the file again."""
         ...
 
+    def hashes_at(self, offset: int) -> bool:
+        """Whether bytes placed at ``offset`` now (then :meth:`record` with ``pieces``)
+        would be hashed from the writer's buffer, so nobody reads them back from the file
+        soon: a hint that the writer may write them around the page cache."""
+        ...
+
     async def restart(self) -> None:
         """Throw away what is there: the source cannot resume it (the content changed)."""
         ...

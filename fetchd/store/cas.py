@@ -323,6 +323,10 @@ class Ingest:
             f"writer ({n} at {offset}); use a segmented ingest"
         )
 
+    def hashes_at(self, offset: int) -> bool:
+        """False: no other writer's bytes are taken (see :meth:`record`)."""
+        return False
+
     def gaps(self) -> list[tuple[int, int]]:
         """What is still missing: ``[offset, size)`` (to :data:`UNKNOWN_END` if the size
         is unknown), or nothing."""
@@ -531,6 +535,42 @@ def pwrite_all(fd: int, pieces: Sequence[bytes | memoryview | bytearray], at: in
         _pwritev_full(fd, batch, at)
 
 
+#: Alignment of a write that goes around the page cache (O_DIRECT): of its file offset,
+#: its length and its buffer's address. 4096 serves disks of 512-byte and of 4 KiB
+#: sectors; a file system that wants more, or takes no O_DIRECT at all, answers EINVAL,
+#: and the writer goes on through the page cache.
+DIRECT_ALIGN = 4096
+
+
+def open_direct(path: os.PathLike[str] | str) -> int:
+    """``path`` opened for writes around the page cache (O_DIRECT), or -1 where the file
+    system refuses them."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return -1
+        raise
+
+
+def pwrite_direct(fd: int, view: memoryview, at: int) -> int:
+    """Write the whole :data:`DIRECT_ALIGN` blocks at the head of ``view`` at ``at``
+    through ``fd`` (from :func:`open_direct`; ``at`` and ``view``'s address aligned);
+    returns how many bytes that was (0: ``view`` is shorter than a block). The rest, a
+    part of a block, is the caller's to write through the page cache. Raises OSError
+    (EINVAL: the file system wants another alignment) only if nothing was written."""
+    whole = len(view) - len(view) % DIRECT_ALIGN
+    done = 0
+    while done < whole:
+        try:
+            done += os.pwrite(fd, view[done:whole], at + done)
+        except OSError:
+            if done:
+                return done  # the caller writes the rest; its next call fails at once
+            raise
+    return done
+
+
 def _pwritev_full(fd: int, views: list[memoryview], at: int) -> int:
     """One batch, retried until the kernel took all of it; returns the offset after it."""
     while views:
@@ -732,6 +772,15 @@ class SegmentedIngest(Ingest):
             with self._lock:
                 self._following = False
                 self._follow()  # what others placed in order after ours, if anything
+
+    def hashes_at(self, offset: int) -> bool:
+        """Whether bytes placed at ``offset`` now would be hashed by :meth:`record` from
+        the writer's own buffer (hashing stands at ``offset`` and no follower runs): then
+        nobody reads them back from the file soon, and the writer may write them around
+        the page cache. A hint, read without the lock: a wrong answer costs time (the
+        follower reads the bytes from the disk, or they take the page cache for
+        nothing), never bytes."""
+        return offset == self.hashed and not self._following
 
     def _follow(self) -> None:
         """Start the hash follower if the in-order prefix is ahead of the hash and it does

@@ -296,6 +296,9 @@ class _MemorySink:
             self._data += piece
         self.offset += n
 
+    def hashes_at(self, offset: int) -> bool:
+        return False
+
     def record(
         self, offset: int, n: int, pieces: Sequence[bytes | memoryview] | None = None
     ) -> None:
