@@ -77,7 +77,7 @@ from fetchd.errors import InsecureRefused, TransferFailed
 from fetchd.sources.base import Location
 from fetchd.sources.http import USER_AGENT, redact, ssl_context
 from fetchd.sources.retry import REDIRECT_STATUSES
-from fetchd.store.cas import DIRECT_ALIGN, open_direct, pwrite_all, pwrite_direct
+from fetchd.store.cas import DIRECT_ALIGN, pwrite_all, pwrite_direct
 
 #: bytes read from a connection before they are written (around the page cache in one
 #: write, or through it in pieces of fetchd.store.cas.WRITE_CHUNK): fewer, larger
@@ -175,17 +175,18 @@ class _Writer:
                 pwrite_all(self._fd, [view[done:]], at + done)
 
     def _write_direct(self, view: memoryview, at: int) -> int:
+        """The whole blocks of ``view`` written around the page cache: how many bytes.
+        0, and never again for this writer, where the file system refuses (EINVAL or
+        EOPNOTSUPP at the open or at the write: no O_DIRECT, another alignment)."""
         try:
             if self._direct < 0:
-                self._direct = open_direct(self._sink.data_path)
-                if self._direct < 0:
-                    self._direct_ok = False
-                    return 0
+                flags = os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT
+                self._direct = os.open(self._sink.data_path, flags)
             return pwrite_direct(self._direct, view, at)
         except OSError as exc:
-            if exc.errno != errno.EINVAL:
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
                 raise
-            self._direct_ok = False  # another alignment wanted: the page cache it is
+            self._direct_ok = False  # the page cache it is, for the rest of the transfer
             return 0
 
     def close(self) -> None:

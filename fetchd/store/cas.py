@@ -542,20 +542,9 @@ def pwrite_all(fd: int, pieces: Sequence[bytes | memoryview | bytearray], at: in
 DIRECT_ALIGN = 4096
 
 
-def open_direct(path: os.PathLike[str] | str) -> int:
-    """``path`` opened for writes around the page cache (O_DIRECT), or -1 where the file
-    system refuses them."""
-    try:
-        return os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
-    except OSError as exc:
-        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-            return -1
-        raise
-
-
 def pwrite_direct(fd: int, view: memoryview, at: int) -> int:
     """Write the whole :data:`DIRECT_ALIGN` blocks at the head of ``view`` at ``at``
-    through ``fd`` (from :func:`open_direct`; ``at`` and ``view``'s address aligned);
+    through ``fd`` (open with O_DIRECT; ``at`` and ``view``'s address aligned);
     returns how many bytes that was (0: ``view`` is shorter than a block). The rest, a
     part of a block, is the caller's to write through the page cache. Raises OSError
     (EINVAL: the file system wants another alignment) only if nothing was written."""
